@@ -1,0 +1,108 @@
+//! Wiring: `App::build` opens the data folder and database, runs migrations,
+//! binds the SCP (port 0 allowed) and `run_until_stopped` serves until the
+//! shutdown token fires.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::config::{Settings, resolve_host};
+use crate::db::{Db, NewEvent, event};
+use crate::dimse::server::{Server, ServerConfig};
+use crate::ingest::Ingest;
+use crate::spool::Spool;
+
+pub struct App {
+    server: Server<Ingest>,
+    addr: SocketAddr,
+    db: Db,
+}
+
+impl App {
+    pub async fn build(settings: Settings) -> anyhow::Result<App> {
+        let data_dir = &settings.storage.data_dir;
+        std::fs::create_dir_all(data_dir)
+            .with_context(|| format!("creating data_dir {}", data_dir.display()))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700))
+                .with_context(|| format!("securing data_dir {}", data_dir.display()))?;
+        }
+        let spool = Spool::open(&settings.spool_dir())
+            .with_context(|| format!("opening spool {}", settings.spool_dir().display()))?;
+        let db = Db::connect(&settings.database_url())
+            .await
+            .context("opening the database")?;
+        let d = &settings.dicom;
+        let peers = d
+            .peers
+            .iter()
+            .map(|p| {
+                let hosts = p.host.as_deref().map(resolve_host).unwrap_or_default();
+                if p.host.is_some() && hosts.is_empty() {
+                    anyhow::bail!(
+                        "configuration key `dicom.peers.host`: {:?} does not resolve",
+                        p.host
+                    );
+                }
+                Ok((p.ae_title.trim().to_string(), hosts))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let config = ServerConfig {
+            ae_title: d.ae_title.trim().to_string(),
+            max_pdu: d.max_pdu,
+            max_associations: d.max_associations,
+            accept_any_storage: d.accept_any_storage,
+            accept_any_called_ae: d.accept_any_called_ae,
+            read_timeout: Duration::from_secs(d.read_timeout_secs),
+            peers,
+        };
+        let ingest = Ingest::new(spool, db.clone());
+        let bind = format!("{}:{}", d.host, d.port);
+        let server = Server::bind(&bind, config, ingest)
+            .await
+            .with_context(|| format!("binding the DICOM port {bind}"))?;
+        let addr = server.local_addr()?;
+        Ok(App { server, addr, db })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn db(&self) -> Db {
+        self.db.clone()
+    }
+
+    /// Serve until `shutdown` is cancelled: stop accepting, let in-flight
+    /// instances finish, then close the database.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        info!(address = %self.addr, "DICOM storage SCP listening on {}", self.addr);
+        let _ = self
+            .db
+            .record(NewEvent {
+                event: event::NODE_STARTED,
+                detail: Some(serde_json::json!({
+                    "address": self.addr.to_string(),
+                    "version": env!("CARGO_PKG_VERSION"),
+                })),
+                ..Default::default()
+            })
+            .await;
+        self.server.run(shutdown).await;
+        let _ = self
+            .db
+            .record(NewEvent {
+                event: event::NODE_STOPPED,
+                ..Default::default()
+            })
+            .await;
+        self.db.close().await;
+        info!("stopped");
+        Ok(())
+    }
+}

@@ -1,0 +1,246 @@
+//! The node's settings tree and its loader: the built-in `conf/default.toml`,
+//! an optional file given with `--config`, then `HER2MAP__SECTION__KEY`
+//! environment variables, each layer over the previous one.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The default configuration, compiled into the binary so that the node runs
+/// from any folder.
+pub const DEFAULT_TOML: &str = include_str!("../conf/default.toml");
+
+/// Every setting of the node.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub dicom: DicomSettings,
+    pub storage: StorageSettings,
+    pub database: DatabaseSettings,
+    pub log: LogSettings,
+}
+
+/// `[dicom]`: the Storage SCP and its access control.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DicomSettings {
+    pub ae_title: String,
+    pub host: String,
+    pub port: u16,
+    pub max_pdu: u32,
+    pub max_associations: usize,
+    pub accept_any_storage: bool,
+    pub accept_any_called_ae: bool,
+    pub read_timeout_secs: u64,
+    #[serde(default)]
+    pub peers: Vec<PeerSettings>,
+}
+
+/// `[[dicom.peers]]`: one allowed calling AE title, optionally bound to a host.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PeerSettings {
+    pub ae_title: String,
+    #[serde(default)]
+    pub host: Option<String>,
+}
+
+/// `[storage]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageSettings {
+    pub data_dir: PathBuf,
+}
+
+/// `[database]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseSettings {
+    #[serde(default)]
+    pub url: String,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    pub level: String,
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// A configuration that could not be loaded; the message names the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("configuration key `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+impl Settings {
+    /// Load the layered configuration (built-in default, optional file,
+    /// environment) and validate it.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_with_env(file, true)
+    }
+
+    /// As [`Settings::load`], optionally without the environment layer (tests).
+    pub fn load_with_env(file: Option<&Path>, env: bool) -> Result<Self, ConfigError> {
+        let mut builder = config::Config::builder().add_source(config::File::from_str(
+            DEFAULT_TOML,
+            config::FileFormat::Toml,
+        ));
+        if let Some(path) = file {
+            // An explicit --config file must exist: a typo in its name must
+            // not silently run the defaults.
+            builder = builder.add_source(
+                config::File::from(path)
+                    .format(config::FileFormat::Toml)
+                    .required(true),
+            );
+        }
+        if env {
+            builder = builder.add_source(
+                config::Environment::with_prefix("HER2MAP")
+                    .prefix_separator("__")
+                    .separator("__")
+                    .try_parsing(true),
+            );
+        }
+        let settings: Settings = builder.build()?.try_deserialize()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, message: &str| ConfigError::Invalid {
+            key,
+            message: message.to_string(),
+        };
+        validate_ae_title(&self.dicom.ae_title).map_err(|m| invalid("dicom.ae_title", &m))?;
+        for peer in &self.dicom.peers {
+            validate_ae_title(&peer.ae_title).map_err(|m| invalid("dicom.peers.ae_title", &m))?;
+        }
+        // PS3.8 D.1: the maximum length is at least the header plus one PDV;
+        // DCMTK and dicom-ul cap it at 128 KiB + header in practice.
+        if !(4096..=4 * 1024 * 1024).contains(&self.dicom.max_pdu) {
+            return Err(invalid(
+                "dicom.max_pdu",
+                "must be between 4096 and 4194304 bytes",
+            ));
+        }
+        if self.dicom.max_associations == 0 {
+            return Err(invalid("dicom.max_associations", "must be at least 1"));
+        }
+        if self.dicom.read_timeout_secs == 0 {
+            return Err(invalid("dicom.read_timeout_secs", "must be at least 1"));
+        }
+        if self.storage.data_dir.as_os_str().is_empty() {
+            return Err(invalid("storage.data_dir", "must not be empty"));
+        }
+        if !self.database.url.is_empty() && !self.database.url.starts_with("sqlite:") {
+            return Err(invalid(
+                "database.url",
+                "only sqlite: URLs are supported in this version",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The database URL, defaulting to `sqlite://{data_dir}/her2map.db`.
+    pub fn database_url(&self) -> String {
+        if self.database.url.is_empty() {
+            format!(
+                "sqlite://{}",
+                self.storage.data_dir.join("her2map.db").display()
+            )
+        } else {
+            self.database.url.clone()
+        }
+    }
+
+    /// The folder holding received instances.
+    pub fn spool_dir(&self) -> PathBuf {
+        self.storage.data_dir.join("spool")
+    }
+}
+
+/// PS3.5 6.2: an AE title is 1-16 characters of the default repertoire,
+/// without backslash or control characters; leading/trailing spaces are
+/// insignificant.
+pub fn validate_ae_title(ae: &str) -> Result<(), String> {
+    let trimmed = ae.trim();
+    if trimmed.is_empty() || trimmed.len() > 16 {
+        return Err(format!("AE title must be 1 to 16 characters, got {ae:?}"));
+    }
+    if trimmed
+        .chars()
+        .any(|c| !c.is_ascii() || c.is_ascii_control() || c == '\\')
+    {
+        return Err(format!(
+            "AE title may hold printable ASCII without backslash, got {ae:?}"
+        ));
+    }
+    Ok(())
+}
+
+/// Resolve a peer's optional host to the addresses it may connect from.
+pub fn resolve_host(host: &str) -> Vec<IpAddr> {
+    use std::net::ToSocketAddrs;
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return vec![ip];
+    }
+    (host, 0)
+        .to_socket_addrs()
+        .map(|it| it.map(|a| a.ip()).collect())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_configuration_loads() {
+        let s = Settings::load_with_env(None, false).unwrap();
+        assert_eq!(s.dicom.ae_title, "HER2MAP");
+        assert_eq!(s.dicom.port, 11112);
+        assert!(s.dicom.peers.is_empty());
+        assert!(s.database_url().ends_with("data/her2map.db"));
+    }
+
+    #[test]
+    fn file_layers_over_default_and_unknown_keys_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(
+            &file,
+            "[dicom]\nport = 0\n[[dicom.peers]]\nae_title = \"PACS\"\nhost = \"127.0.0.1\"\n",
+        )
+        .unwrap();
+        let s = Settings::load_with_env(Some(&file), false).unwrap();
+        assert_eq!(s.dicom.port, 0);
+        assert_eq!(s.dicom.peers.len(), 1);
+        assert_eq!(s.dicom.ae_title, "HER2MAP");
+
+        std::fs::write(&file, "[dicom]\nprot = 0\n").unwrap();
+        let err = Settings::load_with_env(Some(&file), false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("prot"), "{err}");
+
+        std::fs::write(&file, "[dicom]\nae_title = \"THIS-IS-FAR-TOO-LONG\"\n").unwrap();
+        let err = Settings::load_with_env(Some(&file), false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("dicom.ae_title"), "{err}");
+    }
+}

@@ -1,0 +1,345 @@
+//! The only module with SQL: the audit log (associations, events) and the
+//! instance index, on sqlx. Queries are runtime-checked and written in
+//! portable SQL with `$n` placeholders so the same text runs on PostgreSQL.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Serialize;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+
+/// Audit event names: stable, snake_case, documented in the README.
+pub mod event {
+    pub const ASSOCIATION_OPENED: &str = "association_opened";
+    pub const ASSOCIATION_REJECTED: &str = "association_rejected";
+    pub const ASSOCIATION_CLOSED: &str = "association_closed";
+    pub const INSTANCE_STORED: &str = "instance_stored";
+    pub const INSTANCE_DUPLICATE: &str = "instance_duplicate";
+    pub const INSTANCE_FAILED: &str = "instance_failed";
+    pub const NODE_STARTED: &str = "node_started";
+    pub const NODE_STOPPED: &str = "node_stopped";
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("database: {0}")]
+    Sql(#[from] sqlx::Error),
+    #[error("database migration: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+/// The current time as the audit log stores it: RFC 3339 UTC with
+/// milliseconds, which sorts lexicographically.
+pub fn now() -> String {
+    let t = time::OffsetDateTime::now_utc();
+    let fmt = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    t.format(&fmt)
+        .unwrap_or_else(|_| t.unix_timestamp().to_string())
+}
+
+/// One received instance, as indexed.
+#[derive(Debug, Clone)]
+pub struct InstanceRow {
+    pub sop_instance_uid: String,
+    pub sop_class_uid: String,
+    pub study_instance_uid: String,
+    pub series_instance_uid: String,
+    pub patient_key: String,
+    pub modality: String,
+    pub study_date: String,
+    pub transfer_syntax: String,
+    pub size_bytes: u64,
+    pub path: String,
+    pub association_id: String,
+    pub calling_ae: String,
+}
+
+/// What happened to an insert.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Inserted {
+    New,
+    /// The SOP Instance UID is already indexed (kept, with its path).
+    Duplicate {
+        existing_path: String,
+    },
+}
+
+/// One line of the audit log.
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditEvent {
+    pub seq: i64,
+    pub time: String,
+    pub event: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub association_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sop_instance_uid: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub study_instance_uid: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub patient_key: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<serde_json::Value>,
+}
+
+/// An event to append; absent identifiers are NULL.
+#[derive(Debug, Default, Clone)]
+pub struct NewEvent<'a> {
+    pub event: &'a str,
+    pub association_id: Option<&'a str>,
+    pub sop_instance_uid: Option<&'a str>,
+    pub study_instance_uid: Option<&'a str>,
+    pub patient_key: Option<&'a str>,
+    pub status: Option<u16>,
+    pub detail: Option<serde_json::Value>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Db {
+    pool: SqlitePool,
+}
+
+const INSERT_EVENT: &str = "INSERT INTO events (time, event, association_id, sop_instance_uid, \
+     study_instance_uid, patient_key, status, detail) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
+
+impl Db {
+    /// Open (creating when missing) and migrate. SQLite runs in WAL mode with
+    /// synchronous=FULL: a committed row survives power loss, which is what a
+    /// C-STORE Success promises.
+    pub async fn connect(url: &str) -> Result<Self, DbError> {
+        let options = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        if let Some(parent) = Path::new(options.get_filename()).parent() {
+            let _ = std::fs::create_dir_all(parent);
+        }
+        let pool = SqlitePoolOptions::new()
+            .max_connections(8)
+            .connect_with(options)
+            .await?;
+        sqlx::migrate!("./migrations").run(&pool).await?;
+        Ok(Db { pool })
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// Append one audit event.
+    pub async fn record(&self, e: NewEvent<'_>) -> Result<(), DbError> {
+        bind_event(sqlx::query(INSERT_EVENT), &e)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn association_opened(
+        &self,
+        id: &str,
+        calling_ae: &str,
+        called_ae: &str,
+        peer: &str,
+    ) -> Result<(), DbError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO associations (id, calling_ae, called_ae, peer, opened_at) \
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(id)
+        .bind(calling_ae)
+        .bind(called_ae)
+        .bind(peer)
+        .bind(now())
+        .execute(&mut *tx)
+        .await?;
+        let e = NewEvent {
+            event: event::ASSOCIATION_OPENED,
+            association_id: Some(id),
+            detail: Some(serde_json::json!({
+                "calling_ae": calling_ae, "called_ae": called_ae, "peer": peer
+            })),
+            ..Default::default()
+        };
+        bind_event(sqlx::query(INSERT_EVENT), &e)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn association_closed(
+        &self,
+        id: &str,
+        outcome: &str,
+        stored: u64,
+        failed: u64,
+        bytes: u64,
+    ) -> Result<(), DbError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "UPDATE associations SET closed_at = $1, outcome = $2, stored = $3, failed = $4, \
+             bytes = $5 WHERE id = $6",
+        )
+        .bind(now())
+        .bind(outcome)
+        .bind(stored as i64)
+        .bind(failed as i64)
+        .bind(bytes as i64)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        let e = NewEvent {
+            event: event::ASSOCIATION_CLOSED,
+            association_id: Some(id),
+            detail: Some(serde_json::json!({
+                "outcome": outcome, "stored": stored, "failed": failed, "bytes": bytes
+            })),
+            ..Default::default()
+        };
+        bind_event(sqlx::query(INSERT_EVENT), &e)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Index a stored instance and log `instance_stored` in one transaction;
+    /// a SOP Instance UID already indexed is reported, not overwritten.
+    pub async fn insert_instance(&self, row: &InstanceRow) -> Result<Inserted, DbError> {
+        let mut tx = self.pool.begin().await?;
+        let existing: Option<String> =
+            sqlx::query_scalar("SELECT path FROM instances WHERE sop_instance_uid = $1")
+                .bind(&row.sop_instance_uid)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if let Some(existing_path) = existing {
+            return Ok(Inserted::Duplicate { existing_path });
+        }
+        sqlx::query(
+            "INSERT INTO instances (sop_instance_uid, sop_class_uid, study_instance_uid, \
+             series_instance_uid, patient_key, modality, study_date, transfer_syntax, size_bytes, \
+             path, received_at, association_id, calling_ae) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+        )
+        .bind(&row.sop_instance_uid)
+        .bind(&row.sop_class_uid)
+        .bind(&row.study_instance_uid)
+        .bind(&row.series_instance_uid)
+        .bind(&row.patient_key)
+        .bind(&row.modality)
+        .bind(&row.study_date)
+        .bind(&row.transfer_syntax)
+        .bind(row.size_bytes as i64)
+        .bind(&row.path)
+        .bind(now())
+        .bind(&row.association_id)
+        .bind(&row.calling_ae)
+        .execute(&mut *tx)
+        .await?;
+        let e = NewEvent {
+            event: event::INSTANCE_STORED,
+            association_id: Some(&row.association_id),
+            sop_instance_uid: Some(&row.sop_instance_uid),
+            study_instance_uid: Some(&row.study_instance_uid),
+            patient_key: Some(&row.patient_key),
+            status: Some(0),
+            detail: Some(serde_json::json!({
+                "sop_class_uid": row.sop_class_uid,
+                "modality": row.modality,
+                "transfer_syntax": row.transfer_syntax,
+                "size_bytes": row.size_bytes,
+                "path": row.path,
+            })),
+        };
+        bind_event(sqlx::query(INSERT_EVENT), &e)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Inserted::New)
+    }
+
+    /// The spool path of an indexed instance.
+    pub async fn instance_path(&self, sop_instance_uid: &str) -> Result<Option<String>, DbError> {
+        Ok(
+            sqlx::query_scalar("SELECT path FROM instances WHERE sop_instance_uid = $1")
+                .bind(sop_instance_uid)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    pub async fn instance_count(&self) -> Result<i64, DbError> {
+        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM instances")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    /// Every indexed instance's UID and path, for checks and tools.
+    pub async fn instance_paths(&self) -> Result<Vec<(String, String)>, DbError> {
+        let rows = sqlx::query("SELECT sop_instance_uid, path FROM instances ORDER BY received_at")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| (r.get::<String, _>(0), r.get::<String, _>(1)))
+            .collect())
+    }
+
+    /// Audit events after `after_seq`, oldest first; `event` filters by name.
+    pub async fn events(
+        &self,
+        after_seq: i64,
+        event: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<AuditEvent>, DbError> {
+        let rows = sqlx::query(
+            "SELECT seq, time, event, association_id, sop_instance_uid, study_instance_uid, \
+             patient_key, status, detail FROM events \
+             WHERE seq > $1 AND ($2 IS NULL OR event = $2) ORDER BY seq LIMIT $3",
+        )
+        .bind(after_seq)
+        .bind(event)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| AuditEvent {
+                seq: r.get(0),
+                time: r.get(1),
+                event: r.get(2),
+                association_id: r.get(3),
+                sop_instance_uid: r.get(4),
+                study_instance_uid: r.get(5),
+                patient_key: r.get(6),
+                status: r.get(7),
+                detail: r
+                    .get::<Option<String>, _>(8)
+                    .and_then(|d| serde_json::from_str(&d).ok()),
+            })
+            .collect())
+    }
+}
+
+fn bind_event<'q>(
+    q: sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>,
+    e: &NewEvent<'q>,
+) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments> {
+    q.bind(now())
+        .bind(e.event)
+        .bind(e.association_id)
+        .bind(e.sop_instance_uid)
+        .bind(e.study_instance_uid)
+        .bind(e.patient_key)
+        .bind(e.status.map(i64::from))
+        .bind(e.detail.as_ref().map(|d| d.to_string()))
+}

@@ -1,0 +1,277 @@
+//! DIMSE command sets (PS3.7 Section 9 and Annex E): encoding, decoding and
+//! the status codes the node answers with.
+
+use dicom_core::{DataElement, PrimitiveValue, VR, dicom_value};
+use dicom_dictionary_std::tags;
+use dicom_object::InMemDicomObject;
+use dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN;
+
+/// Command Field values (PS3.7 E.1-1).
+pub mod field {
+    pub const C_STORE_RQ: u16 = 0x0001;
+    pub const C_STORE_RSP: u16 = 0x8001;
+    pub const C_ECHO_RQ: u16 = 0x0030;
+    pub const C_ECHO_RSP: u16 = 0x8030;
+}
+
+/// Command Data Set Type value meaning "no data set" (PS3.7 E.1-1).
+pub const NO_DATA_SET: u16 = 0x0101;
+
+/// DIMSE status codes used by the node (PS3.7 Annex C, PS3.4 B.2.3).
+pub mod status {
+    pub const SUCCESS: u16 = 0x0000;
+    /// Refused: out of resources (PS3.4 B.2.3): disk or database trouble.
+    pub const OUT_OF_RESOURCES: u16 = 0xA700;
+    /// Error: data set does not match SOP class (PS3.4 B.2.3); used as well
+    /// when the data set's SOP Class/Instance UID differ from the command's.
+    pub const DATA_SET_DOES_NOT_MATCH: u16 = 0xA900;
+    /// Error: cannot understand (PS3.4 B.2.3): the data set does not parse.
+    pub const CANNOT_UNDERSTAND: u16 = 0xC000;
+    /// SOP class not supported (PS3.7 C.5.9) on a negotiated context.
+    pub const SOP_CLASS_NOT_SUPPORTED: u16 = 0x0122;
+    /// Unrecognized operation (PS3.7 C.5.10).
+    pub const UNRECOGNIZED_OPERATION: u16 = 0x0211;
+    /// Mistyped argument (PS3.7 C.5.13): a required command element is absent.
+    pub const MISTYPED_ARGUMENT: u16 = 0x0212;
+}
+
+/// A decoded command set: the elements the node reads.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Command {
+    pub command_field: u16,
+    pub message_id: u16,
+    pub affected_sop_class_uid: String,
+    pub affected_sop_instance_uid: String,
+    pub has_data_set: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error("command set does not parse: {0}")]
+    Parse(String),
+    #[error("command set lacks required element {0}")]
+    Missing(&'static str),
+    #[error("command set could not be encoded: {0}")]
+    Encode(String),
+}
+
+/// Trim the padding a UID may carry on the wire (PS3.5 9.1: NUL; some peers
+/// pad with spaces).
+pub fn trim_uid(uid: &str) -> &str {
+    uid.trim_end_matches(['\0', ' '])
+}
+
+impl Command {
+    /// Decode a command set (always Implicit VR Little Endian, PS3.7 6.3.1).
+    pub fn decode(bytes: &[u8]) -> Result<Self, CommandError> {
+        let ts = IMPLICIT_VR_LITTLE_ENDIAN.erased();
+        let obj = InMemDicomObject::read_dataset_with_ts(bytes, &ts)
+            .map_err(|e| CommandError::Parse(e.to_string()))?;
+        let uint = |tag, name| -> Result<u16, CommandError> {
+            obj.element_opt(tag)
+                .ok()
+                .flatten()
+                .and_then(|e| e.to_int::<u16>().ok())
+                .ok_or(CommandError::Missing(name))
+        };
+        let string = |tag| -> String {
+            obj.element_opt(tag)
+                .ok()
+                .flatten()
+                .and_then(|e| e.to_str().ok())
+                .map(|s| trim_uid(&s).to_string())
+                .unwrap_or_default()
+        };
+        let command_field = uint(tags::COMMAND_FIELD, "CommandField (0000,0100)")?;
+        let message_id = uint(tags::MESSAGE_ID, "MessageID (0000,0110)")?;
+        let data_set_type = uint(
+            tags::COMMAND_DATA_SET_TYPE,
+            "CommandDataSetType (0000,0800)",
+        )?;
+        Ok(Command {
+            command_field,
+            message_id,
+            affected_sop_class_uid: string(tags::AFFECTED_SOP_CLASS_UID),
+            affected_sop_instance_uid: string(tags::AFFECTED_SOP_INSTANCE_UID),
+            has_data_set: data_set_type != NO_DATA_SET,
+        })
+    }
+}
+
+fn encode(obj: &InMemDicomObject) -> Result<Vec<u8>, CommandError> {
+    let mut out = Vec::with_capacity(256);
+    obj.write_dataset_with_ts(&mut out, &IMPLICIT_VR_LITTLE_ENDIAN.erased())
+        .map_err(|e| CommandError::Encode(e.to_string()))?;
+    Ok(out)
+}
+
+/// A response command (C-STORE-RSP, C-ECHO-RSP, ...) for a request.
+pub fn response(
+    request: &Command,
+    response_field: u16,
+    status: u16,
+    error_comment: Option<&str>,
+) -> Result<Vec<u8>, CommandError> {
+    let mut elements = vec![
+        DataElement::new(
+            tags::AFFECTED_SOP_CLASS_UID,
+            VR::UI,
+            PrimitiveValue::from(request.affected_sop_class_uid.as_str()),
+        ),
+        DataElement::new(
+            tags::COMMAND_FIELD,
+            VR::US,
+            dicom_value!(U16, [response_field]),
+        ),
+        DataElement::new(
+            tags::MESSAGE_ID_BEING_RESPONDED_TO,
+            VR::US,
+            dicom_value!(U16, [request.message_id]),
+        ),
+        DataElement::new(
+            tags::COMMAND_DATA_SET_TYPE,
+            VR::US,
+            dicom_value!(U16, [NO_DATA_SET]),
+        ),
+        DataElement::new(tags::STATUS, VR::US, dicom_value!(U16, [status])),
+    ];
+    if !request.affected_sop_instance_uid.is_empty() {
+        elements.push(DataElement::new(
+            tags::AFFECTED_SOP_INSTANCE_UID,
+            VR::UI,
+            PrimitiveValue::from(request.affected_sop_instance_uid.as_str()),
+        ));
+    }
+    if let Some(comment) = error_comment {
+        // PS3.7 C.4: Error Comment is LO, at most 64 characters.
+        let comment: String = comment
+            .chars()
+            .filter(|c| c.is_ascii() && *c != '\\')
+            .take(64)
+            .collect();
+        elements.push(DataElement::new(
+            tags::ERROR_COMMENT,
+            VR::LO,
+            PrimitiveValue::from(comment),
+        ));
+    }
+    encode(&InMemDicomObject::command_from_element_iter(elements))
+}
+
+/// A C-ECHO-RQ command set.
+pub fn echo_request(message_id: u16) -> Result<Vec<u8>, CommandError> {
+    encode(&InMemDicomObject::command_from_element_iter([
+        DataElement::new(
+            tags::AFFECTED_SOP_CLASS_UID,
+            VR::UI,
+            PrimitiveValue::from(super::sop::VERIFICATION),
+        ),
+        DataElement::new(
+            tags::COMMAND_FIELD,
+            VR::US,
+            dicom_value!(U16, [field::C_ECHO_RQ]),
+        ),
+        DataElement::new(tags::MESSAGE_ID, VR::US, dicom_value!(U16, [message_id])),
+        DataElement::new(
+            tags::COMMAND_DATA_SET_TYPE,
+            VR::US,
+            dicom_value!(U16, [NO_DATA_SET]),
+        ),
+    ]))
+}
+
+/// A C-STORE-RQ command set (PS3.7 9.3.1.1), medium priority.
+pub fn store_request(
+    message_id: u16,
+    sop_class_uid: &str,
+    sop_instance_uid: &str,
+) -> Result<Vec<u8>, CommandError> {
+    encode(&InMemDicomObject::command_from_element_iter([
+        DataElement::new(
+            tags::AFFECTED_SOP_CLASS_UID,
+            VR::UI,
+            PrimitiveValue::from(sop_class_uid),
+        ),
+        DataElement::new(
+            tags::COMMAND_FIELD,
+            VR::US,
+            dicom_value!(U16, [field::C_STORE_RQ]),
+        ),
+        DataElement::new(tags::MESSAGE_ID, VR::US, dicom_value!(U16, [message_id])),
+        DataElement::new(tags::PRIORITY, VR::US, dicom_value!(U16, [0x0000])),
+        DataElement::new(
+            tags::COMMAND_DATA_SET_TYPE,
+            VR::US,
+            dicom_value!(U16, [0x0000]),
+        ),
+        DataElement::new(
+            tags::AFFECTED_SOP_INSTANCE_UID,
+            VR::UI,
+            PrimitiveValue::from(sop_instance_uid),
+        ),
+    ]))
+}
+
+/// Read the status (and error comment) of a response command set.
+pub fn response_status(bytes: &[u8]) -> Result<(u16, Option<String>), CommandError> {
+    let ts = IMPLICIT_VR_LITTLE_ENDIAN.erased();
+    let obj = InMemDicomObject::read_dataset_with_ts(bytes, &ts)
+        .map_err(|e| CommandError::Parse(e.to_string()))?;
+    let status = obj
+        .element_opt(tags::STATUS)
+        .ok()
+        .flatten()
+        .and_then(|e| e.to_int::<u16>().ok())
+        .ok_or(CommandError::Missing("Status (0000,0900)"))?;
+    let comment = obj
+        .element_opt(tags::ERROR_COMMENT)
+        .ok()
+        .flatten()
+        .and_then(|e| e.to_str().ok())
+        .map(|s| s.trim().to_string());
+    Ok((status, comment))
+}
+
+/// Whether a status is a warning (PS3.7 C.1: 0001, Bxxx) or success: both
+/// mean the peer keeps the instance.
+pub fn is_success_or_warning(status: u16) -> bool {
+    status == status::SUCCESS || status == 0x0001 || (status & 0xF000) == 0xB000
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_request_round_trips() {
+        let bytes = store_request(7, "1.2.3", "4.5.6").unwrap();
+        let cmd = Command::decode(&bytes).unwrap();
+        assert_eq!(cmd.command_field, field::C_STORE_RQ);
+        assert_eq!(cmd.message_id, 7);
+        assert_eq!(cmd.affected_sop_class_uid, "1.2.3");
+        assert_eq!(cmd.affected_sop_instance_uid, "4.5.6");
+        assert!(cmd.has_data_set);
+        let rsp = response(
+            &cmd,
+            field::C_STORE_RSP,
+            status::OUT_OF_RESOURCES,
+            Some("disk full"),
+        )
+        .unwrap();
+        assert_eq!(
+            response_status(&rsp).unwrap(),
+            (status::OUT_OF_RESOURCES, Some("disk full".to_string()))
+        );
+    }
+
+    #[test]
+    fn missing_elements_are_named() {
+        let obj = InMemDicomObject::command_from_element_iter([DataElement::new(
+            tags::COMMAND_FIELD,
+            VR::US,
+            dicom_value!(U16, [field::C_ECHO_RQ]),
+        )]);
+        let err = Command::decode(&encode(&obj).unwrap()).unwrap_err();
+        assert!(err.to_string().contains("MessageID"), "{err}");
+    }
+}

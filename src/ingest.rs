@@ -1,0 +1,360 @@
+//! The C-STORE handler: validate → spool → database → audit. It turns every
+//! failure into the right DIMSE status (PS3.4 B.2.3) and answers Success only
+//! once the file is fsync'd in place and its row committed.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use dicom_dictionary_std::tags;
+use dicom_object::{DefaultDicomObject, OpenFileOptions};
+use sha2::{Digest, Sha256};
+use tokio::sync::Notify;
+use tracing::{debug, error, warn};
+
+use crate::db::{Db, Inserted, InstanceRow, NewEvent, event};
+use crate::dimse::command::{status, trim_uid};
+use crate::dimse::server::{
+    AssociationInfo, AssociationStats, DimseStatus, InstanceSink, StoreRequest, StoreService,
+};
+use crate::part10;
+use crate::spool::{Placement, SealedInstance, Spool, TempInstance};
+
+/// The ingest service shared by every association (cheap to clone).
+#[derive(Clone)]
+pub struct Ingest(Arc<IngestCore>);
+
+impl std::ops::Deref for Ingest {
+    type Target = IngestCore;
+    fn deref(&self) -> &IngestCore {
+        &self.0
+    }
+}
+
+pub struct IngestCore {
+    spool: Spool,
+    db: Db,
+    /// Woken after each stored instance (case assembly listens here).
+    stored: Arc<Notify>,
+}
+
+impl Ingest {
+    pub fn new(spool: Spool, db: Db) -> Self {
+        Ingest(Arc::new(IngestCore {
+            spool,
+            db,
+            stored: Arc::new(Notify::new()),
+        }))
+    }
+}
+
+impl IngestCore {
+    pub fn stored_notify(&self) -> Arc<Notify> {
+        self.stored.clone()
+    }
+
+    async fn audit(&self, e: NewEvent<'_>) {
+        if let Err(err) = self.db.record(e).await {
+            // The audit log itself failing must not take the node down.
+            error!(error = %err, "audit event could not be recorded");
+        }
+    }
+
+    async fn fail(
+        &self,
+        info: &AssociationInfo,
+        request: &StoreRequest,
+        status: DimseStatus,
+    ) -> DimseStatus {
+        warn!(
+            association = %info.id,
+            status = format_args!("{:#06X}", status.code),
+            reason = status.comment.as_deref().unwrap_or(""),
+            "instance refused"
+        );
+        self.audit(NewEvent {
+            event: event::INSTANCE_FAILED,
+            association_id: Some(&info.id),
+            sop_instance_uid: Some(&request.sop_instance_uid),
+            status: Some(status.code),
+            detail: Some(serde_json::json!({
+                "reason": status.comment,
+                "sop_class_uid": request.sop_class_uid,
+                "transfer_syntax": request.transfer_syntax,
+            })),
+            ..Default::default()
+        })
+        .await;
+        status
+    }
+}
+
+/// A salted-free, truncated SHA-256 of Issuer + Patient ID: stable across
+/// studies, and what logs and events show instead of the identity.
+pub fn patient_key(patient_id: &str, issuer: &str) -> String {
+    let digest = Sha256::digest(format!("{}\\{}", issuer.trim(), patient_id.trim()).as_bytes());
+    hex::encode(&digest[..12])
+}
+
+/// The attributes the index needs, read from the data set header.
+struct Header {
+    sop_class_uid: String,
+    sop_instance_uid: String,
+    study_instance_uid: String,
+    series_instance_uid: String,
+    patient_key: String,
+    modality: String,
+    study_date: String,
+}
+
+fn read_header(path: PathBuf) -> Result<Header, String> {
+    // Pixel data is not needed to index; it is decoded (and any error in it
+    // reported) when a case uses the instance.
+    let obj: DefaultDicomObject = OpenFileOptions::new()
+        .read_until(tags::PIXEL_DATA)
+        .open_file(&path)
+        .map_err(|e| e.to_string())?;
+    let text = |tag| -> String {
+        obj.element_opt(tag)
+            .ok()
+            .flatten()
+            .and_then(|e| e.to_str().ok())
+            .map(|s| trim_uid(s.trim()).to_string())
+            .unwrap_or_default()
+    };
+    Ok(Header {
+        sop_class_uid: text(tags::SOP_CLASS_UID),
+        sop_instance_uid: text(tags::SOP_INSTANCE_UID),
+        study_instance_uid: text(tags::STUDY_INSTANCE_UID),
+        series_instance_uid: text(tags::SERIES_INSTANCE_UID),
+        patient_key: patient_key(&text(tags::PATIENT_ID), &text(tags::ISSUER_OF_PATIENT_ID)),
+        modality: text(tags::MODALITY),
+        study_date: text(tags::STUDY_DATE),
+    })
+}
+
+pub struct IngestSink {
+    ingest: Ingest,
+    info: AssociationInfo,
+    request: StoreRequest,
+    temp: TempInstance,
+}
+
+impl StoreService for Ingest {
+    type Sink = IngestSink;
+
+    async fn association_opened(&self, info: &AssociationInfo) {
+        if let Err(e) = self
+            .db
+            .association_opened(
+                &info.id,
+                &info.calling_ae,
+                &info.called_ae,
+                &info.peer.to_string(),
+            )
+            .await
+        {
+            error!(error = %e, "association could not be recorded");
+        }
+    }
+
+    async fn association_rejected(
+        &self,
+        peer: std::net::SocketAddr,
+        calling_ae: &str,
+        called_ae: &str,
+        reason: &str,
+    ) {
+        self.audit(NewEvent {
+            event: event::ASSOCIATION_REJECTED,
+            detail: Some(serde_json::json!({
+                "peer": peer.to_string(),
+                "calling_ae": calling_ae,
+                "called_ae": called_ae,
+                "reason": reason,
+            })),
+            ..Default::default()
+        })
+        .await;
+    }
+
+    async fn association_closed(
+        &self,
+        info: &AssociationInfo,
+        outcome: &str,
+        stats: &AssociationStats,
+    ) {
+        if let Err(e) = self
+            .db
+            .association_closed(&info.id, outcome, stats.stored, stats.failed, stats.bytes)
+            .await
+        {
+            error!(error = %e, "association close could not be recorded");
+        }
+    }
+
+    async fn begin(
+        &self,
+        info: &AssociationInfo,
+        request: &StoreRequest,
+    ) -> Result<IngestSink, DimseStatus> {
+        let header = part10::encode_header(
+            &request.sop_class_uid,
+            &request.sop_instance_uid,
+            &request.transfer_syntax,
+            &info.calling_ae,
+        )
+        .map_err(|e| DimseStatus::failure(status::CANNOT_UNDERSTAND, e.to_string()));
+        let header = match header {
+            Ok(h) => h,
+            Err(s) => return Err(self.fail(info, request, s).await),
+        };
+        match self.spool.create_temp(&header).await {
+            Ok(temp) => Ok(IngestSink {
+                ingest: self.clone(),
+                info: info.clone(),
+                request: request.clone(),
+                temp,
+            }),
+            Err(e) => {
+                let s = DimseStatus::failure(status::OUT_OF_RESOURCES, format!("spool: {e}"));
+                Err(self.fail(info, request, s).await)
+            }
+        }
+    }
+}
+
+impl InstanceSink for IngestSink {
+    async fn write(&mut self, bytes: &[u8]) -> Result<(), DimseStatus> {
+        self.temp.write(bytes).await.map_err(|e| {
+            DimseStatus::failure(status::OUT_OF_RESOURCES, format!("spool write: {e}"))
+        })
+    }
+
+    async fn finish(self) -> DimseStatus {
+        let IngestSink {
+            ingest,
+            info,
+            request,
+            temp,
+        } = self;
+        let sealed = match temp.seal().await {
+            Ok(s) => s,
+            Err(e) => {
+                let s = DimseStatus::failure(status::OUT_OF_RESOURCES, format!("spool fsync: {e}"));
+                return ingest.fail(&info, &request, s).await;
+            }
+        };
+        let status = commit(&ingest, &info, &request, &sealed).await;
+        // Whatever happened, the temporary name goes (it is gone already
+        // when the file was placed).
+        sealed.discard().await;
+        if status.code != status::SUCCESS {
+            return ingest.fail(&info, &request, status).await;
+        }
+        status
+    }
+
+    async fn abort(self) {
+        debug!(association = %self.info.id, "partial instance discarded");
+        self.temp.discard().await;
+    }
+}
+
+/// Validate the sealed data set, place it, index it.
+async fn commit(
+    ingest: &IngestCore,
+    info: &AssociationInfo,
+    request: &StoreRequest,
+    sealed: &SealedInstance,
+) -> DimseStatus {
+    let path = sealed.path.clone();
+    let header = match tokio::task::spawn_blocking(move || read_header(path)).await {
+        Ok(Ok(h)) => h,
+        Ok(Err(e)) => {
+            return DimseStatus::failure(
+                status::CANNOT_UNDERSTAND,
+                format!("data set does not parse: {e}"),
+            );
+        }
+        Err(e) => return DimseStatus::failure(status::OUT_OF_RESOURCES, e.to_string()),
+    };
+    // PS3.4 B.2.3: the data set must be the instance the command announced.
+    if header.sop_instance_uid != request.sop_instance_uid
+        || header.sop_class_uid != request.sop_class_uid
+    {
+        return DimseStatus::failure(
+            status::DATA_SET_DOES_NOT_MATCH,
+            "data set SOP Class/Instance UID differ from the command",
+        );
+    }
+    let relative = Spool::relative_path(
+        &header.study_instance_uid,
+        &header.series_instance_uid,
+        &header.sop_instance_uid,
+    );
+    let row = InstanceRow {
+        sop_instance_uid: header.sop_instance_uid.clone(),
+        sop_class_uid: header.sop_class_uid.clone(),
+        study_instance_uid: header.study_instance_uid.clone(),
+        series_instance_uid: header.series_instance_uid.clone(),
+        patient_key: header.patient_key.clone(),
+        modality: header.modality.clone(),
+        study_date: header.study_date.clone(),
+        transfer_syntax: request.transfer_syntax.clone(),
+        size_bytes: sealed.len,
+        path: relative.to_string_lossy().into_owned(),
+        association_id: info.id.clone(),
+        calling_ae: info.calling_ae.clone(),
+    };
+    let placed = match ingest.spool.place(sealed, &relative).await {
+        Ok(p) => p,
+        Err(e) => return DimseStatus::failure(status::OUT_OF_RESOURCES, format!("spool: {e}")),
+    };
+    if placed == Placement::Exists {
+        match ingest.db.instance_path(&row.sop_instance_uid).await {
+            Ok(Some(_)) => return duplicate(ingest, info, &row).await,
+            Ok(None) => {
+                // A file without a row: a crash hit between link and commit,
+                // so the peer never got Success for it. This copy replaces it.
+                if let Err(e) = ingest.spool.replace(sealed, &relative).await {
+                    return DimseStatus::failure(status::OUT_OF_RESOURCES, format!("spool: {e}"));
+                }
+            }
+            Err(e) => return DimseStatus::failure(status::OUT_OF_RESOURCES, e.to_string()),
+        }
+    }
+    match ingest.db.insert_instance(&row).await {
+        Ok(Inserted::New) => {
+            ingest.stored.notify_waiters();
+            DimseStatus::SUCCESS
+        }
+        Ok(Inserted::Duplicate { existing_path }) => {
+            // Same UID already indexed under another study/series path.
+            if existing_path != row.path {
+                let _ = ingest.spool.remove(&relative).await;
+            }
+            duplicate(ingest, info, &row).await
+        }
+        Err(e) => {
+            // No row, so no file: the peer will resend.
+            let _ = ingest.spool.remove(&relative).await;
+            DimseStatus::failure(status::OUT_OF_RESOURCES, e.to_string())
+        }
+    }
+}
+
+async fn duplicate(ingest: &IngestCore, info: &AssociationInfo, row: &InstanceRow) -> DimseStatus {
+    debug!(association = %info.id, "duplicate instance kept as first received");
+    ingest
+        .audit(NewEvent {
+            event: event::INSTANCE_DUPLICATE,
+            association_id: Some(&info.id),
+            sop_instance_uid: Some(&row.sop_instance_uid),
+            study_instance_uid: Some(&row.study_instance_uid),
+            patient_key: Some(&row.patient_key),
+            status: Some(0),
+            detail: Some(serde_json::json!({ "kept": "first" })),
+        })
+        .await;
+    DimseStatus::SUCCESS
+}

@@ -1,0 +1,14 @@
+//! her2map: a DICOM-native PACS integration node that receives breast imaging
+//! (MG, US, MR), keeps it durably, and runs the HER2 MAP model on it.
+//!
+//! The layers, each owning one seam: [`dimse`] (network), [`ingest`]
+//! (C-STORE handling), [`spool`] (files), [`db`] (all SQL), [`app`] (wiring).
+
+pub mod app;
+pub mod config;
+pub mod db;
+pub mod dimse;
+pub mod ingest;
+pub mod part10;
+pub mod send;
+pub mod spool;

@@ -1,0 +1,255 @@
+//! The `her2map` command line: a thin layer over the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use her2map::app::App;
+use her2map::config::{LogFormat, Settings};
+use her2map::db::Db;
+use her2map::dimse::client::{ClientOptions, echo};
+use her2map::send::{SendResult, collect_files, send_files};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "her2map",
+    version,
+    about = "DICOM node running the HER2 MAP model on breast imaging"
+)]
+struct Cli {
+    /// Configuration file layered over the built-in defaults.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the node: DICOM storage SCP, spool and audit log.
+    Serve,
+    /// C-STORE DICOM files (or folders of them) to a peer.
+    Send {
+        /// Peer address, HOST:PORT.
+        address: String,
+        /// Files or folders to send.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        #[arg(long, default_value = "HER2MAP-SCU")]
+        calling_ae: String,
+        #[arg(long, default_value = "ANY-SCP")]
+        called_ae: String,
+    },
+    /// C-ECHO a peer.
+    Echo {
+        address: String,
+        #[arg(long, default_value = "HER2MAP-SCU")]
+        calling_ae: String,
+        #[arg(long, default_value = "ANY-SCP")]
+        called_ae: String,
+    },
+    /// Print the audit log, oldest first.
+    Audit {
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+        /// Only events of this name (e.g. instance_failed).
+        #[arg(long)]
+        event: Option<String>,
+        /// Only the last N events.
+        #[arg(long)]
+        tail: Option<usize>,
+    },
+}
+
+fn init_tracing(settings: Option<&Settings>) {
+    let level = settings
+        .map(|s| s.log.level.clone())
+        .unwrap_or_else(|| "info".into());
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if settings.is_some_and(|s| s.log.format == LogFormat::Json) {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match Settings::load(cli.config.as_deref()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_tracing(Some(&settings));
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command, settings)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Serve => {
+            let app = App::build(settings).await?;
+            let shutdown = CancellationToken::new();
+            tokio::spawn(stop_on_signal(shutdown.clone()));
+            app.run_until_stopped(shutdown).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Echo {
+            address,
+            calling_ae,
+            called_ae,
+        } => {
+            let options = ClientOptions {
+                calling_ae,
+                called_ae,
+                ..Default::default()
+            };
+            let status = echo(&address, &options).await?;
+            println!("C-ECHO {address}: status {:#06X}", status.code);
+            Ok(if status.code == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Send {
+            address,
+            paths,
+            calling_ae,
+            called_ae,
+        } => {
+            let options = ClientOptions {
+                calling_ae,
+                called_ae,
+                ..Default::default()
+            };
+            send(&address, &options, &paths).await
+        }
+        Command::Audit { json, event, tail } => {
+            let db = Db::connect(&settings.database_url()).await?;
+            let mut events = db.events(0, event.as_deref(), i64::MAX).await?;
+            if let Some(n) = tail {
+                let skip = events.len().saturating_sub(n);
+                events.drain(..skip);
+            }
+            for e in &events {
+                if json {
+                    println!("{}", serde_json::to_string(e)?);
+                } else {
+                    let mut line = format!("{} {:<22}", e.time, e.event);
+                    for (k, v) in [
+                        ("assoc", &e.association_id),
+                        ("sop", &e.sop_instance_uid),
+                        ("study", &e.study_instance_uid),
+                        ("patient", &e.patient_key),
+                    ] {
+                        if let Some(v) = v {
+                            line.push_str(&format!(" {k}={v}"));
+                        }
+                    }
+                    if let Some(s) = e.status {
+                        line.push_str(&format!(" status={s:#06X}"));
+                    }
+                    if let Some(d) = &e.detail {
+                        line.push_str(&format!(" {d}"));
+                    }
+                    println!("{line}");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn send(
+    address: &str,
+    options: &ClientOptions,
+    paths: &[PathBuf],
+) -> anyhow::Result<ExitCode> {
+    use std::io::IsTerminal;
+    let files = collect_files(paths);
+    if files.is_empty() {
+        anyhow::bail!("no files found under the given paths");
+    }
+    let bar = if std::io::stderr().is_terminal() {
+        indicatif::ProgressBar::new(files.len() as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {per_sec} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let results = send_files(address, options, &files, |_r: &SendResult| bar.inc(1)).await?;
+    bar.finish_and_clear();
+    let failed: Vec<&SendResult> = results.iter().filter(|r| !r.ok()).collect();
+    println!(
+        "sent {} of {} file(s), {} failed",
+        results.len() - failed.len(),
+        results.len(),
+        failed.len()
+    );
+    for r in &failed {
+        let status = r
+            .status
+            .map(|s| format!("status {s:#06X}"))
+            .unwrap_or_else(|| "no status".into());
+        println!(
+            "  failed {}: {status}: {}",
+            r.path.display(),
+            r.error.as_deref().unwrap_or("")
+        );
+    }
+    Ok(if failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// SIGINT or SIGTERM: stop accepting and finish in-flight instances.
+async fn stop_on_signal(token: CancellationToken) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = match signal(SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                token.cancel();
+                return;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+    tracing::info!("shutdown requested");
+    token.cancel();
+}
