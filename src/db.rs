@@ -215,20 +215,17 @@ impl Db {
     /// Index a stored instance and log `instance_stored` in one transaction;
     /// a SOP Instance UID already indexed is reported, not overwritten.
     pub async fn insert_instance(&self, row: &InstanceRow) -> Result<Inserted, DbError> {
+        // Insert first (ON CONFLICT DO NOTHING, SQLite >= 3.24 and
+        // PostgreSQL alike): a transaction that starts by writing takes the
+        // write lock at once, where a read-then-write one can fail with
+        // SQLITE_BUSY under concurrent associations.
         let mut tx = self.pool.begin().await?;
-        let existing: Option<String> =
-            sqlx::query_scalar("SELECT path FROM instances WHERE sop_instance_uid = $1")
-                .bind(&row.sop_instance_uid)
-                .fetch_optional(&mut *tx)
-                .await?;
-        if let Some(existing_path) = existing {
-            return Ok(Inserted::Duplicate { existing_path });
-        }
-        sqlx::query(
+        let inserted = sqlx::query(
             "INSERT INTO instances (sop_instance_uid, sop_class_uid, study_instance_uid, \
              series_instance_uid, patient_key, modality, study_date, transfer_syntax, size_bytes, \
              path, received_at, association_id, calling_ae) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
+             ON CONFLICT (sop_instance_uid) DO NOTHING",
         )
         .bind(&row.sop_instance_uid)
         .bind(&row.sop_class_uid)
@@ -244,7 +241,16 @@ impl Db {
         .bind(&row.association_id)
         .bind(&row.calling_ae)
         .execute(&mut *tx)
-        .await?;
+        .await?
+        .rows_affected();
+        if inserted == 0 {
+            drop(tx);
+            let existing_path = self
+                .instance_path(&row.sop_instance_uid)
+                .await?
+                .unwrap_or_default();
+            return Ok(Inserted::Duplicate { existing_path });
+        }
         let e = NewEvent {
             event: event::INSTANCE_STORED,
             association_id: Some(&row.association_id),

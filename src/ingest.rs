@@ -278,6 +278,12 @@ async fn commit(
         }
         Err(e) => return DimseStatus::failure(status::OUT_OF_RESOURCES, e.to_string()),
     };
+    if header.sop_instance_uid.is_empty() && header.sop_class_uid.is_empty() {
+        return DimseStatus::failure(
+            status::CANNOT_UNDERSTAND,
+            "data set holds no SOP Class/Instance UID",
+        );
+    }
     // PS3.4 B.2.3: the data set must be the instance the command announced.
     if header.sop_instance_uid != request.sop_instance_uid
         || header.sop_class_uid != request.sop_class_uid

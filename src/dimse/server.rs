@@ -220,6 +220,9 @@ async fn reject_over_limit<S: StoreService>(mut socket: TcpStream, peer: SocketA
 struct PeerPolicy<'a> {
     config: &'a ServerConfig,
     peer_ip: IpAddr,
+    /// The AE titles of the request, kept for the audit log of a rejection
+    /// (dicom-ul does not hand them back with the error).
+    seen: Arc<std::sync::Mutex<(String, String)>>,
 }
 
 impl AccessControl for PeerPolicy<'_> {
@@ -230,6 +233,12 @@ impl AccessControl for PeerPolicy<'_> {
         called_ae_title: &str,
         _user_identity: Option<&UserIdentity>,
     ) -> Result<(), AssociationRJServiceUserReason> {
+        if let Ok(mut seen) = self.seen.lock() {
+            *seen = (
+                calling_ae_title.trim().to_string(),
+                called_ae_title.trim().to_string(),
+            );
+        }
         if !self.config.accept_any_called_ae && called_ae_title.trim() != this_ae_title.trim() {
             return Err(AssociationRJServiceUserReason::CalledAETitleNotRecognized);
         }
@@ -260,10 +269,15 @@ fn canonical_ip(ip: IpAddr) -> IpAddr {
 fn association_options<'a>(
     config: &'a ServerConfig,
     peer_ip: IpAddr,
+    seen: Arc<std::sync::Mutex<(String, String)>>,
 ) -> ServerAssociationOptions<'a, PeerPolicy<'a>, dicom_ul::association::server::DefaultNegotiation>
 {
     let mut options = ServerAssociationOptions::new()
-        .ae_access_control(PeerPolicy { config, peer_ip })
+        .ae_access_control(PeerPolicy {
+            config,
+            peer_ip,
+            seen,
+        })
         .ae_title(config.ae_title.clone())
         .max_pdu_length(config.max_pdu)
         .strict(true)
@@ -296,11 +310,13 @@ async fn serve<S: StoreService>(
     service: &S,
     shutdown: CancellationToken,
 ) {
-    let options = association_options(config, peer.ip());
+    let seen = Arc::new(std::sync::Mutex::new((String::new(), String::new())));
+    let options = association_options(config, peer.ip(), seen.clone());
     let mut assoc = match options.establish_async(socket).await {
         Ok(a) => a,
         Err(e) => {
-            let (reason, calling, called) = describe_establish_error(&e);
+            let reason = describe_establish_error(&e);
+            let (calling, called) = seen.lock().map(|s| s.clone()).unwrap_or_default();
             warn!(%peer, %reason, "association rejected");
             service
                 .association_rejected(peer, &calling, &called, &reason)
@@ -332,18 +348,16 @@ async fn serve<S: StoreService>(
     service.association_closed(&info, outcome, &stats).await;
 }
 
-fn describe_establish_error(e: &dicom_ul::association::Error) -> (String, String, String) {
+fn describe_establish_error(e: &dicom_ul::association::Error) -> String {
     use dicom_ul::association::Error;
-    let reason = match e {
+    match e {
         Error::Rejected { association_rj, .. } => match &association_rj.source {
             AssociationRJSource::ServiceUser(r) => r.to_string(),
             AssociationRJSource::ServiceProviderASCE(r) => r.to_string(),
             AssociationRJSource::ServiceProviderPresentation(r) => r.to_string(),
         },
         other => other.to_string(),
-    };
-    // dicom-ul does not hand the AE titles of a refused request back.
-    (reason, String::new(), String::new())
+    }
 }
 
 /// The message state of an association between PDUs.

@@ -1,0 +1,219 @@
+//! The `her2map` binary as an administrator runs it: configuration layering
+//! and errors, `serve` on port 0, graceful SIGTERM, `send`, `echo`, `audit`.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::test_data;
+
+fn her2map() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_her2map"));
+    // Keep the caller's environment from leaking settings into the test.
+    for (k, _) in std::env::vars() {
+        if k.starts_with("HER2MAP__") {
+            c.env_remove(k);
+        }
+    }
+    c
+}
+
+/// Start `her2map serve` and read stderr until the "listening on" line.
+fn serve(data_dir: &std::path::Path, extra_env: &[(&str, &str)]) -> (Child, u16) {
+    let mut cmd = her2map();
+    cmd.arg("serve")
+        .env("HER2MAP__DICOM__PORT", "0")
+        .env("HER2MAP__DICOM__HOST", "127.0.0.1")
+        .env("HER2MAP__STORAGE__DATA_DIR", data_dir)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null());
+    for (k, v) in extra_env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("her2map serve starts");
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let port = loop {
+        let line = lines
+            .next()
+            .expect("serve exited before listening")
+            .unwrap();
+        if let Some(rest) = line.split("listening on ").nth(1) {
+            let addr: String = rest.chars().take_while(|c| !c.is_whitespace()).collect();
+            break addr.rsplit(':').next().unwrap().parse::<u16>().unwrap();
+        }
+        assert!(Instant::now() < deadline, "no 'listening on' line");
+    };
+    // Keep draining stderr so the node never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    (child, port)
+}
+
+fn sigterm_and_wait(mut child: Child) -> std::process::ExitStatus {
+    let pid = child.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "node did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_bad_configuration_names_the_key_and_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("bad.toml");
+    std::fs::write(&conf, "[dicom]\nport = \"eleven\"\n").unwrap();
+    let out = her2map()
+        .args(["serve", "--config"])
+        .arg(&conf)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("dicom.port"), "{err}");
+
+    std::fs::write(&conf, "[dicom]\nmax_associations = 0\n").unwrap();
+    // --config accepted before the subcommand too.
+    let out = her2map()
+        .arg("--config")
+        .arg(&conf)
+        .arg("serve")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("dicom.max_associations"));
+
+    let out = her2map()
+        .arg("serve")
+        .env("HER2MAP__DICOM__AE_TITLE", "WAY-TOO-LONG-AE-TITLE")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("dicom.ae_title"));
+
+    let out = her2map()
+        .args(["serve", "--config", "/nonexistent/her2map.toml"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}
+
+#[test]
+fn serve_send_echo_audit_and_graceful_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("node.toml");
+    std::fs::write(&conf, "[dicom]\nae_title = \"BREASTAI\"\n").unwrap();
+    let data = dir.path().join("data");
+    let (child, port) = serve(&data, &[]);
+    let addr = format!("127.0.0.1:{port}");
+    let out = her2map()
+        .args(["echo", &addr, "--called-ae", "HER2MAP"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let files = [
+        test_data("dicom/MR_small.dcm"),
+        test_data("dicom/MR_small_RLE.dcm"),
+    ];
+    let out = her2map()
+        .args(["send", &addr, "--called-ae", "HER2MAP"])
+        .args(&files)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("sent 2 of 2"), "{stdout}");
+
+    // A wrong called AE: the summary shows the failure, exit non-zero.
+    let out = her2map()
+        .args(["send", &addr, "--called-ae", "NOPE"])
+        .arg(&files[0])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+
+    let status = sigterm_and_wait(child);
+    assert!(status.success(), "SIGTERM must exit 0, got {status:?}");
+
+    let out = her2map()
+        .args(["audit", "--json"])
+        .env("HER2MAP__STORAGE__DATA_DIR", &data)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let events: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
+    let names: Vec<&str> = events
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    for expected in [
+        "node_started",
+        "association_opened",
+        "instance_stored",
+        "instance_duplicate",
+        "association_closed",
+        "association_rejected",
+        "node_stopped",
+    ] {
+        assert!(
+            names.contains(&expected),
+            "{expected} missing from {names:?}"
+        );
+    }
+    assert!(events.iter().all(|e| e["time"].is_string()));
+    let stored: Vec<_> = events
+        .iter()
+        .filter(|e| e["event"] == "instance_stored")
+        .collect();
+    assert!(stored[0]["sop_instance_uid"].is_string());
+
+    // The --config layer (after the subcommand): the node now answers to
+    // BREASTAI only. Reuse the port the first node had.
+    let mut cmd = her2map();
+    let mut child = cmd
+        .args(["serve", "--config"])
+        .arg(&conf)
+        .env("HER2MAP__DICOM__PORT", port.to_string())
+        .env("HER2MAP__DICOM__HOST", "127.0.0.1")
+        .env("HER2MAP__STORAGE__DATA_DIR", &data)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr = format!("127.0.0.1:{port}");
+    let mut ok = false;
+    for _ in 0..100 {
+        let out = her2map()
+            .args(["echo", &addr, "--called-ae", "BREASTAI"])
+            .output()
+            .unwrap();
+        if out.status.success() {
+            ok = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(ok, "node with --config answers to its configured AE title");
+    let out = her2map()
+        .args(["echo", &addr, "--called-ae", "HER2MAP"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    child.kill().unwrap();
+    let _ = child.wait();
+}

@@ -1,0 +1,148 @@
+//! Test harness: start the real node in-process on port 0 with a temporary
+//! data folder, and small helpers around DCMTK and test files.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use dicom_core::{DataElement, PrimitiveValue, VR};
+use dicom_dictionary_std::tags;
+use her2map::app::App;
+use her2map::config::Settings;
+use her2map::db::Db;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub db: Db,
+    pub data_dir: PathBuf,
+    shutdown: CancellationToken,
+    handle: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestApp {
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.addr.port())
+    }
+    /// Graceful stop, as on SIGTERM.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(h) = self.handle.take() {
+            h.await.expect("app task").expect("app run");
+        }
+    }
+    pub fn spool(&self) -> PathBuf {
+        self.data_dir.join("spool")
+    }
+    /// Files left under the spool's tmp/ folder (must be none between instances).
+    pub fn temp_files(&self) -> usize {
+        std::fs::read_dir(self.spool().join("tmp"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+}
+
+/// Default settings for a test node storing under `data_dir`.
+pub fn test_settings(data_dir: &Path) -> Settings {
+    let mut s = Settings::load_with_env(None, false).expect("default settings");
+    s.dicom.port = 0;
+    s.dicom.host = "127.0.0.1".into();
+    s.storage.data_dir = data_dir.to_path_buf();
+    s
+}
+
+pub async fn spawn_app_with(settings: Settings) -> TestApp {
+    let data_dir = settings.storage.data_dir.clone();
+    let app = App::build(settings).await.expect("app builds");
+    let addr = app.local_addr();
+    let db = app.db();
+    let shutdown = CancellationToken::new();
+    let handle = tokio::spawn(app.run_until_stopped(shutdown.clone()));
+    TestApp {
+        addr,
+        db,
+        data_dir,
+        shutdown,
+        handle: Some(handle),
+    }
+}
+
+pub async fn spawn_app(data_dir: &Path) -> TestApp {
+    spawn_app_with(test_settings(data_dir)).await
+}
+
+pub fn test_data(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("test-data")
+        .join(name)
+}
+
+/// Run a DCMTK tool (TCP_NODELAY on, as the node's sockets), returning
+/// (success, stdout+stderr).
+pub async fn dcmtk(tool: &str, args: Vec<String>) -> (bool, String) {
+    let tool = tool.to_string();
+    tokio::task::spawn_blocking(move || {
+        let out = Command::new(&tool)
+            .args(&args)
+            .env("TCP_NODELAY", "1")
+            .output()
+            .unwrap_or_else(|e| panic!("{tool} must be installed (apt-get install dcmtk): {e}"));
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    })
+    .await
+    .expect("dcmtk task")
+}
+
+/// Write `n` copies of MR_small.dcm with fresh SOP Instance UIDs into `dir`.
+pub fn mr_variants(dir: &Path, n: usize, tag: &str) -> Vec<PathBuf> {
+    let source = dicom_object::open_file(test_data("dicom/MR_small.dcm")).expect("MR_small");
+    let mut out = Vec::new();
+    for i in 0..n {
+        let mut obj = source.clone();
+        let uid = format!("2.25.{}{}{}", tag_number(tag), 1000 + i, std::process::id());
+        obj.put(DataElement::new(
+            tags::SOP_INSTANCE_UID,
+            VR::UI,
+            PrimitiveValue::from(uid.as_str()),
+        ));
+        obj.update_meta(|m| m.media_storage_sop_instance_uid = uid.clone());
+        let path = dir.join(format!("{tag}-{i:04}.dcm"));
+        obj.write_to_file(&path).expect("write variant");
+        out.push(path);
+    }
+    out
+}
+
+fn tag_number(tag: &str) -> u64 {
+    tag.bytes()
+        .fold(7u64, |a, b| (a * 31 + u64::from(b)) % 1_000_000)
+}
+
+/// The data set bytes of a Part 10 file (everything after the meta group).
+pub fn dataset_bytes(path: &Path) -> Vec<u8> {
+    let h = her2map::part10::Part10Header::read(path).expect("part 10 header");
+    std::fs::read(path).expect("read")[h.dataset_offset as usize..].to_vec()
+}
+
+/// Audit events named `name`, waiting up to 10 s for at least `n` of them
+/// (the node records an event just after the peer sees the answer).
+pub async fn wait_events(db: &Db, name: &str, n: usize) -> Vec<her2map::db::AuditEvent> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let events = db.events(0, Some(name), 10_000).await.expect("events");
+        if events.len() >= n || std::time::Instant::now() > deadline {
+            return events;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
