@@ -9,6 +9,9 @@ use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use tokio::sync::mpsc;
+
+use crate::cases::{Assembler, CaseJob, Clock};
 use crate::config::{Settings, resolve_host};
 use crate::db::{Db, NewEvent, event};
 use crate::dimse::server::{Server, ServerConfig};
@@ -19,6 +22,10 @@ pub struct App {
     server: Server<Ingest>,
     addr: SocketAddr,
     db: Db,
+    assembler: Assembler,
+    wake: std::sync::Arc<tokio::sync::Notify>,
+    jobs_tx: mpsc::Sender<CaseJob>,
+    jobs_rx: Option<mpsc::Receiver<CaseJob>>,
 }
 
 impl App {
@@ -62,12 +69,29 @@ impl App {
             peers,
         };
         let ingest = Ingest::new(spool, db.clone());
+        let wake = ingest.stored_notify();
+        let assembler = Assembler::new(
+            db.clone(),
+            settings.cases.rules(),
+            settings.cases.patient_key,
+            settings.cases.window_days,
+            Clock::new(),
+        );
+        let (jobs_tx, jobs_rx) = mpsc::channel(settings.cases.queue);
         let bind = format!("{}:{}", d.host, d.port);
         let server = Server::bind(&bind, config, ingest)
             .await
             .with_context(|| format!("binding the DICOM port {bind}"))?;
         let addr = server.local_addr()?;
-        Ok(App { server, addr, db })
+        Ok(App {
+            server,
+            addr,
+            db,
+            assembler,
+            wake,
+            jobs_tx,
+            jobs_rx: Some(jobs_rx),
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -76,6 +100,11 @@ impl App {
 
     pub fn db(&self) -> Db {
         self.db.clone()
+    }
+
+    /// The queue of cases ready for inference (tests take it to watch it).
+    pub fn take_case_queue(&mut self) -> Option<mpsc::Receiver<CaseJob>> {
+        self.jobs_rx.take()
     }
 
     /// Serve until `shutdown` is cancelled: stop accepting, let in-flight
@@ -93,7 +122,13 @@ impl App {
                 ..Default::default()
             })
             .await;
+        let assembler = tokio::spawn(self.assembler.run(
+            self.wake.clone(),
+            self.jobs_tx.clone(),
+            shutdown.clone(),
+        ));
         self.server.run(shutdown).await;
+        let _ = assembler.await;
         let _ = self
             .db
             .record(NewEvent {

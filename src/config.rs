@@ -18,7 +18,39 @@ pub struct Settings {
     pub dicom: DicomSettings,
     pub storage: StorageSettings,
     pub database: DatabaseSettings,
+    pub cases: CasesSettings,
     pub log: LogSettings,
+}
+
+/// `[cases]`: grouping and readiness of patient cases.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CasesSettings {
+    pub patient_key: crate::cases::PatientKeyMode,
+    pub window_days: i64,
+    pub required: Vec<crate::cases::Modality>,
+    pub stable_age_secs: u64,
+    pub max_wait_secs: u64,
+    pub partial: crate::cases::Partial,
+    pub mri_series_required: usize,
+    pub lesion_side: String,
+    pub queue: usize,
+}
+
+impl CasesSettings {
+    pub fn rules(&self) -> crate::cases::CaseRules {
+        crate::cases::CaseRules {
+            required: self.required.clone(),
+            stable_age: std::time::Duration::from_secs(self.stable_age_secs),
+            max_wait: std::time::Duration::from_secs(self.max_wait_secs),
+            partial: self.partial,
+            mri_series_required: self.mri_series_required,
+            lesion_side: match self.lesion_side.trim() {
+                "" => None,
+                s => Some(s.to_string()),
+            },
+        }
+    }
 }
 
 /// `[dicom]`: the Storage SCP and its access control.
@@ -142,6 +174,18 @@ impl Settings {
         }
         if self.dicom.read_timeout_secs == 0 {
             return Err(invalid("dicom.read_timeout_secs", "must be at least 1"));
+        }
+        if self.cases.window_days < 0 {
+            return Err(invalid("cases.window_days", "must not be negative"));
+        }
+        if !matches!(self.cases.lesion_side.trim(), "" | "L" | "R") {
+            return Err(invalid("cases.lesion_side", "must be \"L\", \"R\" or \"\""));
+        }
+        if self.cases.queue == 0 {
+            return Err(invalid("cases.queue", "must be at least 1"));
+        }
+        if self.cases.mri_series_required == 0 {
+            return Err(invalid("cases.mri_series_required", "must be at least 1"));
         }
         if self.storage.data_dir.as_os_str().is_empty() {
             return Err(invalid("storage.data_dir", "must not be empty"));

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row, SqlitePool};
+use sqlx::{AssertSqlSafe, Row, SqlitePool};
 
 /// Audit event names: stable, snake_case, documented in the README.
 pub mod event {
@@ -33,12 +33,22 @@ pub enum DbError {
 /// The current time as the audit log stores it: RFC 3339 UTC with
 /// milliseconds, which sorts lexicographically.
 pub fn now() -> String {
-    let t = time::OffsetDateTime::now_utc();
+    format_time(time::OffsetDateTime::now_utc())
+}
+
+/// Format an instant as the database stores it.
+pub fn format_time(t: time::OffsetDateTime) -> String {
     let fmt = time::macros::format_description!(
         "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
     );
-    t.format(&fmt)
+    t.to_offset(time::UtcOffset::UTC)
+        .format(&fmt)
         .unwrap_or_else(|_| t.unix_timestamp().to_string())
+}
+
+/// Parse a stored instant.
+pub fn parse_time(s: &str) -> Option<time::OffsetDateTime> {
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()
 }
 
 /// One received instance, as indexed.
@@ -56,6 +66,11 @@ pub struct InstanceRow {
     pub path: String,
     pub association_id: String,
     pub calling_ae: String,
+    pub patient_id_key: String,
+    pub laterality: String,
+    pub view: String,
+    pub series_description: String,
+    pub image_type: String,
 }
 
 /// What happened to an insert.
@@ -83,6 +98,8 @@ pub struct AuditEvent {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub patient_key: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub case_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub status: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<serde_json::Value>,
@@ -96,6 +113,7 @@ pub struct NewEvent<'a> {
     pub sop_instance_uid: Option<&'a str>,
     pub study_instance_uid: Option<&'a str>,
     pub patient_key: Option<&'a str>,
+    pub case_id: Option<&'a str>,
     pub status: Option<u16>,
     pub detail: Option<serde_json::Value>,
 }
@@ -106,7 +124,8 @@ pub struct Db {
 }
 
 const INSERT_EVENT: &str = "INSERT INTO events (time, event, association_id, sop_instance_uid, \
-     study_instance_uid, patient_key, status, detail) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
+     study_instance_uid, patient_key, status, detail, case_id) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
 
 impl Db {
     /// Open (creating when missing) and migrate. SQLite runs in WAL mode with
@@ -223,8 +242,9 @@ impl Db {
         let inserted = sqlx::query(
             "INSERT INTO instances (sop_instance_uid, sop_class_uid, study_instance_uid, \
              series_instance_uid, patient_key, modality, study_date, transfer_syntax, size_bytes, \
-             path, received_at, association_id, calling_ae) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
+             path, received_at, association_id, calling_ae, patient_id_key, laterality, view, \
+             series_description, image_type) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18) \
              ON CONFLICT (sop_instance_uid) DO NOTHING",
         )
         .bind(&row.sop_instance_uid)
@@ -240,6 +260,11 @@ impl Db {
         .bind(now())
         .bind(&row.association_id)
         .bind(&row.calling_ae)
+        .bind(&row.patient_id_key)
+        .bind(&row.laterality)
+        .bind(&row.view)
+        .bind(&row.series_description)
+        .bind(&row.image_type)
         .execute(&mut *tx)
         .await?
         .rows_affected();
@@ -265,6 +290,7 @@ impl Db {
                 "size_bytes": row.size_bytes,
                 "path": row.path,
             })),
+            ..Default::default()
         };
         bind_event(sqlx::query(INSERT_EVENT), &e)
             .execute(&mut *tx)
@@ -309,7 +335,7 @@ impl Db {
     ) -> Result<Vec<AuditEvent>, DbError> {
         let rows = sqlx::query(
             "SELECT seq, time, event, association_id, sop_instance_uid, study_instance_uid, \
-             patient_key, status, detail FROM events \
+             patient_key, status, detail, case_id FROM events \
              WHERE seq > $1 AND ($2 IS NULL OR event = $2) ORDER BY seq LIMIT $3",
         )
         .bind(after_seq)
@@ -331,6 +357,7 @@ impl Db {
                 detail: r
                     .get::<Option<String>, _>(8)
                     .and_then(|d| serde_json::from_str(&d).ok()),
+                case_id: r.get(9),
             })
             .collect())
     }
@@ -348,4 +375,361 @@ fn bind_event<'q>(
         .bind(e.patient_key)
         .bind(e.status.map(i64::from))
         .bind(e.detail.as_ref().map(|d| d.to_string()))
+        .bind(e.case_id)
+}
+
+// ---------------------------------------------------------------------------
+// Cases (issue 5): rows, membership and state transitions.
+
+/// Case audit event names.
+pub mod case_event {
+    pub const CASE_OPENED: &str = "case_opened";
+    pub const CASE_STATE_CHANGED: &str = "case_state_changed";
+}
+
+/// An instance not yet assigned to a case.
+#[derive(Debug, Clone)]
+pub struct UnassignedInstance {
+    pub sop_instance_uid: String,
+    pub patient_key: String,
+    pub patient_id_key: String,
+    pub study_date: String,
+}
+
+/// One case row.
+#[derive(Debug, Clone, Serialize)]
+pub struct CaseRow {
+    pub id: String,
+    pub patient_key: String,
+    pub state: String,
+    pub revision: i64,
+    pub reason: String,
+    pub opened_at: String,
+    pub first_instance_at: String,
+    pub last_instance_at: String,
+    pub oldest_study_date: String,
+    pub newest_study_date: String,
+    pub inputs_digest: String,
+    pub updated_at: String,
+}
+
+/// What the completeness rules read of a case member.
+#[derive(Debug, Clone)]
+pub struct CaseMember {
+    pub sop_instance_uid: String,
+    pub sop_class_uid: String,
+    pub study_instance_uid: String,
+    pub series_instance_uid: String,
+    pub modality: String,
+    pub laterality: String,
+    pub view: String,
+    pub series_description: String,
+    pub image_type: String,
+    pub path: String,
+}
+
+const CASE_COLUMNS: &str = "id, patient_key, state, revision, reason, opened_at, \
+     first_instance_at, last_instance_at, oldest_study_date, newest_study_date, inputs_digest, \
+     updated_at";
+
+fn case_row(r: sqlx::sqlite::SqliteRow) -> CaseRow {
+    CaseRow {
+        id: r.get(0),
+        patient_key: r.get(1),
+        state: r.get(2),
+        revision: r.get(3),
+        reason: r.get(4),
+        opened_at: r.get(5),
+        first_instance_at: r.get(6),
+        last_instance_at: r.get(7),
+        oldest_study_date: r.get(8),
+        newest_study_date: r.get(9),
+        inputs_digest: r.get(10),
+        updated_at: r.get(11),
+    }
+}
+
+impl Db {
+    /// Stored instances that belong to no case yet, oldest first.
+    pub async fn unassigned_instances(
+        &self,
+        limit: i64,
+    ) -> Result<Vec<UnassignedInstance>, DbError> {
+        let rows = sqlx::query(
+            "SELECT i.sop_instance_uid, i.patient_key, i.patient_id_key, i.study_date \
+             FROM instances i LEFT JOIN case_instances c ON c.sop_instance_uid = i.sop_instance_uid \
+             WHERE c.case_id IS NULL ORDER BY i.received_at LIMIT $1",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| UnassignedInstance {
+                sop_instance_uid: r.get(0),
+                patient_key: r.get(1),
+                patient_id_key: r.get(2),
+                study_date: r.get(3),
+            })
+            .collect())
+    }
+
+    pub async fn cases_of_patient(&self, patient_key: &str) -> Result<Vec<CaseRow>, DbError> {
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {CASE_COLUMNS} FROM cases WHERE patient_key = $1 ORDER BY opened_at DESC"
+        )))
+        .bind(patient_key)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(case_row).collect())
+    }
+
+    pub async fn cases_in_states(&self, states: &[&str]) -> Result<Vec<CaseRow>, DbError> {
+        let mut all = Vec::new();
+        for state in states {
+            let rows = sqlx::query(AssertSqlSafe(format!(
+                "SELECT {CASE_COLUMNS} FROM cases WHERE state = $1 ORDER BY opened_at"
+            )))
+            .bind(*state)
+            .fetch_all(&self.pool)
+            .await?;
+            all.extend(rows.into_iter().map(case_row));
+        }
+        Ok(all)
+    }
+
+    pub async fn all_cases(&self) -> Result<Vec<CaseRow>, DbError> {
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {CASE_COLUMNS} FROM cases ORDER BY opened_at"
+        )))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(case_row).collect())
+    }
+
+    pub async fn case(&self, id: &str) -> Result<Option<CaseRow>, DbError> {
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {CASE_COLUMNS} FROM cases WHERE id = $1"
+        )))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(case_row))
+    }
+
+    /// Open a new case holding its first instance.
+    pub async fn open_case(
+        &self,
+        id: &str,
+        patient_key: &str,
+        sop_instance_uid: &str,
+        study_date: &str,
+        now: &str,
+    ) -> Result<(), DbError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO cases (id, patient_key, state, revision, reason, opened_at, \
+             first_instance_at, last_instance_at, oldest_study_date, newest_study_date, updated_at) \
+             VALUES ($1, $2, 'collecting', 0, 'first instance', $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(id)
+        .bind(patient_key)
+        .bind(now)
+        .bind(now)
+        .bind(now)
+        .bind(study_date)
+        .bind(study_date)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO case_instances (case_id, sop_instance_uid, added_at) VALUES ($1, $2, $3)",
+        )
+        .bind(id)
+        .bind(sop_instance_uid)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        let e = NewEvent {
+            event: case_event::CASE_OPENED,
+            sop_instance_uid: Some(sop_instance_uid),
+            patient_key: Some(patient_key),
+            case_id: Some(id),
+            ..Default::default()
+        };
+        bind_event(sqlx::query(INSERT_EVENT), &e)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Add an instance to an existing case, widening its study-date range;
+    /// `reopen` moves a finished case back to collecting as a new revision.
+    pub async fn add_to_case(
+        &self,
+        case: &CaseRow,
+        sop_instance_uid: &str,
+        oldest: &str,
+        newest: &str,
+        now: &str,
+        reopen: Option<&str>,
+    ) -> Result<(), DbError> {
+        let mut tx = self.pool.begin().await?;
+        let added = sqlx::query(
+            "INSERT INTO case_instances (case_id, sop_instance_uid, added_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (case_id, sop_instance_uid) DO NOTHING",
+        )
+        .bind(&case.id)
+        .bind(sop_instance_uid)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if added == 0 {
+            return Ok(());
+        }
+        sqlx::query(
+            "UPDATE cases SET last_instance_at = $1, oldest_study_date = $2, \
+             newest_study_date = $3, updated_at = $4 WHERE id = $5",
+        )
+        .bind(now)
+        .bind(oldest)
+        .bind(newest)
+        .bind(now)
+        .bind(&case.id)
+        .execute(&mut *tx)
+        .await?;
+        if let Some(reason) = reopen {
+            sqlx::query(
+                "UPDATE cases SET state = 'collecting', revision = revision + 1, reason = $1, \
+                 first_instance_at = $2 WHERE id = $3",
+            )
+            .bind(reason)
+            .bind(now)
+            .bind(&case.id)
+            .execute(&mut *tx)
+            .await?;
+            insert_transition(&mut tx, &case.id, &case.state, "collecting", reason, now).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Move a case from `from` to `to` if it is still in `from`; returns
+    /// whether it moved. The transition and an audit event are recorded.
+    pub async fn transition_case(
+        &self,
+        id: &str,
+        from: &str,
+        to: &str,
+        reason: &str,
+        now: &str,
+    ) -> Result<bool, DbError> {
+        let mut tx = self.pool.begin().await?;
+        let moved = sqlx::query(
+            "UPDATE cases SET state = $1, reason = $2, updated_at = $3 WHERE id = $4 AND state = $5",
+        )
+        .bind(to)
+        .bind(reason)
+        .bind(now)
+        .bind(id)
+        .bind(from)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if moved == 0 {
+            return Ok(false);
+        }
+        insert_transition(&mut tx, id, from, to, reason, now).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Record the inputs a run used (the amendment check compares them).
+    pub async fn set_case_inputs(&self, id: &str, digest: &str) -> Result<(), DbError> {
+        sqlx::query("UPDATE cases SET inputs_digest = $1 WHERE id = $2")
+            .bind(digest)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn case_members(&self, id: &str) -> Result<Vec<CaseMember>, DbError> {
+        let rows = sqlx::query(
+            "SELECT i.sop_instance_uid, i.sop_class_uid, i.study_instance_uid, \
+             i.series_instance_uid, i.modality, i.laterality, i.view, i.series_description, \
+             i.image_type, i.path FROM case_instances c \
+             JOIN instances i ON i.sop_instance_uid = c.sop_instance_uid \
+             WHERE c.case_id = $1 ORDER BY i.received_at",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| CaseMember {
+                sop_instance_uid: r.get(0),
+                sop_class_uid: r.get(1),
+                study_instance_uid: r.get(2),
+                series_instance_uid: r.get(3),
+                modality: r.get(4),
+                laterality: r.get(5),
+                view: r.get(6),
+                series_description: r.get(7),
+                image_type: r.get(8),
+                path: r.get(9),
+            })
+            .collect())
+    }
+
+    /// A case's transitions, oldest first: (time, from, to, reason).
+    pub async fn case_transitions(
+        &self,
+        id: &str,
+    ) -> Result<Vec<(String, String, String, String)>, DbError> {
+        let rows = sqlx::query(
+            "SELECT time, from_state, to_state, reason FROM case_transitions \
+             WHERE case_id = $1 ORDER BY seq",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+            .collect())
+    }
+}
+
+async fn insert_transition(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    id: &str,
+    from: &str,
+    to: &str,
+    reason: &str,
+    now: &str,
+) -> Result<(), DbError> {
+    sqlx::query(
+        "INSERT INTO case_transitions (case_id, time, from_state, to_state, reason) \
+         VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(id)
+    .bind(now)
+    .bind(from)
+    .bind(to)
+    .bind(reason)
+    .execute(&mut **tx)
+    .await?;
+    let e = NewEvent {
+        event: case_event::CASE_STATE_CHANGED,
+        case_id: Some(id),
+        detail: Some(serde_json::json!({ "from": from, "to": to, "reason": reason })),
+        ..Default::default()
+    };
+    bind_event(sqlx::query(INSERT_EVENT), &e)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
 }

@@ -97,6 +97,11 @@ pub fn patient_key(patient_id: &str, issuer: &str) -> String {
 
 /// The attributes the index needs, read from the data set header.
 struct Header {
+    patient_id_key: String,
+    laterality: String,
+    view: String,
+    series_description: String,
+    image_type: String,
     sop_class_uid: String,
     sop_instance_uid: String,
     study_instance_uid: String,
@@ -121,7 +126,16 @@ fn read_header(path: PathBuf) -> Result<Header, String> {
             .map(|s| trim_uid(s.trim()).to_string())
             .unwrap_or_default()
     };
+    let laterality = match text(tags::IMAGE_LATERALITY) {
+        l if l.is_empty() => text(tags::LATERALITY),
+        l => l,
+    };
     Ok(Header {
+        patient_id_key: patient_key(&text(tags::PATIENT_ID), ""),
+        laterality,
+        view: mammography_view(&obj, text(tags::VIEW_POSITION)),
+        series_description: text(tags::SERIES_DESCRIPTION),
+        image_type: text(tags::IMAGE_TYPE),
         sop_class_uid: text(tags::SOP_CLASS_UID),
         sop_instance_uid: text(tags::SOP_INSTANCE_UID),
         study_instance_uid: text(tags::STUDY_INSTANCE_UID),
@@ -130,6 +144,30 @@ fn read_header(path: PathBuf) -> Result<Header, String> {
         modality: text(tags::MODALITY),
         study_date: text(tags::STUDY_DATE),
     })
+}
+
+/// The mammographic view: View Code Sequence first (PS3.16 CID 4014, SNOMED
+/// or the legacy SRT codes), else View Position (0018,5101).
+fn mammography_view(obj: &DefaultDicomObject, view_position: String) -> String {
+    let code = obj
+        .element_opt(tags::VIEW_CODE_SEQUENCE)
+        .ok()
+        .flatten()
+        .and_then(|e| e.items().and_then(|items| items.first().cloned()))
+        .and_then(|item| {
+            item.element_opt(tags::CODE_VALUE)
+                .ok()
+                .flatten()
+                .and_then(|e| e.to_str().ok())
+                .map(|s| s.trim().to_string())
+        });
+    match code.as_deref() {
+        Some("399162004") | Some("R-10242") => "CC".into(),
+        Some("399368009") | Some("R-10226") => "MLO".into(),
+        Some("399260004") | Some("R-10224") => "ML".into(),
+        Some("399352003") | Some("R-10228") => "LM".into(),
+        _ => view_position.trim().to_ascii_uppercase(),
+    }
 }
 
 pub struct IngestSink {
@@ -311,6 +349,11 @@ async fn commit(
         path: relative.to_string_lossy().into_owned(),
         association_id: info.id.clone(),
         calling_ae: info.calling_ae.clone(),
+        patient_id_key: header.patient_id_key.clone(),
+        laterality: header.laterality.clone(),
+        view: header.view.clone(),
+        series_description: header.series_description.clone(),
+        image_type: header.image_type.clone(),
     };
     let placed = match ingest.spool.place(sealed, &relative).await {
         Ok(p) => p,
@@ -360,6 +403,7 @@ async fn duplicate(ingest: &IngestCore, info: &AssociationInfo, row: &InstanceRo
             patient_key: Some(&row.patient_key),
             status: Some(0),
             detail: Some(serde_json::json!({ "kept": "first" })),
+            ..Default::default()
         })
         .await;
     DimseStatus::SUCCESS

@@ -5,6 +5,7 @@
 //! (C-STORE handling), [`spool`] (files), [`db`] (all SQL), [`app`] (wiring).
 
 pub mod app;
+pub mod cases;
 pub mod config;
 pub mod db;
 pub mod dimse;

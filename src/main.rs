@@ -49,6 +49,14 @@ enum Command {
         #[arg(long, default_value = "ANY-SCP")]
         called_ae: String,
     },
+    /// List patient cases, or act on one (run, hold, release).
+    Cases {
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        action: Option<CasesAction>,
+    },
     /// Print the audit log, oldest first.
     Audit {
         /// One JSON object per line.
@@ -61,6 +69,16 @@ enum Command {
         #[arg(long)]
         tail: Option<usize>,
     },
+}
+
+#[derive(Subcommand)]
+enum CasesAction {
+    /// Run the case now, whatever it is waiting for.
+    Run { id: String },
+    /// Keep the case from running until released.
+    Hold { id: String },
+    /// Let a held case collect and run by the rules again.
+    Release { id: String },
 }
 
 fn init_tracing(settings: Option<&Settings>) {
@@ -147,6 +165,56 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
                 ..Default::default()
             };
             send(&address, &options, &paths).await
+        }
+        Command::Cases { json, action } => {
+            let db = Db::connect(&settings.database_url()).await?;
+            if let Some(action) = action {
+                let (name, id) = match action {
+                    CasesAction::Run { id } => ("run", id),
+                    CasesAction::Hold { id } => ("hold", id),
+                    CasesAction::Release { id } => ("release", id),
+                };
+                return match her2map::cases::assembler::operator_action(&db, &id, name).await {
+                    Ok(msg) => {
+                        println!("{msg}");
+                        Ok(ExitCode::SUCCESS)
+                    }
+                    Err(msg) => {
+                        eprintln!("error: {msg}");
+                        Ok(ExitCode::FAILURE)
+                    }
+                };
+            }
+            let rules = settings.cases.rules();
+            let cases = her2map::cases::assembler::describe_cases(&db, &rules).await?;
+            for c in &cases {
+                if json {
+                    println!("{}", serde_json::to_string(c)?);
+                } else {
+                    println!(
+                        "{} rev {} {:<10} patient={} present=[{}] missing=[{}] side={} instances={}",
+                        c.case.id,
+                        c.case.revision,
+                        c.case.state,
+                        c.case.patient_key,
+                        c.present.join(","),
+                        c.missing.join("; "),
+                        c.lesion_side.as_deref().unwrap_or("?"),
+                        c.instances,
+                    );
+                    println!("    reason: {}", c.case.reason);
+                    if let Some(t) = &c.ready_at {
+                        println!("    runs at {t} if nothing else arrives");
+                    }
+                    if let Some(t) = &c.max_wait_at {
+                        println!("    max wait until {t}");
+                    }
+                }
+            }
+            if cases.is_empty() && !json {
+                println!("no cases");
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Audit { json, event, tail } => {
             let db = Db::connect(&settings.database_url()).await?;
