@@ -16,6 +16,7 @@ use crate::config::{Settings, resolve_host};
 use crate::db::{Db, NewEvent, event};
 use crate::dimse::server::{Server, ServerConfig};
 use crate::ingest::Ingest;
+use crate::outbox::Outbox;
 use crate::spool::Spool;
 
 pub struct App {
@@ -26,6 +27,8 @@ pub struct App {
     wake: std::sync::Arc<tokio::sync::Notify>,
     jobs_tx: mpsc::Sender<CaseJob>,
     jobs_rx: Option<mpsc::Receiver<CaseJob>>,
+    outbox: Outbox,
+    outbox_wake: std::sync::Arc<tokio::sync::Notify>,
 }
 
 impl App {
@@ -78,6 +81,13 @@ impl App {
             Clock::new(),
         );
         let (jobs_tx, jobs_rx) = mpsc::channel(settings.cases.queue);
+        let outbox = Outbox::new(
+            db.clone(),
+            settings.storage.data_dir.clone(),
+            settings.destinations.clone(),
+            settings.outbox.clone(),
+            settings.dicom.ae_title.trim().to_string(),
+        );
         let bind = format!("{}:{}", d.host, d.port);
         let server = Server::bind(&bind, config, ingest)
             .await
@@ -91,6 +101,8 @@ impl App {
             wake,
             jobs_tx,
             jobs_rx: Some(jobs_rx),
+            outbox,
+            outbox_wake: std::sync::Arc::new(tokio::sync::Notify::new()),
         })
     }
 
@@ -127,8 +139,10 @@ impl App {
             self.jobs_tx.clone(),
             shutdown.clone(),
         ));
+        let outbox = tokio::spawn(self.outbox.run(self.outbox_wake.clone(), shutdown.clone()));
         self.server.run(shutdown).await;
         let _ = assembler.await;
+        let _ = outbox.await;
         let _ = self
             .db
             .record(NewEvent {

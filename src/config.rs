@@ -19,6 +19,9 @@ pub struct Settings {
     pub storage: StorageSettings,
     pub database: DatabaseSettings,
     pub cases: CasesSettings,
+    #[serde(default)]
+    pub destinations: Vec<crate::outbox::DestinationSettings>,
+    pub outbox: crate::outbox::OutboxSettings,
     pub log: LogSettings,
 }
 
@@ -174,6 +177,26 @@ impl Settings {
         }
         if self.dicom.read_timeout_secs == 0 {
             return Err(invalid("dicom.read_timeout_secs", "must be at least 1"));
+        }
+        for d in &self.destinations {
+            validate_ae_title(&d.ae_title).map_err(|m| invalid("destinations.ae_title", &m))?;
+            if d.host.trim().is_empty() {
+                return Err(invalid("destinations.host", "must not be empty"));
+            }
+            if let Some(kinds) = &d.outputs
+                && kinds.iter().any(|k| !matches!(k.as_str(), "sr" | "sc"))
+            {
+                return Err(invalid(
+                    "destinations.outputs",
+                    "kinds are \"sr\" and \"sc\"",
+                ));
+            }
+        }
+        if self.outbox.max_attempts < 1 {
+            return Err(invalid("outbox.max_attempts", "must be at least 1"));
+        }
+        if self.outbox.timeout_secs == 0 {
+            return Err(invalid("outbox.timeout_secs", "must be at least 1"));
         }
         if self.cases.window_days < 0 {
             return Err(invalid("cases.window_days", "must not be negative"));

@@ -10,6 +10,7 @@ pub mod config;
 pub mod db;
 pub mod dimse;
 pub mod ingest;
+pub mod outbox;
 pub mod part10;
 pub mod send;
 pub mod spool;

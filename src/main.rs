@@ -57,6 +57,13 @@ enum Command {
         #[command(subcommand)]
         action: Option<CasesAction>,
     },
+    /// List result deliveries, or retry one.
+    Outbox {
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        action: Option<OutboxAction>,
+    },
     /// Print the audit log, oldest first.
     Audit {
         /// One JSON object per line.
@@ -79,6 +86,12 @@ enum CasesAction {
     Hold { id: String },
     /// Let a held case collect and run by the rules again.
     Release { id: String },
+}
+
+#[derive(Subcommand)]
+enum OutboxAction {
+    /// Make a dead-lettered (or waiting) delivery due now.
+    Retry { id: i64 },
 }
 
 fn init_tracing(settings: Option<&Settings>) {
@@ -213,6 +226,36 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
             }
             if cases.is_empty() && !json {
                 println!("no cases");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Outbox { json, action } => {
+            let db = Db::connect(&settings.database_url()).await?;
+            if let Some(OutboxAction::Retry { id }) = action {
+                return if db.retry_delivery(id).await? {
+                    println!("delivery {id} is due now");
+                    Ok(ExitCode::SUCCESS)
+                } else {
+                    eprintln!("error: no dead or pending delivery {id}");
+                    Ok(ExitCode::FAILURE)
+                };
+            }
+            for row in db.outbox().await? {
+                if json {
+                    println!("{}", serde_json::to_string(&row)?);
+                } else {
+                    println!(
+                        "{:>5} {:<8} {} {} case={} attempts={} next={} last=[{}]",
+                        row.id,
+                        row.state,
+                        row.kind,
+                        row.destination,
+                        row.case_id,
+                        row.attempts,
+                        row.next_attempt_at,
+                        row.last_status
+                    );
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
