@@ -42,7 +42,7 @@ impl App {
             std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700))
                 .with_context(|| format!("securing data_dir {}", data_dir.display()))?;
         }
-        let spool = Spool::open(&settings.spool_dir())
+        let spool = Spool::open(&settings.spool_dir(), settings.storage.min_free_mb << 20)
             .with_context(|| format!("opening spool {}", settings.spool_dir().display()))?;
         let db = Db::connect(&settings.database_url())
             .await

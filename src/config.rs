@@ -86,6 +86,7 @@ pub struct PeerSettings {
 #[serde(deny_unknown_fields)]
 pub struct StorageSettings {
     pub data_dir: PathBuf,
+    pub min_free_mb: u64,
 }
 
 /// `[database]`.

@@ -246,6 +246,10 @@ impl StoreService for Ingest {
             Ok(h) => h,
             Err(s) => return Err(self.fail(info, request, s).await),
         };
+        if let Err(e) = self.spool.check_space() {
+            let s = DimseStatus::failure(status::OUT_OF_RESOURCES, format!("spool: {e}"));
+            return Err(self.fail(info, request, s).await);
+        }
         match self.spool.create_temp(&header).await {
             Ok(temp) => Ok(IngestSink {
                 ingest: self.clone(),

@@ -15,6 +15,7 @@ use tokio::io::AsyncWriteExt;
 pub struct Spool {
     root: PathBuf,
     tmp: PathBuf,
+    min_free_bytes: u64,
 }
 
 /// Where a sealed instance ended up.
@@ -30,7 +31,7 @@ pub enum Placement {
 impl Spool {
     /// Open (and create, owner-only) the spool, removing temporary files left
     /// by a crash: they were never acknowledged.
-    pub fn open(root: &Path) -> io::Result<Self> {
+    pub fn open(root: &Path, min_free_bytes: u64) -> io::Result<Self> {
         let tmp = root.join("tmp");
         create_private_dir(root)?;
         create_private_dir(&tmp)?;
@@ -43,7 +44,24 @@ impl Spool {
         Ok(Spool {
             root: root.to_path_buf(),
             tmp,
+            min_free_bytes,
         })
+    }
+
+    /// Refuse to start an instance while the file system is nearly full.
+    pub fn check_space(&self) -> io::Result<()> {
+        let free = fs4::available_space(&self.root)?;
+        if free < self.min_free_bytes {
+            return Err(io::Error::new(
+                io::ErrorKind::StorageFull,
+                format!(
+                    "{} MB free, below the configured minimum of {} MB",
+                    free >> 20,
+                    self.min_free_bytes >> 20
+                ),
+            ));
+        }
+        Ok(())
     }
 
     pub fn root(&self) -> &Path {
@@ -261,7 +279,7 @@ mod tests {
     #[tokio::test]
     async fn place_never_overwrites() {
         let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::open(dir.path()).unwrap();
+        let spool = Spool::open(dir.path(), 0).unwrap();
         let rel = Spool::relative_path("1.2", "1.2.3", "1.2.3.4");
         let mut t = spool.create_temp(b"first").await.unwrap();
         t.write(b"!").await.unwrap();

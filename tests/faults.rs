@@ -1,0 +1,177 @@
+//! Faults: kill -9 under load, a full disk, file permissions.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use her2map::db::Db;
+use her2map::dimse::client::ClientOptions;
+use her2map::dimse::command::status;
+use her2map::send::send_files;
+
+fn scu() -> ClientOptions {
+    ClientOptions {
+        calling_ae: "LOADSCU".into(),
+        called_ae: "HER2MAP".into(),
+        ..Default::default()
+    }
+}
+
+fn serve(data_dir: &Path) -> (Child, u16) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_her2map"))
+        .arg("serve")
+        .env("HER2MAP__DICOM__PORT", "0")
+        .env("HER2MAP__DICOM__HOST", "127.0.0.1")
+        .env("HER2MAP__STORAGE__DATA_DIR", data_dir)
+        .env("HER2MAP__STORAGE__MIN_FREE_MB", "0")
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let port = loop {
+        let line = lines.next().expect("node exited").unwrap();
+        if let Some(rest) = line.split("listening on ").nth(1) {
+            let addr: String = rest.chars().take_while(|c| !c.is_whitespace()).collect();
+            break addr.rsplit(':').next().unwrap().parse().unwrap();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    (child, port)
+}
+
+/// kill -9 while 8 associations send, ten times at random moments: every
+/// instance that got Success is on disk (byte-identical) and in the
+/// database; no file in the spool is partial.
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_under_load_loses_no_acknowledged_instance() {
+    let data = tempfile::tempdir().unwrap();
+    let files_dir = tempfile::tempdir().unwrap();
+    let mut sources: HashMap<String, PathBuf> = HashMap::new();
+    let acked: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(Vec::new()));
+    for round in 0..10 {
+        let (mut child, port) = serve(data.path());
+        let addr = format!("127.0.0.1:{port}");
+        let mut tasks = Vec::new();
+        for a in 0..8 {
+            let files = mr_variants(files_dir.path(), 25, &format!("k{round}a{a}"));
+            for f in &files {
+                let h = her2map::part10::Part10Header::read(f).unwrap();
+                sources.insert(h.sop_instance_uid, f.clone());
+            }
+            let (addr, acked) = (addr.clone(), acked.clone());
+            tasks.push(tokio::spawn(async move {
+                let _ = send_files(&addr, &scu(), &files, |r| {
+                    if r.status == Some(status::SUCCESS) {
+                        acked.lock().unwrap().push(r.sop_instance_uid.clone());
+                    }
+                })
+                .await;
+            }));
+        }
+        let delay = 100 + (rand::random::<u64>() % 500);
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(!acked.is_empty());
+
+    let db = Db::connect(&format!(
+        "sqlite://{}",
+        data.path().join("her2map.db").display()
+    ))
+    .await
+    .unwrap();
+    let spool = data.path().join("spool");
+    for uid in &acked {
+        let rel = db
+            .instance_path(uid)
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("acknowledged {uid} not indexed"));
+        assert_eq!(
+            dataset_bytes(&spool.join(rel)),
+            dataset_bytes(&sources[uid]),
+            "{uid} differs"
+        );
+    }
+    // Every placed file (rows or crash orphans) is a whole instance.
+    let mut checked = 0;
+    for entry in walkdir::WalkDir::new(&spool).into_iter().flatten() {
+        let p = entry.path();
+        if entry.file_type().is_file() && !p.starts_with(spool.join("tmp")) {
+            let h = her2map::part10::Part10Header::read(p).unwrap();
+            assert_eq!(
+                dataset_bytes(p),
+                dataset_bytes(&sources[&h.sop_instance_uid]),
+                "partial file {p:?}"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= acked.len());
+    eprintln!(
+        "{} acknowledged, {checked} files checked over 10 kills",
+        acked.len()
+    );
+}
+
+/// A full disk: 0xA700, no partial file, no row; accepted again once space
+/// returns, without a restart.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_disk_answers_out_of_resources_and_recovers() {
+    let data = tempfile::tempdir().unwrap();
+    let files_dir = tempfile::tempdir().unwrap();
+    let free = fs4::available_space(data.path()).unwrap();
+    // "Full" = below a minimum just under today's free space; a filler file
+    // crosses it, deleting the filler brings the space back.
+    let margin: u64 = 512 << 20;
+    assert!(free > 3 * margin, "test needs {} MB free", 3 * margin >> 20);
+    let mut s = test_settings(data.path());
+    s.storage.min_free_mb = (free - margin) >> 20;
+    let app = spawn_app_with(s).await;
+    let files = mr_variants(files_dir.path(), 2, "full");
+
+    let filler = data.path().join("filler");
+    let f = std::fs::File::create(&filler).unwrap();
+    fs4::fs_std::FileExt::allocate(&f, 2 * margin).unwrap();
+    drop(f);
+    let r = send_files(&app.address(), &scu(), &files[..1], |_| {})
+        .await
+        .unwrap();
+    assert_eq!(r[0].status, Some(status::OUT_OF_RESOURCES), "{r:?}");
+    assert_eq!(app.db.instance_count().await.unwrap(), 0);
+    assert_eq!(app.temp_files(), 0);
+
+    std::fs::remove_file(&filler).unwrap();
+    let r = send_files(&app.address(), &scu(), &files, |_| {})
+        .await
+        .unwrap();
+    assert!(r.iter().all(|r| r.ok()), "{r:?}");
+    assert_eq!(app.db.instance_count().await.unwrap(), 2);
+    app.stop().await;
+}
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread")]
+async fn spool_and_database_are_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let data = tempfile::tempdir().unwrap();
+    let data_dir = data.path().join("node");
+    let app = spawn_app(&data_dir).await;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&data_dir), 0o700);
+    assert_eq!(mode(&data_dir.join("spool")), 0o700);
+    assert_eq!(mode(&data_dir.join("her2map.db")), 0o600);
+    app.stop().await;
+}
