@@ -3,8 +3,8 @@
 # third-party DICOM test files (pip packages pydicom and pydicom-data).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ -z "${HER2MAP_PYDICOM_DIR:-}" ]; then
-    HER2MAP_PYDICOM_DIR=$(python3 -c 'import os, pydicom; print(os.path.join(os.path.dirname(pydicom.__file__), "data", "test_files"))' 2>/dev/null || true)
+if [ -z "${HER2MAP_PYDICOM_DIR:-}" ] || [ -z "${HER2MAP_PYDICOM_DATA_DIR:-}" ]; then
+    eval "$(sh scripts/pydicom-paths.sh)"
 fi
-export HER2MAP_PYDICOM_DIR
+export HER2MAP_PYDICOM_DIR HER2MAP_PYDICOM_DATA_DIR
 cargo test --all-targets "$@"

@@ -75,7 +75,7 @@ impl App {
         let wake = ingest.stored_notify();
         let assembler = Assembler::new(
             db.clone(),
-            settings.cases.rules(),
+            settings.case_rules(),
             settings.cases.patient_key,
             settings.cases.window_days,
             Clock::new(),

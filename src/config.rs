@@ -22,6 +22,7 @@ pub struct Settings {
     #[serde(default)]
     pub destinations: Vec<crate::outbox::DestinationSettings>,
     pub outbox: crate::outbox::OutboxSettings,
+    pub imaging: crate::imaging::ImagingSettings,
     pub log: LogSettings,
 }
 
@@ -36,21 +37,24 @@ pub struct CasesSettings {
     pub max_wait_secs: u64,
     pub partial: crate::cases::Partial,
     pub mri_series_required: usize,
-    pub lesion_side: String,
     pub queue: usize,
 }
 
-impl CasesSettings {
-    pub fn rules(&self) -> crate::cases::CaseRules {
+impl Settings {
+    /// The case rules; the lesion-side fallback is `[imaging] lesion_side`.
+    pub fn case_rules(&self) -> crate::cases::CaseRules {
+        use crate::imaging::SideSetting;
+        let c = &self.cases;
         crate::cases::CaseRules {
-            required: self.required.clone(),
-            stable_age: std::time::Duration::from_secs(self.stable_age_secs),
-            max_wait: std::time::Duration::from_secs(self.max_wait_secs),
-            partial: self.partial,
-            mri_series_required: self.mri_series_required,
-            lesion_side: match self.lesion_side.trim() {
-                "" => None,
-                s => Some(s.to_string()),
+            required: c.required.clone(),
+            stable_age: std::time::Duration::from_secs(c.stable_age_secs),
+            max_wait: std::time::Duration::from_secs(c.max_wait_secs),
+            partial: c.partial,
+            mri_series_required: c.mri_series_required,
+            lesion_side: match self.imaging.lesion_side {
+                SideSetting::Left => Some("L".into()),
+                SideSetting::Right => Some("R".into()),
+                SideSetting::Unknown => None,
             },
         }
     }
@@ -201,9 +205,6 @@ impl Settings {
         }
         if self.cases.window_days < 0 {
             return Err(invalid("cases.window_days", "must not be negative"));
-        }
-        if !matches!(self.cases.lesion_side.trim(), "" | "L" | "R") {
-            return Err(invalid("cases.lesion_side", "must be \"L\", \"R\" or \"\""));
         }
         if self.cases.queue == 0 {
             return Err(invalid("cases.queue", "must be at least 1"));

@@ -49,6 +49,22 @@ enum Command {
         #[arg(long, default_value = "ANY-SCP")]
         called_ae: String,
     },
+    /// Write a synthetic patient (MG, US and DCE-MRI studies) for tests and demos.
+    Synth {
+        /// Output folder (one sub-folder per study).
+        dir: PathBuf,
+        /// Clinical sizes (about 600 MB) instead of the small default (~2 MB).
+        #[arg(long)]
+        full_size: bool,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Patient's Name (PN) written into every instance.
+        #[arg(long)]
+        patient_name: Option<String>,
+        /// Patient ID written into every instance.
+        #[arg(long)]
+        patient_id: Option<String>,
+    },
     /// List patient cases, or act on one (run, hold, release).
     Cases {
         /// One JSON object per line.
@@ -179,6 +195,40 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
             };
             send(&address, &options, &paths).await
         }
+        Command::Synth {
+            dir,
+            full_size,
+            seed,
+            patient_name,
+            patient_id,
+        } => {
+            let mut opts = her2map::synth::SynthOptions {
+                full_size,
+                seed,
+                ..Default::default()
+            };
+            if let Some(n) = patient_name {
+                opts.patient_name = n;
+            }
+            if let Some(id) = patient_id {
+                opts.patient_id = id;
+            }
+            let dir2 = dir.clone();
+            let summary = tokio::task::spawn_blocking(move || {
+                her2map::synth::write_synthetic_patient(&dir2, &opts)
+            })
+            .await??;
+            for st in &summary.studies {
+                println!("{}: {} files, {} bytes", st.name, st.files.len(), st.bytes);
+            }
+            println!(
+                "wrote {} bytes under {} (lesion side {:?})",
+                summary.total_bytes,
+                dir.display(),
+                summary.lesion_side
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Cases { json, action } => {
             let db = Db::connect(&settings.database_url()).await?;
             if let Some(action) = action {
@@ -198,7 +248,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
                     }
                 };
             }
-            let rules = settings.cases.rules();
+            let rules = settings.case_rules();
             let cases = her2map::cases::assembler::describe_cases(&db, &rules).await?;
             for c in &cases {
                 if json {
