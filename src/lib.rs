@@ -13,6 +13,7 @@ pub mod imaging;
 pub mod ingest;
 pub mod outbox;
 pub mod part10;
+pub mod report;
 pub mod send;
 pub mod spool;
 pub mod synth;

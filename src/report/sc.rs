@@ -1,0 +1,424 @@
+//! Heatmap Secondary Captures: one RGB Secondary Capture Image (PS3.3 §A.8.1) per
+//! model input image, the class-1 CAM in viridis alpha-blended over the windowed
+//! source image, with a legend band burned in below the image (Burned In Annotation
+//! YES) and a Source Image Sequence reference to the source instance (and frame).
+//!
+//! The image area keeps the source geometry (the caller maps the CAM back onto the
+//! base grid); the legend band is appended below it so no anatomy is covered.
+
+use dicom_core::{DataElement, PrimitiveValue, VR};
+use dicom_dictionary_std::tags;
+
+use super::codes;
+use super::colormap;
+use super::ds::{self, Obj};
+use super::font;
+use super::{
+    Heatmap, OutputKind, OutputObject, Prepared, ReportError, SC_SERIES_DESCRIPTION,
+    SC_SERIES_NUMBER, SECONDARY_CAPTURE,
+};
+
+/// Largest accepted heatmap height, leaving room for the legend band in 16-bit Rows.
+pub const MAX_IMAGE_ROWS: u32 = 60_000;
+
+/// Longest legend line (characters) before wrapping.
+const LEGEND_MAX_CHARS: usize = 80;
+const WHITE: [u8; 3] = [255, 255, 255];
+const AMBER: [u8; 3] = [255, 176, 0];
+const RED: [u8; 3] = [255, 90, 90];
+
+/// Legend text lines with their colours.
+fn legend_lines(prep: &Prepared, h: &Heatmap) -> Vec<(String, [u8; 3])> {
+    let r = prep.input.result;
+    let mut lines = vec![("NOT FOR DIAGNOSTIC USE - RESEARCH".to_string(), AMBER)];
+    if let Some(b) = prep.weights.banner() {
+        lines.push((b.to_string(), RED));
+    }
+    lines.push((
+        format!("{} CLASS-1 CAM (HER2+)", super::model_label(r)),
+        WHITE,
+    ));
+    lines.push((format!("P(HER2+) {:.2}", r.prob), WHITE));
+    let modality = codes::normalize_modality(&h.source.modality);
+    let branch = match modality.as_str() {
+        "MG" => r.branch_probs.mg,
+        "US" => r.branch_probs.us,
+        "MR" => r.branch_probs.mri,
+        _ => None,
+    };
+    let mut l = h.label.trim().to_string();
+    if l.is_empty() {
+        l = modality.clone();
+    }
+    if let Some(b) = branch {
+        l = format!("{l} - {modality} SCORE {b:.2}");
+    }
+    lines.push((l, WHITE));
+    // Bound the band height whatever the caller's strings are.
+    lines
+        .into_iter()
+        .map(|(t, c)| (t.chars().take(LEGEND_MAX_CHARS).collect(), c))
+        .collect()
+}
+
+/// Render the heatmap: blended image plus legend band. Returns (rgb, rows, cols).
+pub(crate) fn render(prep: &Prepared, h: &Heatmap) -> (Vec<u8>, u32, u32) {
+    let cols = h.cols;
+    let scale = (cols / 200).clamp(1, 6);
+    let margin = 3 * scale;
+    let line_h = (font::GLYPH_H + 3) * scale;
+    let max_chars = ((cols.saturating_sub(2 * margin)) / (font::ADVANCE * scale)).max(1) as usize;
+    let mut wrapped: Vec<(String, [u8; 3])> = Vec::new();
+    for (text, colour) in legend_lines(prep, h) {
+        for w in font::wrap(&text.to_ascii_uppercase(), max_chars) {
+            wrapped.push((w, colour));
+        }
+    }
+    let bar_h = 5 * scale;
+    let band = margin + wrapped.len() as u32 * line_h + line_h + bar_h + margin;
+    let rows = h.rows + band;
+
+    let mut rgb = colormap::blend(&h.base, &h.cam);
+    rgb.resize((rows as usize) * (cols as usize) * 3, 0);
+
+    let mut y = h.rows + margin;
+    for (text, colour) in &wrapped {
+        font::draw_text(&mut rgb, cols, rows, margin, y, text, scale, *colour);
+        y += line_h;
+    }
+    // Colour bar with LOW / HIGH labels.
+    let low_w = font::text_width("LOW", scale);
+    let high_w = font::text_width("HIGH", scale);
+    font::draw_text(&mut rgb, cols, rows, margin, y, "CAM", scale, WHITE);
+    y += line_h;
+    let bar_x0 = margin + low_w + 2 * scale;
+    let bar_x1 = cols.saturating_sub(margin + high_w + 2 * scale);
+    font::draw_text(&mut rgb, cols, rows, margin, y, "LOW", scale, WHITE);
+    if bar_x1 > bar_x0 {
+        font::draw_text(
+            &mut rgb,
+            cols,
+            rows,
+            bar_x1 + 2 * scale,
+            y,
+            "HIGH",
+            scale,
+            WHITE,
+        );
+        let lut = colormap::viridis_lut();
+        let span = (bar_x1 - bar_x0).max(1);
+        for x in bar_x0..bar_x1 {
+            let c = lut[(((x - bar_x0) as f32 / span as f32) * 255.0).round() as usize];
+            for yy in y..(y + bar_h.min(font::GLYPH_H * scale)).min(rows) {
+                let o = ((yy as usize) * (cols as usize) + x as usize) * 3;
+                rgb[o..o + 3].copy_from_slice(&c);
+            }
+        }
+    }
+    (rgb, rows, cols)
+}
+
+/// Build one Secondary Capture per heatmap.
+pub(crate) fn build_heatmaps(prep: &Prepared) -> Result<Vec<OutputObject>, ReportError> {
+    let input = prep.input;
+    let s = input.settings;
+    let (d, t, _) = super::da_tm(input.now);
+    let mut out = Vec::new();
+
+    for (i, h) in input.heatmaps.iter().enumerate() {
+        let study = h.source.study_instance_uid.trim();
+        let index = input.heatmaps[..i]
+            .iter()
+            .filter(|x| x.source.study_instance_uid.trim() == study)
+            .count();
+        let sop_uid = prep.uid("sc", study, index)?;
+        let series_uid = prep.uid("sc-series", study, 0)?;
+        let attrs = prep.studies.get(study).copied().unwrap_or(&h.source.study);
+
+        let mut o = Obj::new_empty();
+        super::put_sop_common(&mut o, SECONDARY_CAPTURE, &sop_uid, input.now);
+        ds::put_strs(&mut o, tags::IMAGE_TYPE, VR::CS, &["DERIVED", "SECONDARY"]);
+        super::put_patient_study(&mut o, study, attrs);
+
+        // General Series (PS3.3 §C.7.3.1).
+        ds::put_str(&mut o, tags::MODALITY, VR::CS, "OT");
+        ds::put_str(&mut o, tags::SERIES_INSTANCE_UID, VR::UI, &series_uid);
+        ds::put_str(
+            &mut o,
+            tags::SERIES_NUMBER,
+            VR::IS,
+            &SC_SERIES_NUMBER.to_string(),
+        );
+        ds::put_str(&mut o, tags::SERIES_DATE, VR::DA, &d);
+        ds::put_str(&mut o, tags::SERIES_TIME, VR::TM, &t);
+        ds::put_str(
+            &mut o,
+            tags::SERIES_DESCRIPTION,
+            VR::LO,
+            SC_SERIES_DESCRIPTION,
+        );
+        ds::put_str(&mut o, tags::BODY_PART_EXAMINED, VR::CS, "BREAST");
+        // Laterality (General Series, Type 2C) is only required when Image Laterality is
+        // absent: an image of known side carries Image Laterality (General Image) and no
+        // series Laterality; an image of unknown side carries a zero-length Laterality
+        // ("unknown"; breast is a paired structure).
+        let image_laterality = h
+            .source
+            .laterality
+            .as_deref()
+            .and_then(codes::laterality_letter);
+        if image_laterality.is_none() {
+            ds::put_empty(&mut o, tags::LATERALITY, VR::CS);
+        }
+
+        super::put_equipment(&mut o, s, input.result);
+        // SC Equipment (PS3.3 §C.8.6.1).
+        ds::put_str(&mut o, tags::CONVERSION_TYPE, VR::CS, "WSD");
+
+        // General Image (PS3.3 §C.7.6.1).
+        ds::put_str(
+            &mut o,
+            tags::INSTANCE_NUMBER,
+            VR::IS,
+            &(index + 1).to_string(),
+        );
+        ds::put_empty(&mut o, tags::PATIENT_ORIENTATION, VR::CS);
+        ds::put_str(&mut o, tags::CONTENT_DATE, VR::DA, &d);
+        ds::put_str(&mut o, tags::CONTENT_TIME, VR::TM, &t);
+        if let Some(l) = image_laterality {
+            ds::put_str(&mut o, tags::IMAGE_LATERALITY, VR::CS, l);
+        }
+        let view = h.source.view.as_deref().and_then(codes::view_code);
+        if let Some(v) = &view {
+            ds::put_code_seq(&mut o, tags::VIEW_CODE_SEQUENCE, v);
+        }
+        let label = h.label.trim();
+        ds::put_str(
+            &mut o,
+            tags::DERIVATION_DESCRIPTION,
+            VR::ST,
+            &format!(
+                "{} class-1 CAM (HER2-positive) in viridis, alpha-blended over the windowed source image{}{}; legend burned in",
+                super::model_label(input.result),
+                if label.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({label})")
+                },
+                match &view {
+                    Some(v) => format!(", view {}", v.meaning),
+                    None => String::new(),
+                }
+            ),
+        );
+        let mut src = Obj::new_empty();
+        ds::put_str(
+            &mut src,
+            tags::REFERENCED_SOP_CLASS_UID,
+            VR::UI,
+            h.source.sop_class_uid.trim(),
+        );
+        ds::put_str(
+            &mut src,
+            tags::REFERENCED_SOP_INSTANCE_UID,
+            VR::UI,
+            h.source.sop_instance_uid.trim(),
+        );
+        if let Some(f) = h.source.frame {
+            ds::put_str(
+                &mut src,
+                tags::REFERENCED_FRAME_NUMBER,
+                VR::IS,
+                &f.to_string(),
+            );
+        }
+        ds::put_code_seq(
+            &mut src,
+            tags::PURPOSE_OF_REFERENCE_CODE_SEQUENCE,
+            &codes::SOURCE_IMAGE_FOR_PROCESSING,
+        );
+        ds::put_seq(&mut o, tags::SOURCE_IMAGE_SEQUENCE, vec![src]);
+        ds::put_str(&mut o, tags::BURNED_IN_ANNOTATION, VR::CS, "YES");
+        ds::put_str(&mut o, tags::LOSSY_IMAGE_COMPRESSION, VR::CS, "00");
+        let mut comment = String::from("HER2 MAP heatmap, NOT FOR DIAGNOSTIC USE");
+        if let Some(b) = prep.weights.banner() {
+            comment.push_str(", ");
+            comment.push_str(b);
+        }
+        if !label.is_empty() {
+            comment.push_str(". Source: ");
+            comment.push_str(label);
+        }
+        ds::put_str(&mut o, tags::IMAGE_COMMENTS, VR::LT, &comment);
+
+        // SC Image (PS3.3 §C.8.6.2).
+        ds::put_str(&mut o, tags::DATE_OF_SECONDARY_CAPTURE, VR::DA, &d);
+        ds::put_str(&mut o, tags::TIME_OF_SECONDARY_CAPTURE, VR::TM, &t);
+
+        // Image Pixel (PS3.3 §C.7.6.3): 8-bit RGB, interleaved.
+        let (mut rgb, rows, cols) = render(prep, h);
+        let rows16 = u16::try_from(rows)
+            .map_err(|_| ReportError::InvalidInput(format!("heatmap[{i}] too tall with legend")))?;
+        let cols16 = u16::try_from(cols)
+            .map_err(|_| ReportError::InvalidInput(format!("heatmap[{i}] too wide")))?;
+        ds::put_u16(&mut o, tags::SAMPLES_PER_PIXEL, 3);
+        ds::put_str(&mut o, tags::PHOTOMETRIC_INTERPRETATION, VR::CS, "RGB");
+        ds::put_u16(&mut o, tags::PLANAR_CONFIGURATION, 0);
+        ds::put_u16(&mut o, tags::ROWS, rows16);
+        ds::put_u16(&mut o, tags::COLUMNS, cols16);
+        ds::put_u16(&mut o, tags::BITS_ALLOCATED, 8);
+        ds::put_u16(&mut o, tags::BITS_STORED, 8);
+        ds::put_u16(&mut o, tags::HIGH_BIT, 7);
+        ds::put_u16(&mut o, tags::PIXEL_REPRESENTATION, 0);
+        if rgb.len() % 2 == 1 {
+            rgb.push(0);
+        }
+        o.put(DataElement::new(
+            tags::PIXEL_DATA,
+            VR::OB,
+            PrimitiveValue::U8(rgb.into()),
+        ));
+
+        super::set_charset(&mut o);
+        out.push(OutputObject {
+            kind: OutputKind::HeatmapSc,
+            study_instance_uid: study.to_string(),
+            sop_class_uid: SECONDARY_CAPTURE.to_string(),
+            sop_instance_uid: sop_uid,
+            object: super::finish(o)?,
+        });
+    }
+    Ok(out)
+}
+
+/// Where the model's CAM grid lies on the base image grid: the rectangle (in base-grid
+/// pixels, fractional allowed) that was cropped and resized to the model input.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CropBox {
+    pub top: f32,
+    pub left: f32,
+    pub height: f32,
+    pub width: f32,
+}
+
+impl CropBox {
+    /// The whole `rows x cols` grid (no crop, only a resize).
+    pub fn full(rows: u32, cols: u32) -> Self {
+        CropBox {
+            top: 0.0,
+            left: 0.0,
+            height: rows as f32,
+            width: cols as f32,
+        }
+    }
+}
+
+/// Undo the crop/resize of the model input: bilinearly resample a `cam_rows x cam_cols`
+/// CAM that covers `crop` of the base grid onto the full `rows x cols` base grid, with
+/// pixel centres aligned as PyTorch `interpolate(..., align_corners=False)` does.
+/// Base pixels outside the crop get 0; negative and non-finite CAM values count as 0.
+/// The result is what [`Heatmap::cam`] expects.
+pub fn cam_to_base_grid(
+    cam: &[f32],
+    cam_rows: u32,
+    cam_cols: u32,
+    crop: CropBox,
+    rows: u32,
+    cols: u32,
+) -> Result<Vec<f32>, ReportError> {
+    let n = (cam_rows as usize).saturating_mul(cam_cols as usize);
+    if cam_rows == 0 || cam_cols == 0 || cam.len() != n {
+        return Err(ReportError::InvalidInput(format!(
+            "CAM has {} values, expected {cam_rows}x{cam_cols}",
+            cam.len()
+        )));
+    }
+    let finite = [crop.top, crop.left, crop.height, crop.width]
+        .iter()
+        .all(|v| v.is_finite());
+    if !finite || crop.height <= 0.0 || crop.width <= 0.0 {
+        return Err(ReportError::InvalidInput(
+            "CAM crop box must be finite with a positive size".into(),
+        ));
+    }
+    let at = |y: usize, x: usize| {
+        let v = cam[y * cam_cols as usize + x];
+        if v.is_finite() && v > 0.0 { v } else { 0.0 }
+    };
+    let mut out = vec![0.0f32; (rows as usize) * (cols as usize)];
+    for y in 0..rows {
+        let cy = y as f32 + 0.5;
+        if cy < crop.top || cy >= crop.top + crop.height {
+            continue;
+        }
+        let v = ((cy - crop.top) / crop.height * cam_rows as f32 - 0.5)
+            .clamp(0.0, (cam_rows - 1) as f32);
+        let (y0, fy) = (v.floor() as usize, v - v.floor());
+        let y1 = (y0 + 1).min(cam_rows as usize - 1);
+        for x in 0..cols {
+            let cx = x as f32 + 0.5;
+            if cx < crop.left || cx >= crop.left + crop.width {
+                continue;
+            }
+            let u = ((cx - crop.left) / crop.width * cam_cols as f32 - 0.5)
+                .clamp(0.0, (cam_cols - 1) as f32);
+            let (x0, fx) = (u.floor() as usize, u - u.floor());
+            let x1 = (x0 + 1).min(cam_cols as usize - 1);
+            let top = at(y0, x0) * (1.0 - fx) + at(y0, x1) * fx;
+            let bottom = at(y1, x0) * (1.0 - fx) + at(y1, x1) * fx;
+            out[(y as usize) * (cols as usize) + x as usize] = top * (1.0 - fy) + bottom * fy;
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upsampling_keeps_constant_and_zeroes_outside_crop() {
+        let cam = vec![2.0; 4 * 4];
+        let crop = CropBox {
+            top: 10.0,
+            left: 20.0,
+            height: 40.0,
+            width: 30.0,
+        };
+        let out = cam_to_base_grid(&cam, 4, 4, crop, 64, 64).unwrap();
+        assert_eq!(out[0], 0.0);
+        assert_eq!(out[30 * 64 + 35], 2.0);
+        assert_eq!(out[30 * 64 + 55], 0.0, "right of the crop");
+        assert_eq!(out[55 * 64 + 35], 0.0, "below the crop");
+    }
+
+    #[test]
+    fn upsampling_puts_the_peak_where_it_was() {
+        // 8x8 CAM with a peak at (2, 5) over the full 80x80 grid: peak near (25, 55).
+        let mut cam = vec![0.0; 64];
+        cam[2 * 8 + 5] = 1.0;
+        let out = cam_to_base_grid(&cam, 8, 8, CropBox::full(80, 80), 80, 80).unwrap();
+        let (i, _) = out
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.partial_cmp(b.1).unwrap())
+            .unwrap();
+        let (py, px) = (i / 80, i % 80);
+        assert!(
+            (24..=25).contains(&py) && (54..=55).contains(&px),
+            "peak at {py},{px}"
+        );
+    }
+
+    #[test]
+    fn upsampling_rejects_bad_shapes() {
+        assert!(cam_to_base_grid(&[1.0; 3], 2, 2, CropBox::full(4, 4), 4, 4).is_err());
+        let bad = CropBox {
+            top: 0.0,
+            left: 0.0,
+            height: 0.0,
+            width: 4.0,
+        };
+        assert!(cam_to_base_grid(&[1.0; 4], 2, 2, bad, 4, 4).is_err());
+    }
+}

@@ -1,0 +1,661 @@
+//! The Structured Report: PS3.16 TID 1500 "Measurement Report" in a Comprehensive 3D
+//! SR (PS3.3 §A.35.13) or, when configured, an Enhanced SR (§A.35.2) document.
+//!
+//! Content tree (relationship, value type, concept):
+//!
+//! ```text
+//! CONTAINER (126000, DCM, "Imaging Measurement Report")          TID 1500, root
+//!  HAS CONCEPT MOD CODE (121049, DCM, "Language of Content Item and Descendants")
+//!  HAS OBS CONTEXT  CODE (121005, DCM, "Observer Type") = (121007, DCM, "Device")  TID 1002
+//!  HAS OBS CONTEXT  UIDREF/TEXT 121012..121015 device observer                      TID 1004
+//!  HAS CONCEPT MOD CODE (121058, DCM, "Procedure reported") 1-n
+//!  CONTAINS CONTAINER (111028, DCM, "Image Library")                              TID 1600
+//!   CONTAINS CONTAINER (126200, DCM, "Image Library Group") per source series
+//!    HAS ACQ CONTEXT CODE Modality, DATE Study Date                               TID 1602
+//!    CONTAINS IMAGE (each instance used) + HAS ACQ CONTEXT Image Laterality / Image View
+//!  CONTAINS CONTAINER (126010, DCM, "Imaging Measurements")
+//!   CONTAINS CONTAINER (125007, DCM, "Measurement Group")                         TID 1501
+//!    HAS OBS CONTEXT TEXT Tracking Identifier, UIDREF Tracking Unique Identifier
+//!    CONTAINS CODE Finding = (254837009, SCT, "Malignant neoplasm of breast")
+//!    HAS CONCEPT MOD CODE Finding Site = Breast (+ HAS CONCEPT MOD Laterality)
+//!    HAS CONCEPT MOD TEXT Algorithm Name / Version / Parameters                   TID 4019
+//!    CONTAINS NUM P(HER2-positive), unit (1, UCUM, "no units")                   TID 300
+//!    CONTAINS NUM per-branch probabilities
+//!    CONTAINS CODE (48676-1, LN, "HER2 [Interpretation] in Tissue") = Positive | Negative
+//!    CONTAINS CODE modality used / missing, TEXT ROI method per modality
+//!  CONTAINS CONTAINER (C0034375, UMLS, "Qualitative Evaluations")
+//!   CONTAINS TEXT (121106, DCM, "Comment") research-use disclaimer, weights status,
+//!                 amendment notice, model notes
+//! ```
+
+use dicom_core::VR;
+use dicom_dictionary_std::tags;
+
+use super::codes::{self, Code};
+use super::ds::{self, InstanceRef, Obj};
+use super::{
+    COMPREHENSIVE_3D_SR, ENHANCED_SR, OutputKind, OutputObject, Prepared, ReportError,
+    SR_SERIES_DESCRIPTION, SR_SERIES_DESCRIPTION_AMENDED, SR_SERIES_NUMBER, SrClass, StudyPolicy,
+    WeightsStatus,
+};
+
+/// Relationship types (PS3.3 §C.17.3.2.4).
+const CONTAINS: &str = "CONTAINS";
+const HAS_OBS_CONTEXT: &str = "HAS OBS CONTEXT";
+const HAS_CONCEPT_MOD: &str = "HAS CONCEPT MOD";
+const HAS_ACQ_CONTEXT: &str = "HAS ACQ CONTEXT";
+
+/// Value of a content item.
+#[derive(Clone, Debug)]
+enum Value {
+    Container,
+    Text(String),
+    Code(Code),
+    Num(f64, Code),
+    UidRef(String),
+    Image {
+        class: String,
+        inst: String,
+        frame: Option<u32>,
+    },
+    Date(String),
+}
+
+/// A content item and its children (by-value relationships only).
+#[derive(Clone, Debug)]
+struct Item {
+    rel: &'static str,
+    name: Option<Code>,
+    value: Value,
+    children: Vec<Item>,
+}
+
+impl Item {
+    fn new(rel: &'static str, name: Option<Code>, value: Value) -> Self {
+        Item {
+            rel,
+            name,
+            value,
+            children: Vec::new(),
+        }
+    }
+    fn container(rel: &'static str, name: Code) -> Self {
+        Item::new(rel, Some(name), Value::Container)
+    }
+    fn text(rel: &'static str, name: Code, t: impl Into<String>) -> Self {
+        Item::new(rel, Some(name), Value::Text(t.into()))
+    }
+    fn code(rel: &'static str, name: Code, v: Code) -> Self {
+        Item::new(rel, Some(name), Value::Code(v))
+    }
+    fn num(name: Code, v: f64) -> Self {
+        Item::new(CONTAINS, Some(name), Value::Num(v, codes::UCUM_NO_UNITS))
+    }
+    fn with(mut self, child: Item) -> Self {
+        self.children.push(child);
+        self
+    }
+
+    /// Write the item's own attributes (not the relationship) into `o`.
+    fn write_value(&self, o: &mut Obj) {
+        let vt = match &self.value {
+            Value::Container => "CONTAINER",
+            Value::Text(_) => "TEXT",
+            Value::Code(_) => "CODE",
+            Value::Num(..) => "NUM",
+            Value::UidRef(_) => "UIDREF",
+            Value::Image { .. } => "IMAGE",
+            Value::Date(_) => "DATE",
+        };
+        ds::put_str(o, tags::VALUE_TYPE, VR::CS, vt);
+        if let Some(name) = &self.name {
+            ds::put_code_seq(o, tags::CONCEPT_NAME_CODE_SEQUENCE, name);
+        }
+        match &self.value {
+            Value::Container => ds::put_str(o, tags::CONTINUITY_OF_CONTENT, VR::CS, "SEPARATE"),
+            Value::Text(t) => ds::put_str(o, tags::TEXT_VALUE, VR::UT, t),
+            Value::Code(c) => ds::put_code_seq(o, tags::CONCEPT_CODE_SEQUENCE, c),
+            Value::Num(v, unit) => {
+                let mut mv = Obj::new_empty();
+                ds::put_code_seq(&mut mv, tags::MEASUREMENT_UNITS_CODE_SEQUENCE, unit);
+                ds::put_str(&mut mv, tags::NUMERIC_VALUE, VR::DS, &format_ds(*v));
+                ds::put_seq(o, tags::MEASURED_VALUE_SEQUENCE, vec![mv]);
+            }
+            Value::UidRef(u) => ds::put_str(o, tags::UID, VR::UI, u),
+            Value::Image { class, inst, frame } => {
+                let mut r = Obj::new_empty();
+                ds::put_str(&mut r, tags::REFERENCED_SOP_CLASS_UID, VR::UI, class);
+                ds::put_str(&mut r, tags::REFERENCED_SOP_INSTANCE_UID, VR::UI, inst);
+                if let Some(f) = frame {
+                    ds::put_str(
+                        &mut r,
+                        tags::REFERENCED_FRAME_NUMBER,
+                        VR::IS,
+                        &f.to_string(),
+                    );
+                }
+                ds::put_seq(o, tags::REFERENCED_SOP_SEQUENCE, vec![r]);
+            }
+            Value::Date(d) => ds::put_str(o, tags::DATE, VR::DA, d),
+        }
+        if !self.children.is_empty() {
+            let items = self.children.iter().map(Item::to_child_obj).collect();
+            ds::put_seq(o, tags::CONTENT_SEQUENCE, items);
+        }
+    }
+
+    fn to_child_obj(&self) -> Obj {
+        let mut o = Obj::new_empty();
+        ds::put_str(&mut o, tags::RELATIONSHIP_TYPE, VR::CS, self.rel);
+        self.write_value(&mut o);
+        o
+    }
+}
+
+/// DS value of at most 16 characters.
+fn format_ds(v: f64) -> String {
+    let v = if v.is_finite() { v } else { 0.0 };
+    let s = format!("{v:.6}");
+    if s.len() <= 16 { s } else { format!("{v:.6e}") }
+}
+
+/// Studies that receive an SR, per policy, in a stable order.
+fn target_studies<'a>(prep: &Prepared<'a>) -> Vec<&'a str> {
+    let all: Vec<&str> = prep.studies.keys().copied().collect();
+    match prep.input.settings.studies {
+        StudyPolicy::Each => all,
+        StudyPolicy::Latest => {
+            let key = |uid: &&&str| {
+                let a = prep.studies[**uid];
+                let d = if ds::is_da(&a.study_date) {
+                    a.study_date.trim().to_string()
+                } else {
+                    String::new()
+                };
+                let t = if ds::is_tm(&a.study_time) {
+                    format!("{:0<13}", a.study_time.trim())
+                } else {
+                    String::new()
+                };
+                (d, t, uid.to_string())
+            };
+            all.iter()
+                .max_by_key(key)
+                .map(|s| vec![*s])
+                .unwrap_or_default()
+        }
+    }
+}
+
+/// Build the content tree (root item with its children).
+fn content_tree(prep: &Prepared) -> Result<Item, ReportError> {
+    let input = prep.input;
+    let r = input.result;
+    let s = input.settings;
+
+    let mut root = Item::container("", codes::IMAGING_MEASUREMENT_REPORT);
+    root.children.push(Item::code(
+        HAS_CONCEPT_MOD,
+        codes::LANGUAGE_OF_CONTENT,
+        codes::ENGLISH_US,
+    ));
+
+    // TID 1001/1002/1004: the node is the (device) observer.
+    let device_uid =
+        super::uid::derive_uid(s.uid_root.as_deref(), &["device-observer", &s.device_name])?;
+    root.children.push(Item::code(
+        HAS_OBS_CONTEXT,
+        codes::OBSERVER_TYPE,
+        codes::DEVICE,
+    ));
+    root.children.push(Item::new(
+        HAS_OBS_CONTEXT,
+        Some(codes::DEVICE_OBSERVER_UID),
+        Value::UidRef(device_uid),
+    ));
+    if !s.device_name.trim().is_empty() {
+        root.children.push(Item::text(
+            HAS_OBS_CONTEXT,
+            codes::DEVICE_OBSERVER_NAME,
+            s.device_name.trim(),
+        ));
+    }
+    if !s.manufacturer.trim().is_empty() {
+        root.children.push(Item::text(
+            HAS_OBS_CONTEXT,
+            codes::DEVICE_OBSERVER_MANUFACTURER,
+            s.manufacturer.trim(),
+        ));
+    }
+    root.children.push(Item::text(
+        HAS_OBS_CONTEXT,
+        codes::DEVICE_OBSERVER_MODEL_NAME,
+        super::model_label(r),
+    ));
+
+    // Procedure reported: one per modality of the instances used.
+    let mut procs: Vec<Code> = Vec::new();
+    for i in &prep.instances {
+        let c = codes::procedure_code(&i.modality);
+        if !procs.contains(&c) {
+            procs.push(c);
+        }
+    }
+    for c in procs {
+        root.children
+            .push(Item::code(HAS_CONCEPT_MOD, codes::PROCEDURE_REPORTED, c));
+    }
+
+    // TID 1600 Image Library: one group per source series.
+    let mut library = Item::container(CONTAINS, codes::IMAGE_LIBRARY);
+    let mut groups: Vec<(&str, &str, Item)> = Vec::new();
+    for inst in &prep.instances {
+        let idx = match groups.iter().position(|(st, se, _)| {
+            *st == inst.study_instance_uid && *se == inst.series_instance_uid
+        }) {
+            Some(i) => i,
+            None => {
+                let mut g = Item::container(CONTAINS, codes::IMAGE_LIBRARY_GROUP);
+                if let Some(m) = codes::modality_code(&inst.modality) {
+                    g.children
+                        .push(Item::code(HAS_ACQ_CONTEXT, codes::MODALITY, m));
+                }
+                if ds::is_da(&inst.study.study_date) {
+                    g.children.push(Item::new(
+                        HAS_ACQ_CONTEXT,
+                        Some(codes::STUDY_DATE),
+                        Value::Date(inst.study.study_date.trim().to_string()),
+                    ));
+                }
+                groups.push((&inst.study_instance_uid, &inst.series_instance_uid, g));
+                groups.len() - 1
+            }
+        };
+        let mut img = Item::new(
+            CONTAINS,
+            None,
+            Value::Image {
+                class: inst.sop_class_uid.trim().to_string(),
+                inst: inst.sop_instance_uid.trim().to_string(),
+                frame: inst.frame,
+            },
+        );
+        if let Some(l) = inst.laterality.as_deref().and_then(codes::laterality_code) {
+            img.children
+                .push(Item::code(HAS_ACQ_CONTEXT, codes::IMAGE_LATERALITY, l));
+        }
+        if let Some(v) = inst.view.as_deref().and_then(codes::view_code) {
+            img.children
+                .push(Item::code(HAS_ACQ_CONTEXT, codes::IMAGE_VIEW, v));
+        }
+        groups[idx].2.children.push(img);
+    }
+    library
+        .children
+        .extend(groups.into_iter().map(|(_, _, g)| g));
+    root.children.push(library);
+
+    // TID 1501 measurement group.
+    let tracking_uid =
+        super::uid::derive_uid(s.uid_root.as_deref(), &[input.case_id, "tracking-uid"])?;
+    let mut group = Item::container(CONTAINS, codes::MEASUREMENT_GROUP)
+        .with(Item::text(
+            HAS_OBS_CONTEXT,
+            codes::TRACKING_IDENTIFIER,
+            "HER2 MAP index lesion",
+        ))
+        .with(Item::new(
+            HAS_OBS_CONTEXT,
+            Some(codes::TRACKING_UNIQUE_IDENTIFIER),
+            Value::UidRef(tracking_uid),
+        ))
+        .with(Item::code(
+            CONTAINS,
+            codes::FINDING,
+            codes::MALIGNANT_NEOPLASM_OF_BREAST,
+        ));
+    let mut site = Item::code(HAS_CONCEPT_MOD, codes::FINDING_SITE, codes::BREAST);
+    if let Some(l) = r.lesion_side.as_deref().and_then(codes::laterality_code) {
+        site.children
+            .push(Item::code(HAS_CONCEPT_MOD, codes::LATERALITY, l));
+    }
+    group.children.push(site);
+    // TID 4019 Algorithm Identification.
+    let algo_name = if r.model_name.trim().is_empty() {
+        "HER2 MAP"
+    } else {
+        r.model_name.trim()
+    };
+    let algo_version = if r.model_version.trim().is_empty() {
+        "unknown"
+    } else {
+        r.model_version.trim()
+    };
+    group.children.push(Item::text(
+        HAS_CONCEPT_MOD,
+        codes::ALGORITHM_NAME,
+        algo_name,
+    ));
+    group.children.push(Item::text(
+        HAS_CONCEPT_MOD,
+        codes::ALGORITHM_VERSION,
+        algo_version,
+    ));
+    let sha = r.weights_sha256.trim().to_ascii_lowercase();
+    let params = [
+        format!(
+            "weights SHA-256: {}",
+            if sha.is_empty() { "unknown" } else { &sha }
+        ),
+        format!(
+            "weights status: {}",
+            match prep.weights {
+                WeightsStatus::Verified => "verified checkpoint",
+                WeightsStatus::Demo => "DEMO WEIGHTS",
+                WeightsStatus::Unverified => "UNVERIFIED WEIGHTS",
+            }
+        ),
+        format!(
+            "decision threshold: HER2-positive if P >= {:.2}",
+            s.threshold
+        ),
+        "CAM target class: 1 (HER2-positive)".to_string(),
+    ];
+    for p in params {
+        group
+            .children
+            .push(Item::text(HAS_CONCEPT_MOD, codes::ALGORITHM_PARAMETERS, p));
+    }
+    // Measurements.
+    group
+        .children
+        .push(Item::num(codes::P_HER2_PROBABILITY, r.prob as f64));
+    for (code, p) in [
+        (codes::P_HER2_PROBABILITY_MG, r.branch_probs.mg),
+        (codes::P_HER2_PROBABILITY_US, r.branch_probs.us),
+        (codes::P_HER2_PROBABILITY_MR, r.branch_probs.mri),
+    ] {
+        if let Some(p) = p {
+            group.children.push(Item::num(code, p as f64));
+        }
+    }
+    // Qualitative evaluation.
+    let status = if r.prob >= s.threshold {
+        codes::POSITIVE
+    } else {
+        codes::NEGATIVE
+    };
+    group
+        .children
+        .push(Item::code(CONTAINS, codes::HER2_INTERPRETATION, status));
+    for (concept, list) in [
+        (codes::P_MODALITY_USED, &r.modalities_used),
+        (codes::P_MODALITY_MISSING, &r.modalities_missing),
+    ] {
+        for m in list {
+            match codes::modality_code(m) {
+                Some(c) => group.children.push(Item::code(CONTAINS, concept, c)),
+                None if !m.trim().is_empty() => {
+                    group.children.push(Item::text(CONTAINS, concept, m.trim()))
+                }
+                None => {}
+            }
+        }
+    }
+    for (m, provider) in &r.roi_methods {
+        group.children.push(Item::text(
+            CONTAINS,
+            codes::P_ROI_METHOD,
+            format!("{}: {}", codes::normalize_modality(m), provider.trim()),
+        ));
+    }
+    root.children
+        .push(Item::container(CONTAINS, codes::IMAGING_MEASUREMENTS).with(group));
+
+    // Qualitative evaluations: disclaimers and notes.
+    let mut qual = Item::container(CONTAINS, codes::QUALITATIVE_EVALUATIONS);
+    qual.children.push(Item::text(
+        CONTAINS,
+        codes::COMMENT,
+        format!(
+            "NOT FOR DIAGNOSTIC USE. Research model output of {} (HER2 status predicted from imaging, \
+             P(HER2-positive) = {:.3}, {} at threshold {:.2}); it is not a pathology result and must \
+             not be used for diagnosis or treatment decisions.",
+            super::model_label(r),
+            r.prob,
+            if r.prob >= s.threshold { "positive" } else { "negative" },
+            s.threshold
+        ),
+    ));
+    match prep.weights {
+        WeightsStatus::Verified => {}
+        WeightsStatus::Demo => qual.children.push(Item::text(
+            CONTAINS,
+            codes::COMMENT,
+            "DEMO WEIGHTS: this result was produced with demonstration weights and has no clinical meaning.",
+        )),
+        WeightsStatus::Unverified => qual.children.push(Item::text(
+            CONTAINS,
+            codes::COMMENT,
+            format!(
+                "UNVERIFIED WEIGHTS: the model weights (SHA-256 {}) are not a configured verified checkpoint.",
+                if sha.is_empty() { "unknown" } else { &sha }
+            ),
+        )),
+    }
+    if prep.amended() {
+        qual.children.push(Item::text(
+            CONTAINS,
+            codes::COMMENT,
+            "AMENDED RESULT: this report replaces the earlier HER2 MAP report(s) listed in the \
+             Predecessor Documents Sequence; the earlier result is superseded.",
+        ));
+    }
+    if r.lesion_side
+        .as_deref()
+        .and_then(codes::laterality_letter)
+        .is_none()
+    {
+        qual.children.push(Item::text(
+            CONTAINS,
+            codes::COMMENT,
+            "Lesion side: unknown.",
+        ));
+    }
+    for n in r.notes.iter().filter(|n| !n.trim().is_empty()) {
+        qual.children
+            .push(Item::text(CONTAINS, codes::COMMENT, n.trim()));
+    }
+    root.children.push(qual);
+    Ok(root)
+}
+
+/// Build the SR document(s) of a result.
+pub(crate) fn build_srs(prep: &Prepared) -> Result<Vec<OutputObject>, ReportError> {
+    let input = prep.input;
+    let s = input.settings;
+    let class = match s.sr_class {
+        SrClass::Comprehensive3d => COMPREHENSIVE_3D_SR,
+        SrClass::Enhanced => ENHANCED_SR,
+    };
+    let targets = target_studies(prep);
+    // UIDs of every SR first, for the Identical Documents Sequence.
+    let mut ids = Vec::new();
+    for study in &targets {
+        ids.push(InstanceRef {
+            study_instance_uid: study.to_string(),
+            series_instance_uid: prep.uid("sr-series", study, 0)?,
+            sop_class_uid: class.to_string(),
+            sop_instance_uid: prep.uid("sr", study, 0)?,
+        });
+    }
+    let tree = content_tree(prep)?;
+    let (d, t, _) = super::da_tm(input.now);
+
+    let mut out = Vec::new();
+    for (k, study) in targets.iter().enumerate() {
+        let me = &ids[k];
+        let attrs = prep.studies[study];
+        let mut o = Obj::new_empty();
+        super::put_sop_common(&mut o, class, &me.sop_instance_uid, input.now);
+        super::put_patient_study(&mut o, study, attrs);
+
+        // SR Document Series module (PS3.3 §C.17.1).
+        ds::put_str(&mut o, tags::MODALITY, VR::CS, "SR");
+        ds::put_str(
+            &mut o,
+            tags::SERIES_INSTANCE_UID,
+            VR::UI,
+            &me.series_instance_uid,
+        );
+        ds::put_str(
+            &mut o,
+            tags::SERIES_NUMBER,
+            VR::IS,
+            &SR_SERIES_NUMBER.to_string(),
+        );
+        ds::put_str(&mut o, tags::SERIES_DATE, VR::DA, &d);
+        ds::put_str(&mut o, tags::SERIES_TIME, VR::TM, &t);
+        ds::put_str(
+            &mut o,
+            tags::SERIES_DESCRIPTION,
+            VR::LO,
+            if prep.amended() {
+                SR_SERIES_DESCRIPTION_AMENDED
+            } else {
+                SR_SERIES_DESCRIPTION
+            },
+        );
+        ds::put_seq(
+            &mut o,
+            tags::REFERENCED_PERFORMED_PROCEDURE_STEP_SEQUENCE,
+            Vec::new(),
+        );
+
+        super::put_equipment(&mut o, s, input.result);
+
+        // SR Document General module (PS3.3 §C.17.2).
+        ds::put_str(&mut o, tags::INSTANCE_NUMBER, VR::IS, "1");
+        ds::put_str(&mut o, tags::COMPLETION_FLAG, VR::CS, "COMPLETE");
+        ds::put_str(&mut o, tags::VERIFICATION_FLAG, VR::CS, "UNVERIFIED");
+        ds::put_str(&mut o, tags::CONTENT_DATE, VR::DA, &d);
+        ds::put_str(&mut o, tags::CONTENT_TIME, VR::TM, &t);
+        ds::put_seq(&mut o, tags::PERFORMED_PROCEDURE_CODE_SEQUENCE, Vec::new());
+        let refs: Vec<InstanceRef> = prep
+            .instances
+            .iter()
+            .map(|i| InstanceRef {
+                study_instance_uid: i.study_instance_uid.trim().to_string(),
+                series_instance_uid: i.series_instance_uid.trim().to_string(),
+                sop_class_uid: i.sop_class_uid.trim().to_string(),
+                sop_instance_uid: i.sop_instance_uid.trim().to_string(),
+            })
+            .collect();
+        let (current, other): (Vec<InstanceRef>, Vec<InstanceRef>) = refs
+            .into_iter()
+            .partition(|r| r.study_instance_uid == *study);
+        let (current, other) = if current.is_empty() {
+            (other, Vec::new())
+        } else {
+            (current, other)
+        };
+        ds::put_seq(
+            &mut o,
+            tags::CURRENT_REQUESTED_PROCEDURE_EVIDENCE_SEQUENCE,
+            ds::hierarchical_refs(&current),
+        );
+        if !other.is_empty() {
+            ds::put_seq(
+                &mut o,
+                tags::PERTINENT_OTHER_EVIDENCE_SEQUENCE,
+                ds::hierarchical_refs(&other),
+            );
+        }
+        if prep.amended() {
+            let preds: Vec<InstanceRef> = input
+                .predecessors
+                .iter()
+                .map(|p| InstanceRef {
+                    study_instance_uid: p.study_instance_uid.trim().to_string(),
+                    series_instance_uid: p.series_instance_uid.trim().to_string(),
+                    sop_class_uid: p.sop_class_uid.trim().to_string(),
+                    sop_instance_uid: p.sop_instance_uid.trim().to_string(),
+                })
+                .collect();
+            let same: Vec<InstanceRef> = preds
+                .iter()
+                .filter(|p| p.study_instance_uid == *study)
+                .cloned()
+                .collect();
+            let chosen = if same.is_empty() { preds } else { same };
+            ds::put_seq(
+                &mut o,
+                tags::PREDECESSOR_DOCUMENTS_SEQUENCE,
+                ds::hierarchical_refs(&chosen),
+            );
+        }
+        let identical: Vec<InstanceRef> = ids
+            .iter()
+            .filter(|r| r.study_instance_uid != *study)
+            .cloned()
+            .collect();
+        if !identical.is_empty() {
+            ds::put_seq(
+                &mut o,
+                tags::IDENTICAL_DOCUMENTS_SEQUENCE,
+                ds::hierarchical_refs(&identical),
+            );
+        }
+
+        // SR Document Content module (PS3.3 §C.17.3): the root content item.
+        tree.write_value(&mut o);
+        let mut tpl = Obj::new_empty();
+        ds::put_str(&mut tpl, tags::MAPPING_RESOURCE, VR::CS, "DCMR");
+        ds::put_str(
+            &mut tpl,
+            tags::MAPPING_RESOURCE_UID,
+            VR::UI,
+            "1.2.840.10008.8.1.1",
+        );
+        ds::put_str(&mut tpl, tags::TEMPLATE_IDENTIFIER, VR::CS, "1500");
+        ds::put_seq(&mut o, tags::CONTENT_TEMPLATE_SEQUENCE, vec![tpl]);
+
+        // Coding Scheme Identification Sequence for the private scheme (PS3.3 §C.12.1).
+        let mut cs = Obj::new_empty();
+        ds::put_str(
+            &mut cs,
+            tags::CODING_SCHEME_DESIGNATOR,
+            VR::SH,
+            codes::PRIVATE_SCHEME,
+        );
+        ds::put_str(
+            &mut cs,
+            tags::CODING_SCHEME_NAME,
+            VR::ST,
+            codes::PRIVATE_SCHEME_NAME,
+        );
+        if !s.manufacturer.trim().is_empty() {
+            ds::put_str(
+                &mut cs,
+                tags::CODING_SCHEME_RESPONSIBLE_ORGANIZATION,
+                VR::ST,
+                s.manufacturer.trim(),
+            );
+        }
+        ds::put_seq(
+            &mut o,
+            tags::CODING_SCHEME_IDENTIFICATION_SEQUENCE,
+            vec![cs],
+        );
+
+        super::set_charset(&mut o);
+        out.push(OutputObject {
+            kind: OutputKind::Sr,
+            study_instance_uid: study.to_string(),
+            sop_class_uid: class.to_string(),
+            sop_instance_uid: me.sop_instance_uid.clone(),
+            object: super::finish(o)?,
+        });
+    }
+    Ok(out)
+}
