@@ -8,6 +8,7 @@ CREATE TABLE outputs (
     kind                TEXT NOT NULL,
     sop_class_uid       TEXT NOT NULL,
     study_instance_uid  TEXT NOT NULL,
+    series_instance_uid TEXT NOT NULL DEFAULT '',
     path                TEXT NOT NULL,
     created_at          TEXT NOT NULL
 );

@@ -15,8 +15,10 @@ use crate::cases::{Assembler, CaseJob, Clock};
 use crate::config::{Settings, resolve_host};
 use crate::db::{Db, NewEvent, event};
 use crate::dimse::server::{Server, ServerConfig};
+use crate::inference::Engine;
 use crate::ingest::Ingest;
 use crate::outbox::Outbox;
+use crate::pipeline::{ModelIdentity, Pipeline};
 use crate::spool::Spool;
 
 pub struct App {
@@ -29,6 +31,7 @@ pub struct App {
     jobs_rx: Option<mpsc::Receiver<CaseJob>>,
     outbox: Outbox,
     outbox_wake: std::sync::Arc<tokio::sync::Notify>,
+    pipeline: Pipeline,
 }
 
 impl App {
@@ -47,6 +50,24 @@ impl App {
         let db = Db::connect(&settings.database_url())
             .await
             .context("opening the database")?;
+        // The model loads before the port opens: a node that cannot infer
+        // must not accept studies it will never report on.
+        let weights = settings.model.weights_path()?;
+        let (w, device, queue) = (
+            weights.clone(),
+            settings.model.device.clone(),
+            settings.model.queue,
+        );
+        let engine = tokio::task::spawn_blocking(move || Engine::start(&w, &device, queue))
+            .await?
+            .with_context(|| format!("loading the model weights {}", weights.display()))?;
+        info!(
+            weights = %weights.display(),
+            sha256 = %engine.weights_sha256(),
+            device = %settings.model.device,
+            demo = settings.model.demo,
+            "model loaded"
+        );
         let d = &settings.dicom;
         let peers = d
             .peers
@@ -81,6 +102,21 @@ impl App {
             Clock::new(),
         );
         let (jobs_tx, jobs_rx) = mpsc::channel(settings.cases.queue);
+        let outbox_wake = std::sync::Arc::new(tokio::sync::Notify::new());
+        let pipeline = Pipeline {
+            db: db.clone(),
+            data_dir: settings.storage.data_dir.clone(),
+            engine,
+            imaging: settings.imaging.clone(),
+            report: settings.report.clone(),
+            identity: ModelIdentity {
+                name: "HER2 MAP (Model3)".into(),
+                version: format!("her2map {} (Candle port)", env!("CARGO_PKG_VERSION")),
+                demo: settings.model.demo,
+            },
+            destinations: settings.destinations.clone(),
+            outbox_wake: outbox_wake.clone(),
+        };
         let outbox = Outbox::new(
             db.clone(),
             settings.storage.data_dir.clone(),
@@ -102,7 +138,8 @@ impl App {
             jobs_tx,
             jobs_rx: Some(jobs_rx),
             outbox,
-            outbox_wake: std::sync::Arc::new(tokio::sync::Notify::new()),
+            outbox_wake,
+            pipeline,
         })
     }
 
@@ -139,10 +176,16 @@ impl App {
             self.jobs_tx.clone(),
             shutdown.clone(),
         ));
+        let pipeline = self
+            .jobs_rx
+            .map(|jobs| tokio::spawn(self.pipeline.run(jobs, shutdown.clone())));
         let outbox = tokio::spawn(self.outbox.run(self.outbox_wake.clone(), shutdown.clone()));
         self.server.run(shutdown).await;
         let _ = assembler.await;
         let _ = outbox.await;
+        if let Some(p) = pipeline {
+            let _ = p.await;
+        }
         let _ = self
             .db
             .record(NewEvent {

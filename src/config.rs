@@ -23,7 +23,50 @@ pub struct Settings {
     pub destinations: Vec<crate::outbox::DestinationSettings>,
     pub outbox: crate::outbox::OutboxSettings,
     pub imaging: crate::imaging::ImagingSettings,
+    pub model: ModelSettings,
+    pub report: crate::report::ReportSettings,
     pub log: LogSettings,
+}
+
+/// `[model]`: the checkpoint and the device.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSettings {
+    pub weights: PathBuf,
+    pub device: String,
+    pub demo: bool,
+    pub queue: usize,
+}
+
+/// The demo weights: the reduced-size parity checkpoint with random weights
+/// that ships in test-data/ (see test-data/parity/README.md).
+pub const DEMO_WEIGHTS: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/test-data/parity/map_small_weights.safetensors"
+);
+
+impl ModelSettings {
+    /// The weights file to load, or why there is none.
+    pub fn weights_path(&self) -> Result<PathBuf, ConfigError> {
+        if self.demo {
+            return Ok(PathBuf::from(DEMO_WEIGHTS));
+        }
+        if self.weights.as_os_str().is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "model.weights",
+                message: "no checkpoint configured: set it to the HER2 MAP weights (.pth or \
+                          .safetensors), or set model.demo = true to try the node with demo weights"
+                    .into(),
+            });
+        }
+        if !self.weights.is_file() {
+            return Err(ConfigError::Invalid {
+                key: "model.weights",
+                message: format!("{} does not exist or is not a file", self.weights.display()),
+            });
+        }
+        Ok(self.weights.clone())
+    }
 }
 
 /// `[cases]`: grouping and readiness of patient cases.
@@ -202,6 +245,12 @@ impl Settings {
         }
         if self.outbox.timeout_secs == 0 {
             return Err(invalid("outbox.timeout_secs", "must be at least 1"));
+        }
+        if self.model.queue == 0 {
+            return Err(invalid("model.queue", "must be at least 1"));
+        }
+        if !(0.0..=1.0).contains(&self.report.threshold) {
+            return Err(invalid("report.threshold", "must be between 0 and 1"));
         }
         if self.cases.window_days < 0 {
             return Err(invalid("cases.window_days", "must not be negative"));

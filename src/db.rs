@@ -655,6 +655,35 @@ impl Db {
         Ok(true)
     }
 
+    /// Reopen a case as a new revision (instances arrived while it ran).
+    pub async fn reopen_case(
+        &self,
+        id: &str,
+        from: &str,
+        reason: &str,
+        now: &str,
+    ) -> Result<bool, DbError> {
+        let mut tx = self.pool.begin().await?;
+        let moved = sqlx::query(
+            "UPDATE cases SET state = 'collecting', revision = revision + 1, reason = $1, \
+             first_instance_at = $2, updated_at = $3 WHERE id = $4 AND state = $5",
+        )
+        .bind(reason)
+        .bind(now)
+        .bind(now)
+        .bind(id)
+        .bind(from)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if moved == 0 {
+            return Ok(false);
+        }
+        insert_transition(&mut tx, id, from, "collecting", reason, now).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
     /// Record the inputs a run used (the amendment check compares them).
     pub async fn set_case_inputs(&self, id: &str, digest: &str) -> Result<(), DbError> {
         sqlx::query("UPDATE cases SET inputs_digest = $1 WHERE id = $2")
@@ -764,6 +793,7 @@ pub struct OutputRow {
     pub kind: String,
     pub sop_class_uid: String,
     pub study_instance_uid: String,
+    pub series_instance_uid: String,
     pub path: String,
 }
 
@@ -817,7 +847,8 @@ impl Db {
         let mut tx = self.pool.begin().await?;
         let new = sqlx::query(
             "INSERT INTO outputs (sop_instance_uid, case_id, revision, kind, sop_class_uid, \
-             study_instance_uid, path, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+             study_instance_uid, series_instance_uid, path, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
              ON CONFLICT (sop_instance_uid) DO NOTHING",
         )
         .bind(&out.sop_instance_uid)
@@ -826,6 +857,7 @@ impl Db {
         .bind(&out.kind)
         .bind(&out.sop_class_uid)
         .bind(&out.study_instance_uid)
+        .bind(&out.series_instance_uid)
         .bind(&out.path)
         .bind(&now)
         .execute(&mut *tx)
@@ -870,7 +902,8 @@ impl Db {
     pub async fn case_outputs(&self, case_id: &str) -> Result<Vec<OutputRow>, DbError> {
         let rows = sqlx::query(
             "SELECT sop_instance_uid, case_id, revision, kind, sop_class_uid, study_instance_uid, \
-             path FROM outputs WHERE case_id = $1 ORDER BY created_at, sop_instance_uid",
+             series_instance_uid, path FROM outputs WHERE case_id = $1 \
+             ORDER BY created_at, sop_instance_uid",
         )
         .bind(case_id)
         .fetch_all(&self.pool)
@@ -884,7 +917,8 @@ impl Db {
                 kind: r.get(3),
                 sop_class_uid: r.get(4),
                 study_instance_uid: r.get(5),
-                path: r.get(6),
+                series_instance_uid: r.get(6),
+                path: r.get(7),
             })
             .collect())
     }

@@ -41,6 +41,15 @@ impl DestinationSettings {
     }
 }
 
+/// The names of the destinations an output of `kind` goes to.
+pub fn destinations_for(destinations: &[DestinationSettings], kind: &str) -> Vec<String> {
+    destinations
+        .iter()
+        .filter(|d| d.wants(kind))
+        .map(DestinationSettings::name)
+        .collect()
+}
+
 /// `[outbox]`: retry policy and timeouts.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -95,15 +104,6 @@ impl Outbox {
             settings,
             calling_ae,
         }
-    }
-
-    /// The destinations an output of `kind` goes to.
-    pub fn destinations_for(&self, kind: &str) -> Vec<String> {
-        self.destinations
-            .iter()
-            .filter(|d| d.wants(kind))
-            .map(DestinationSettings::name)
-            .collect()
     }
 
     fn backoff(&self, attempts_so_far: i64) -> Duration {

@@ -27,6 +27,7 @@ fn serve(data_dir: &std::path::Path, extra_env: &[(&str, &str)]) -> (Child, u16)
         .env("HER2MAP__DICOM__PORT", "0")
         .env("HER2MAP__DICOM__HOST", "127.0.0.1")
         .env("HER2MAP__STORAGE__DATA_DIR", data_dir)
+        .env("HER2MAP__MODEL__DEMO", "true")
         .env("RUST_LOG", "info")
         .stderr(Stdio::piped())
         .stdout(Stdio::null());
@@ -192,6 +193,7 @@ fn serve_send_echo_audit_and_graceful_stop() {
         .env("HER2MAP__DICOM__PORT", port.to_string())
         .env("HER2MAP__DICOM__HOST", "127.0.0.1")
         .env("HER2MAP__STORAGE__DATA_DIR", &data)
+        .env("HER2MAP__MODEL__DEMO", "true")
         .stderr(Stdio::null())
         .spawn()
         .unwrap();

@@ -29,6 +29,7 @@ fn serve(data_dir: &Path) -> (Child, u16) {
         .env("HER2MAP__DICOM__PORT", "0")
         .env("HER2MAP__DICOM__HOST", "127.0.0.1")
         .env("HER2MAP__STORAGE__DATA_DIR", data_dir)
+        .env("HER2MAP__MODEL__DEMO", "true")
         .env("HER2MAP__STORAGE__MIN_FREE_MB", "0")
         .env("RUST_LOG", "info")
         .stderr(Stdio::piped())

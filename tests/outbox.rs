@@ -57,6 +57,7 @@ async fn queued_outputs(data_dir: &Path, n: usize, tag: &str, destinations: &[St
             kind: "sc".into(),
             sop_class_uid: h.sop_class_uid,
             study_instance_uid: "1.2.3".into(),
+            series_instance_uid: "1.2.3.4".into(),
             path: path
                 .strip_prefix(data_dir)
                 .unwrap()

@@ -55,6 +55,8 @@ pub fn test_settings(data_dir: &Path) -> Settings {
     s.storage.data_dir = data_dir.to_path_buf();
     // Tests share a busy disk; the full-disk test sets its own minimum.
     s.storage.min_free_mb = 0;
+    // The small demo checkpoint from test-data/parity: fast to load.
+    s.model.demo = true;
     s
 }
 

@@ -1,0 +1,947 @@
+//! The node's main job for one ready case: stored instances → imaging →
+//! inference engine → SR + heatmaps → outbox. Runs off the network path, one
+//! case at a time (the engine serialises inference anyway); imaging runs on
+//! the blocking pool (rayon inside), inference on the engine's own thread.
+//! Every step is an audit event carrying the case id.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use dicom_dictionary_std::tags;
+use dicom_object::{DefaultDicomObject, OpenFileOptions};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::cases::{CaseJob, state};
+use crate::db::{Db, NewEvent, OutputRow};
+use crate::imaging::{self, ImagingSettings, InputGrid, PreparedCase, SelModality, SourceGeometry};
+use crate::inference::{EngineHandle, InferRequest, InferResponse, TensorData};
+use crate::report::{self, OutputKind, ReportSettings};
+
+/// Pipeline audit event names.
+pub mod event {
+    pub const CASE_IMAGING_DONE: &str = "case_imaging_done";
+    pub const CASE_INFERENCE_DONE: &str = "case_inference_done";
+    pub const CASE_RESULT: &str = "case_result";
+    pub const CASE_FAILED: &str = "case_failed";
+}
+
+/// What the outputs say made them.
+#[derive(Debug, Clone)]
+pub struct ModelIdentity {
+    pub name: String,
+    pub version: String,
+    pub demo: bool,
+}
+
+/// Heatmap images are written at most this many pixels on their longer
+/// side: enough to read in a viewer, without a 40 MB colour copy of every
+/// full-field mammogram.
+const HEATMAP_MAX_SIDE: usize = 1024;
+
+/// Milliseconds per stage of one case.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StageTimes {
+    pub imaging_ms: f64,
+    pub inference_ms: f64,
+    pub reporting_ms: f64,
+}
+
+/// The result of one side of a case, as recorded in the `case_result` event.
+#[derive(Debug, Clone, Serialize)]
+pub struct SideResult {
+    pub lesion_side: Option<String>,
+    pub prob: f32,
+    pub positive: bool,
+    pub branch_probs: BTreeMap<&'static str, Option<f32>>,
+    pub modalities_used: Vec<String>,
+    pub modalities_missing: Vec<String>,
+    pub roi_methods: Vec<(String, String)>,
+    pub outputs: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("{0}")]
+    Db(#[from] crate::db::DbError),
+    #[error("no usable modality: {0}")]
+    NoInput(String),
+    #[error("inference: {0}")]
+    Model(#[from] crate::model::ModelError),
+    #[error("report: {0}")]
+    Report(#[from] report::ReportError),
+    #[error("writing outputs: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Other(String),
+}
+
+pub struct Pipeline {
+    pub db: Db,
+    pub data_dir: PathBuf,
+    pub engine: EngineHandle,
+    pub imaging: ImagingSettings,
+    pub report: ReportSettings,
+    pub identity: ModelIdentity,
+    pub destinations: Vec<crate::outbox::DestinationSettings>,
+    pub outbox_wake: Arc<Notify>,
+}
+
+fn modality_name(m: usize) -> &'static str {
+    ["US", "MR", "MG"][m]
+}
+
+impl Pipeline {
+    /// Take cases from the queue until shutdown.
+    pub async fn run(self, mut jobs: mpsc::Receiver<CaseJob>, shutdown: CancellationToken) {
+        loop {
+            let job = tokio::select! {
+                j = jobs.recv() => match j { Some(j) => j, None => return },
+                _ = shutdown.cancelled() => return,
+            };
+            self.process(&job).await;
+        }
+    }
+
+    /// Run one case; failures end the case in `failed` with the reason.
+    pub async fn process(&self, job: &CaseJob) {
+        let now = crate::db::now();
+        match self
+            .db
+            .transition_case(
+                &job.case_id,
+                state::QUEUED,
+                state::RUNNING,
+                "imaging and inference",
+                &now,
+            )
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => return, // held or changed by an operator meanwhile
+            Err(e) => {
+                error!(case = %job.case_id, error = %e, "case could not start");
+                return;
+            }
+        }
+        if let Err(e) = self.run_case(job).await {
+            warn!(case = %job.case_id, error = %e, "case failed");
+            let reason = e.to_string();
+            self.audit(
+                &job.case_id,
+                event::CASE_FAILED,
+                serde_json::json!({ "reason": reason }),
+            )
+            .await;
+            let _ = self
+                .db
+                .transition_case(
+                    &job.case_id,
+                    state::RUNNING,
+                    state::FAILED,
+                    &reason,
+                    &crate::db::now(),
+                )
+                .await;
+        }
+    }
+
+    async fn audit(&self, case_id: &str, name: &str, detail: serde_json::Value) {
+        let e = NewEvent {
+            event: name,
+            case_id: Some(case_id),
+            detail: Some(detail),
+            ..Default::default()
+        };
+        if let Err(err) = self.db.record(e).await {
+            error!(error = %err, "audit event could not be recorded");
+        }
+    }
+
+    async fn run_case(&self, job: &CaseJob) -> Result<(), PipelineError> {
+        let case = self
+            .db
+            .case(&job.case_id)
+            .await?
+            .ok_or_else(|| PipelineError::Other("case vanished".into()))?;
+        let seen_last = case.last_instance_at.clone();
+        let members = self.db.case_members(&case.id).await?;
+        let spool = self.data_dir.join("spool");
+        let files: Vec<PathBuf> = members.iter().map(|m| spool.join(&m.path)).collect();
+        let mut times = StageTimes::default();
+
+        // Imaging, off the async workers.
+        let cfg = self.engine.config();
+        let grid = InputGrid {
+            mri: cfg.mri.img_size,
+            image: cfg.us.img_size,
+        };
+        let settings = self.imaging.clone();
+        let t = Instant::now();
+        let prepared = tokio::task::spawn_blocking(move || {
+            imaging::prepare_case_sides(&files, &settings, grid)
+        })
+        .await
+        .map_err(|e| PipelineError::Other(e.to_string()))?;
+        times.imaging_ms = t.elapsed().as_secs_f64() * 1e3;
+        let errors: Vec<String> = prepared
+            .iter()
+            .flat_map(|p| p.errors.iter())
+            .map(|e| {
+                format!(
+                    "{}: {}",
+                    e.sop_instance_uid.as_deref().unwrap_or("?"),
+                    e.message
+                )
+            })
+            .collect();
+        self.audit(
+            &case.id,
+            event::CASE_IMAGING_DONE,
+            serde_json::json!({
+                "ms": times.imaging_ms,
+                "sides": prepared.len(),
+                "flags": prepared.iter().map(|p| p.modality_flags()).collect::<Vec<_>>(),
+                "errors": errors,
+                "notes": prepared.iter().flat_map(|p| p.notes.clone()).collect::<Vec<_>>(),
+            }),
+        )
+        .await;
+        let prepared: Vec<PreparedCase> = prepared
+            .into_iter()
+            .filter(|p| p.modality_flags().iter().any(|f| *f))
+            .collect();
+        if prepared.is_empty() {
+            return Err(PipelineError::NoInput(if errors.is_empty() {
+                "no image could be selected".into()
+            } else {
+                errors.join("; ")
+            }));
+        }
+
+        // The amendment check: a rerun that selects the same inputs makes no
+        // new result.
+        let digest = inputs_digest(&prepared);
+        if case.revision > 0 && digest == case.inputs_digest {
+            let now = crate::db::now();
+            self.db
+                .transition_case(
+                    &case.id,
+                    state::RUNNING,
+                    state::DONE,
+                    "late instances did not change the selected inputs: no new result",
+                    &now,
+                )
+                .await?;
+            return Ok(());
+        }
+
+        // Inference: both sides (when the side is unknown) in one batch.
+        let request = build_request(&prepared, grid)?;
+        let t = Instant::now();
+        let response = self.engine.infer(request).await?;
+        times.inference_ms = t.elapsed().as_secs_f64() * 1e3;
+        self.audit(
+            &case.id,
+            event::CASE_INFERENCE_DONE,
+            serde_json::json!({
+                "ms": times.inference_ms,
+                "compute_ms": response.compute_ms,
+                "probs": response.samples.iter().map(|s| s.prob).collect::<Vec<_>>(),
+                "weights_sha256": response.weights_sha256,
+            }),
+        )
+        .await;
+
+        // Reporting: SR + heatmaps per side (file reads and pixel work on the
+        // blocking pool), written durably, queued.
+        let t = Instant::now();
+        let predecessors = self.predecessors(&case.id, case.revision).await?;
+        let mut paths = HashMap::new();
+        let spool = self.data_dir.join("spool");
+        for uid in prepared
+            .iter()
+            .flat_map(|p| p.selections.iter())
+            .flat_map(|s| s.sop_instance_uids.iter())
+        {
+            if !paths.contains_key(uid)
+                && let Some(rel) = self.db.instance_path(uid).await?
+            {
+                paths.insert(uid.clone(), spool.join(rel));
+            }
+        }
+        let job = ReportJob {
+            case_id: case.id.clone(),
+            revision: case.revision,
+            identity: self.identity.clone(),
+            settings: self.report.clone(),
+            predecessors,
+            paths,
+        };
+        let (results, written) =
+            tokio::task::spawn_blocking(move || job.build(&prepared, &response))
+                .await
+                .map_err(|e| PipelineError::Other(e.to_string()))??;
+        let mut rows = Vec::new();
+        for (kind, obj) in written {
+            rows.push(
+                self.write_output(&case.id, case.revision, kind, obj)
+                    .await?,
+            );
+        }
+        for row in &rows {
+            let dests = crate::outbox::destinations_for(&self.destinations, &row.kind);
+            self.db.add_output(row, &dests).await?;
+        }
+        self.outbox_wake.notify_waiters();
+        times.reporting_ms = t.elapsed().as_secs_f64() * 1e3;
+        self.db.set_case_inputs(&case.id, &digest).await?;
+        self.audit(
+            &case.id,
+            event::CASE_RESULT,
+            serde_json::json!({
+                "revision": case.revision,
+                "sides": results,
+                "times": times,
+                "model": self.identity.name, "model_version": self.identity.version,
+                "weights_sha256": self.engine.weights_sha256(), "demo": self.identity.demo,
+                "errors": errors,
+            }),
+        )
+        .await;
+        let summary = results
+            .iter()
+            .map(|r| {
+                format!(
+                    "side {}: P(HER2+)={:.3}",
+                    r.lesion_side.as_deref().unwrap_or("?"),
+                    r.prob
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        info!(case = %case.id, %summary, outputs = rows.len(), "case result");
+
+        // Instances that arrived while the case ran reopen it.
+        let now = crate::db::now();
+        let latest = self.db.case(&case.id).await?.map(|c| c.last_instance_at);
+        if latest.as_deref() != Some(seen_last.as_str()) {
+            self.db
+                .reopen_case(
+                    &case.id,
+                    state::RUNNING,
+                    "instances arrived while the case ran",
+                    &now,
+                )
+                .await?;
+        } else {
+            let reason = format!("result: {summary}; {} objects queued", rows.len());
+            self.db
+                .transition_case(&case.id, state::RUNNING, state::DONE, &reason, &now)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Earlier SRs of this case: the new one amends them.
+    async fn predecessors(
+        &self,
+        case_id: &str,
+        revision: i64,
+    ) -> Result<Vec<report::PriorOutput>, PipelineError> {
+        Ok(self
+            .db
+            .case_outputs(case_id)
+            .await?
+            .into_iter()
+            .filter(|o| o.kind == "sr" && o.revision < revision)
+            .map(|o| report::PriorOutput {
+                sop_class_uid: o.sop_class_uid,
+                sop_instance_uid: o.sop_instance_uid,
+                series_instance_uid: o.series_instance_uid,
+                study_instance_uid: o.study_instance_uid,
+            })
+            .collect())
+    }
+
+    async fn write_output(
+        &self,
+        case_id: &str,
+        revision: i64,
+        kind: OutputKind,
+        obj: DefaultDicomObject,
+    ) -> Result<OutputRow, PipelineError> {
+        let text = |tag| -> String {
+            obj.element_opt(tag)
+                .ok()
+                .flatten()
+                .and_then(|e| e.to_str().ok())
+                .map(|s| s.trim_end_matches(['\0', ' ']).to_string())
+                .unwrap_or_default()
+        };
+        let sop = text(tags::SOP_INSTANCE_UID);
+        let (sop_class, study, series) = (
+            text(tags::SOP_CLASS_UID),
+            text(tags::STUDY_INSTANCE_UID),
+            text(tags::SERIES_INSTANCE_UID),
+        );
+        let rel = PathBuf::from("outputs")
+            .join(crate::spool::sanitise_uid(case_id).replace("2.25.", "c"))
+            .join(format!("r{revision}"))
+            .join(format!("{}.dcm", crate::spool::sanitise_uid(&sop)));
+        let abs = self.data_dir.join(&rel);
+        let obj2 = obj;
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            if let Some(parent) = abs.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            let tmp = abs.with_extension("part");
+            obj2.write_to_file(&tmp).map_err(std::io::Error::other)?;
+            std::fs::File::open(&tmp)?.sync_all()?;
+            std::fs::rename(&tmp, &abs)?;
+            if let Some(parent) = abs.parent() {
+                std::fs::File::open(parent)?.sync_all()?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| PipelineError::Other(e.to_string()))??;
+        Ok(OutputRow {
+            sop_instance_uid: sop,
+            case_id: case_id.to_string(),
+            revision,
+            kind: match kind {
+                OutputKind::Sr => "sr".into(),
+                OutputKind::HeatmapSc => "sc".into(),
+            },
+            sop_class_uid: sop_class,
+            study_instance_uid: study,
+            series_instance_uid: series,
+            path: rel.to_string_lossy().into_owned(),
+        })
+    }
+}
+
+/// Everything the reporting step needs, moved onto the blocking pool.
+struct ReportJob {
+    case_id: String,
+    revision: i64,
+    identity: ModelIdentity,
+    settings: ReportSettings,
+    predecessors: Vec<report::PriorOutput>,
+    /// Spool paths of the selected instances.
+    paths: HashMap<String, PathBuf>,
+}
+
+type Built = (Vec<SideResult>, Vec<(OutputKind, DefaultDicomObject)>);
+
+impl ReportJob {
+    fn build(
+        &self,
+        prepared: &[PreparedCase],
+        response: &InferResponse,
+    ) -> Result<Built, PipelineError> {
+        let mut results = Vec::new();
+        let mut written = Vec::new();
+        for (i, p) in prepared.iter().enumerate() {
+            let (r, outputs) = self.report_side(p, response, i)?;
+            results.push(r);
+            written.extend(outputs);
+        }
+        Ok((results, written))
+    }
+
+    fn report_side(
+        &self,
+        p: &PreparedCase,
+        response: &InferResponse,
+        sample: usize,
+    ) -> Result<(SideResult, Vec<(OutputKind, DefaultDicomObject)>), PipelineError> {
+        let (case_id, revision, predecessors) =
+            (&self.case_id, self.revision, &self.predecessors[..]);
+        let scores = &response.samples[sample];
+        let flags = p.modality_flags();
+        let used: Vec<String> = (0..3)
+            .filter(|&m| flags[m])
+            .map(|m| modality_name(m).to_string())
+            .collect();
+        let missing: Vec<String> = (0..3)
+            .filter(|&m| !flags[m])
+            .map(|m| modality_name(m).to_string())
+            .collect();
+        let side = p.lesion_side.side.map(|s| match s {
+            imaging::Laterality::Left => "L".to_string(),
+            imaging::Laterality::Right => "R".to_string(),
+        });
+        let mut roi_methods: Vec<(String, String)> = Vec::new();
+        for s in &p.selections {
+            let m = match s.modality {
+                SelModality::Mg => "MG",
+                SelModality::Us => "US",
+                SelModality::Mr => "MR",
+            };
+            if !roi_methods.iter().any(|(k, _)| k == m) {
+                roi_methods.push((m.to_string(), s.roi_provider.clone()));
+            }
+        }
+        let mut notes = p.notes.clone();
+        notes.push(format!("lesion side: {}", p.lesion_side.detail));
+        let result = report::ModelResult {
+            model_name: self.identity.name.clone(),
+            model_version: self.identity.version.clone(),
+            weights_sha256: response.weights_sha256.clone(),
+            demo: self.identity.demo,
+            prob: scores.prob,
+            branch_probs: report::BranchScores {
+                us: scores.branch_probs[0],
+                mri: scores.branch_probs[1],
+                mg: scores.branch_probs[2],
+            },
+            modalities_used: used.clone(),
+            modalities_missing: missing.clone(),
+            roi_methods: roi_methods.clone(),
+            lesion_side: side.clone(),
+            notes,
+        };
+
+        // Evidence: every instance the inputs came from.
+        let mut headers: HashMap<String, Header> = HashMap::new();
+        let mut evidence = Vec::new();
+        for s in &p.selections {
+            for uid in &s.sop_instance_uids {
+                if headers.contains_key(uid) {
+                    continue;
+                }
+                let Some(path) = self.paths.get(uid) else {
+                    continue;
+                };
+                let h = read_header(path).map_err(PipelineError::Other)?;
+                evidence.push(h.source(None));
+                headers.insert(uid.clone(), h);
+            }
+        }
+        let heatmaps = self.heatmaps(p, response, sample, &headers);
+        let settings = &self.settings;
+        let input = report::ReportInput {
+            case_id: &format!("{case_id}/r{revision}/{}", side.as_deref().unwrap_or("U")),
+            result: &result,
+            evidence: &evidence,
+            heatmaps: &heatmaps,
+            predecessors,
+            settings,
+            now: time::OffsetDateTime::now_utc(),
+        };
+        let outputs = report::build_outputs(&input)?;
+        let side_result = SideResult {
+            lesion_side: side,
+            prob: scores.prob,
+            positive: scores.prob >= self.settings.threshold,
+            branch_probs: BTreeMap::from([
+                ("us", scores.branch_probs[0]),
+                ("mri", scores.branch_probs[1]),
+                ("mg", scores.branch_probs[2]),
+            ]),
+            modalities_used: used,
+            modalities_missing: missing,
+            roi_methods,
+            outputs: outputs.len(),
+        };
+        Ok((
+            side_result,
+            outputs.into_iter().map(|o| (o.kind, o.object)).collect(),
+        ))
+    }
+
+    /// The heatmap images of one side: MG CC and MLO whole views, the US
+    /// image, and the MRI axial slices through the CAM peak.
+    fn heatmaps(
+        &self,
+        p: &PreparedCase,
+        response: &InferResponse,
+        sample: usize,
+        headers: &HashMap<String, Header>,
+    ) -> Vec<report::Heatmap> {
+        let mut out = Vec::new();
+        for s in &p.selections {
+            let branch = match s.modality {
+                SelModality::Us => 0,
+                SelModality::Mr => 1,
+                SelModality::Mg => 2,
+            };
+            // The crops share the CAM of their whole views; the pre-contrast
+            // phase only served the subtraction.
+            if s.role.contains("crop") || s.role.contains("pre-contrast") {
+                continue;
+            }
+            let Some(cams) = &response.cams[branch] else {
+                continue;
+            };
+            let made = match &s.geometry {
+                SourceGeometry::Planar { frame, crop, .. } => {
+                    let Some(uid) = s.sop_instance_uids.first() else {
+                        continue;
+                    };
+                    let Some(h) = headers.get(uid) else { continue };
+                    planar_heatmap(h, *frame, *crop, &cams.input, sample, &s.role)
+                        .map(|hm| vec![hm])
+                }
+                SourceGeometry::Volume { .. } => mri_heatmaps(s, headers, &cams.input, sample),
+            };
+            match made {
+                Ok(mut hms) => out.append(&mut hms),
+                Err(e) => warn!(role = %s.role, error = %e, "heatmap skipped"),
+            }
+        }
+        out
+    }
+}
+
+/// SHA-256 over the sorted SOP Instance UIDs each side's inputs came from.
+fn inputs_digest(prepared: &[PreparedCase]) -> String {
+    let mut h = Sha256::new();
+    for p in prepared {
+        let mut uids: Vec<&str> = p
+            .selections
+            .iter()
+            .flat_map(|s| s.sop_instance_uids.iter().map(String::as_str))
+            .collect();
+        uids.sort_unstable();
+        for u in uids {
+            h.update(u.as_bytes());
+            h.update(b"\n");
+        }
+        h.update(b"--\n");
+    }
+    hex::encode(h.finalize())
+}
+
+/// One batch of the prepared sides; an absent modality of a side is zeros
+/// with its flag 0 (the model skips a branch no sample has).
+fn build_request(
+    prepared: &[PreparedCase],
+    grid: InputGrid,
+) -> Result<InferRequest, PipelineError> {
+    let b = prepared.len();
+    let (d, s) = (grid.mri, grid.image);
+    let any = |m: usize| prepared.iter().any(|p| p.modality_flags()[m]);
+    let stack = |len: usize, get: &dyn Fn(&PreparedCase) -> Option<&Vec<f32>>| {
+        let mut data = Vec::with_capacity(b * len);
+        for p in prepared {
+            match get(p) {
+                Some(v) if v.len() == len => data.extend_from_slice(v),
+                _ => data.extend(std::iter::repeat_n(0.0, len)),
+            }
+        }
+        data
+    };
+    let us = any(0)
+        .then(|| {
+            TensorData::new(
+                vec![b, 1, s, s],
+                stack(s * s, &|p| p.us.as_ref().map(|x| &x.data)),
+            )
+        })
+        .transpose()?;
+    let mri = any(1)
+        .then(|| {
+            TensorData::new(
+                vec![b, 1, d, d, d],
+                stack(d * d * d, &|p| p.mri.as_ref().map(|x| &x.data)),
+            )
+        })
+        .transpose()?;
+    let mg = any(2)
+        .then(|| {
+            TensorData::new(
+                vec![b, 4, s, s],
+                stack(4 * s * s, &|p| p.mg.as_ref().map(|x| &x.data)),
+            )
+        })
+        .transpose()?;
+    let clinical = TensorData::new(
+        vec![b, 5],
+        prepared.iter().flat_map(|p| p.clinical).collect(),
+    )?;
+    Ok(InferRequest {
+        mri,
+        us,
+        mg,
+        clinical,
+        flags: prepared.iter().map(|p| p.modality_flags()).collect(),
+        want_cams: true,
+    })
+}
+
+/// What the outputs need of a source instance.
+struct Header {
+    path: PathBuf,
+    sop_class_uid: String,
+    sop_instance_uid: String,
+    study_instance_uid: String,
+    series_instance_uid: String,
+    modality: String,
+    laterality: Option<String>,
+    view: Option<String>,
+    study: report::StudyAttributes,
+}
+
+impl Header {
+    fn source(&self, frame: Option<u32>) -> report::SourceInstance {
+        report::SourceInstance {
+            sop_class_uid: self.sop_class_uid.clone(),
+            sop_instance_uid: self.sop_instance_uid.clone(),
+            study_instance_uid: self.study_instance_uid.clone(),
+            series_instance_uid: self.series_instance_uid.clone(),
+            modality: self.modality.clone(),
+            laterality: self.laterality.clone(),
+            view: self.view.clone(),
+            frame,
+            study: self.study.clone(),
+        }
+    }
+}
+
+fn read_header(path: &Path) -> Result<Header, String> {
+    let obj: DefaultDicomObject = OpenFileOptions::new()
+        .read_until(tags::PIXEL_DATA)
+        .open_file(path)
+        .map_err(|e| format!("reading a source instance: {e}"))?;
+    let text = |tag| -> String {
+        obj.element_opt(tag)
+            .ok()
+            .flatten()
+            .and_then(|e| e.to_str().ok())
+            .map(|s| s.trim_end_matches(['\0', ' ']).trim().to_string())
+            .unwrap_or_default()
+    };
+    let opt = |s: String| (!s.is_empty()).then_some(s);
+    let laterality = opt(text(tags::IMAGE_LATERALITY)).or_else(|| opt(text(tags::LATERALITY)));
+    let view = opt(text(tags::VIEW_POSITION));
+    Ok(Header {
+        path: path.to_path_buf(),
+        sop_class_uid: text(tags::SOP_CLASS_UID),
+        sop_instance_uid: text(tags::SOP_INSTANCE_UID),
+        study_instance_uid: text(tags::STUDY_INSTANCE_UID),
+        series_instance_uid: text(tags::SERIES_INSTANCE_UID),
+        modality: text(tags::MODALITY),
+        laterality,
+        view,
+        study: report::StudyAttributes {
+            patient_name: text(tags::PATIENT_NAME),
+            patient_id: text(tags::PATIENT_ID),
+            issuer_of_patient_id: opt(text(tags::ISSUER_OF_PATIENT_ID)),
+            patient_birth_date: text(tags::PATIENT_BIRTH_DATE),
+            patient_sex: text(tags::PATIENT_SEX),
+            study_date: text(tags::STUDY_DATE),
+            study_time: text(tags::STUDY_TIME),
+            accession_number: text(tags::ACCESSION_NUMBER),
+            referring_physician_name: text(tags::REFERRING_PHYSICIAN_NAME),
+            study_id: text(tags::STUDY_ID),
+            study_description: opt(text(tags::STUDY_DESCRIPTION)),
+        },
+    })
+}
+
+/// Decode a source frame windowed as the model input saw it, at most
+/// `HEATMAP_MAX_SIDE` on its longer side; returns the image and the scale.
+fn base_image(
+    path: &Path,
+    frame: u32,
+    choice: imaging::VoiWindowChoice,
+) -> Result<(imaging::decode::GrayImage, f64), String> {
+    let obj = dicom_object::open_file(path).map_err(|e| e.to_string())?;
+    let g = imaging::decode::decode_gray(&obj, frame, choice).map_err(|e| e.to_string())?;
+    let longer = g.width.max(g.height);
+    if longer <= HEATMAP_MAX_SIDE {
+        return Ok((g, 1.0));
+    }
+    let scale = HEATMAP_MAX_SIDE as f64 / longer as f64;
+    let (w, h) = (
+        ((g.width as f64 * scale).round() as usize).max(1),
+        ((g.height as f64 * scale).round() as usize).max(1),
+    );
+    Ok((imaging::resize::resize_bilinear(&g, w, h), scale))
+}
+
+fn to_u8(g: &imaging::decode::GrayImage) -> Vec<u8> {
+    g.data
+        .iter()
+        .map(|v| (v.clamp(0.0, 1.0) * 255.0).round() as u8)
+        .collect()
+}
+
+fn planar_heatmap(
+    h: &Header,
+    frame: u32,
+    crop: [f64; 4],
+    cams: &TensorData,
+    sample: usize,
+    role: &str,
+) -> Result<report::Heatmap, String> {
+    let (g, scale) = base_image(&h.path, frame, imaging::VoiWindowChoice::First)?;
+    let (cr, cc) = (
+        cams.shape[cams.shape.len() - 2],
+        cams.shape[cams.shape.len() - 1],
+    );
+    let n = cr * cc;
+    let cam = cams
+        .data
+        .get(sample * n..(sample + 1) * n)
+        .ok_or("CAM batch shorter than the request")?;
+    let [x0, y0, x1, y1] = crop;
+    let bx = report::sc::CropBox {
+        top: (y0 * scale) as f32,
+        left: (x0 * scale) as f32,
+        height: ((y1 - y0) * scale) as f32,
+        width: ((x1 - x0) * scale) as f32,
+    };
+    let cam = report::sc::cam_to_base_grid(
+        cam,
+        cr as u32,
+        cc as u32,
+        bx,
+        g.height as u32,
+        g.width as u32,
+    )
+    .map_err(|e| e.to_string())?;
+    let label = format!(
+        "{} {} {}",
+        h.modality,
+        h.laterality.as_deref().unwrap_or(""),
+        if role == "US" { "" } else { role }
+    );
+    Ok(report::Heatmap {
+        source: h.source((frame > 0).then_some(frame + 1)),
+        base: to_u8(&g),
+        cam,
+        rows: g.height as u32,
+        cols: g.width as u32,
+        label: label.split_whitespace().collect::<Vec<_>>().join(" "),
+    })
+}
+
+/// MRI heatmaps: the axial source slices through the CAM peak (the peak
+/// slice and its neighbours two slices away), the CAM volume sampled at each
+/// source pixel's patient position.
+fn mri_heatmaps(
+    s: &imaging::Selection,
+    headers: &HashMap<String, Header>,
+    cams: &TensorData,
+    sample: usize,
+) -> Result<Vec<report::Heatmap>, String> {
+    let SourceGeometry::Volume {
+        slices,
+        frames,
+        origin,
+        row_dir,
+        col_dir,
+        normal,
+        spacing,
+        box_center_mm,
+        box_side_mm,
+        ..
+    } = &s.geometry
+    else {
+        return Ok(Vec::new());
+    };
+    let n = cams.shape[cams.shape.len() - 1];
+    let vol = cams
+        .data
+        .get(sample * n * n * n..(sample + 1) * n * n * n)
+        .ok_or("CAM batch shorter than the request")?;
+    // Peak of the CAM in input index space (k, j, i) → patient mm.
+    let (peak, _) =
+        vol.iter().enumerate().fold(
+            (0usize, f32::MIN),
+            |acc, (i, &v)| if v > acc.1 { (i, v) } else { acc },
+        );
+    let (pk, pj, pi) = (peak / (n * n), (peak / n) % n, peak % n);
+    let axis = |idx: usize| ((idx as f64 + 0.5) / n as f64 - 0.5) * box_side_mm;
+    let p = [
+        box_center_mm[0] + axis(pi),
+        box_center_mm[1] + axis(pj),
+        box_center_mm[2] + axis(pk),
+    ];
+    let rel = [p[0] - origin[0], p[1] - origin[1], p[2] - origin[2]];
+    let dot = |a: &[f64; 3], b: &[f64; 3]| a[0] * b[0] + a[1] * b[1] + a[2] * b[2];
+    let peak_slice = (dot(&rel, normal) / spacing[0])
+        .round()
+        .clamp(0.0, (*slices - 1) as f64) as usize;
+    let mut chosen = vec![peak_slice];
+    if peak_slice >= 2 {
+        chosen.insert(0, peak_slice - 2);
+    }
+    if peak_slice + 2 < *slices {
+        chosen.push(peak_slice + 2);
+    }
+    let sample_cam = |q: [f64; 3]| -> f32 {
+        // Patient point → continuous input index, trilinear.
+        let f = |c: usize| ((q[c] - box_center_mm[c]) / box_side_mm + 0.5) * n as f64 - 0.5;
+        let (x, y, z) = (f(0), f(1), f(2));
+        if x < -0.5
+            || y < -0.5
+            || z < -0.5
+            || x > n as f64 - 0.5
+            || y > n as f64 - 0.5
+            || z > n as f64 - 0.5
+        {
+            return 0.0;
+        }
+        let cl = |v: f64| v.clamp(0.0, (n - 1) as f64);
+        let (x, y, z) = (cl(x), cl(y), cl(z));
+        let (x0, y0, z0) = (x.floor() as usize, y.floor() as usize, z.floor() as usize);
+        let (x1, y1, z1) = (
+            (x0 + 1).min(n - 1),
+            (y0 + 1).min(n - 1),
+            (z0 + 1).min(n - 1),
+        );
+        let (fx, fy, fz) = (
+            (x - x0 as f64) as f32,
+            (y - y0 as f64) as f32,
+            (z - z0 as f64) as f32,
+        );
+        let at = |k: usize, j: usize, i: usize| vol[(k * n + j) * n + i];
+        let lerp = |a: f32, b: f32, t: f32| a + (b - a) * t;
+        let c00 = lerp(at(z0, y0, x0), at(z0, y0, x1), fx);
+        let c01 = lerp(at(z0, y1, x0), at(z0, y1, x1), fx);
+        let c10 = lerp(at(z1, y0, x0), at(z1, y0, x1), fx);
+        let c11 = lerp(at(z1, y1, x0), at(z1, y1, x1), fx);
+        lerp(lerp(c00, c01, fy), lerp(c10, c11, fy), fz)
+    };
+    let mut out = Vec::new();
+    for sl in chosen {
+        let Some(uid) = s.sop_instance_uids.get(sl) else {
+            continue;
+        };
+        let Some(h) = headers.get(uid) else { continue };
+        let frame = frames.get(sl).copied().unwrap_or(0);
+        let (g, scale) = base_image(&h.path, frame, imaging::VoiWindowChoice::First)?;
+        let mut cam = Vec::with_capacity(g.width * g.height);
+        for r in 0..g.height {
+            for c in 0..g.width {
+                let (sr, sc) = (r as f64 / scale, c as f64 / scale);
+                let mut q = *origin;
+                for a in 0..3 {
+                    q[a] += sc * spacing[2] * row_dir[a]
+                        + sr * spacing[1] * col_dir[a]
+                        + sl as f64 * spacing[0] * normal[a];
+                }
+                cam.push(sample_cam(q));
+            }
+        }
+        out.push(report::Heatmap {
+            source: h.source((frame > 0).then_some(frame + 1)),
+            base: to_u8(&g),
+            cam,
+            rows: g.height as u32,
+            cols: g.width as u32,
+            label: format!("MR slice {}", sl + 1),
+        });
+    }
+    Ok(out)
+}

@@ -1,0 +1,146 @@
+//! The whole node: the synthetic patient in, SR + heatmaps out at a
+//! destination, with restarts between the pieces.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::*;
+use her2map::dimse::client::ClientOptions;
+use her2map::outbox::DestinationSettings;
+use her2map::send::{collect_files, send_files};
+
+fn scu() -> ClientOptions {
+    ClientOptions {
+        calling_ae: "PACS".into(),
+        called_ae: "HER2MAP".into(),
+        ..Default::default()
+    }
+}
+
+fn study(name: &str) -> Vec<PathBuf> {
+    collect_files(&[test_data(&format!("synth-patient/{name}"))])
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "dcm"))
+        .collect()
+}
+
+async fn wait_until<F, Fut>(what: &str, secs: u64, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    while !f().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// C-STORE the patient in three pieces over separate associations,
+/// restarting the node between them: exactly one case becomes ready, once,
+/// and its SR and heatmaps reach the destination in the patient's studies.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_patient_in_pieces_across_restarts_gives_one_result() {
+    let dest_dir = tempfile::tempdir().unwrap();
+    let destination = spawn_app(dest_dir.path()).await;
+    let data = tempfile::tempdir().unwrap();
+    let settings = || {
+        let mut s = test_settings(data.path());
+        s.cases.stable_age_secs = 2;
+        s.destinations = vec![DestinationSettings {
+            ae_title: "HER2MAP".into(),
+            host: "127.0.0.1".into(),
+            port: destination.port(),
+            outputs: None,
+        }];
+        s
+    };
+    for (i, piece) in ["MG", "US", "MR"].iter().enumerate() {
+        let node = spawn_app_with(settings()).await;
+        let files = study(piece);
+        let results = send_files(&node.address(), &scu(), &files, |_| {})
+            .await
+            .unwrap();
+        assert!(results.iter().all(|r| r.ok()), "{piece}: {results:?}");
+        if i < 2 {
+            // Not complete yet: nothing runs, whatever the wait.
+            tokio::time::sleep(Duration::from_millis(2500)).await;
+            let cases = node.db.all_cases().await.unwrap();
+            assert_eq!(cases.len(), 1, "one case for the patient");
+            assert_eq!(cases[0].state, "collecting", "{:?}", cases[0]);
+            node.stop().await;
+            continue;
+        }
+        wait_until("the result to be delivered", 120, || async {
+            let rows = node.db.outbox().await.unwrap();
+            !rows.is_empty() && rows.iter().all(|r| r.state == "sent")
+        })
+        .await;
+        let cases = node.db.all_cases().await.unwrap();
+        assert_eq!(cases.len(), 1);
+        assert_eq!(cases[0].state, "done", "{:?}", cases[0]);
+        let queued: Vec<_> = node
+            .db
+            .events(0, Some("case_state_changed"), 1000)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.detail.as_ref().is_some_and(|d| d["to"] == "queued"))
+            .collect();
+        assert_eq!(queued.len(), 1, "ready exactly once: {queued:?}");
+        let results = node.db.events(0, Some("case_result"), 10).await.unwrap();
+        assert_eq!(results.len(), 1);
+        let sides = &results[0].detail.as_ref().unwrap()["sides"];
+        let prob = sides[0]["prob"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&prob));
+        assert_eq!(
+            sides[0]["modalities_used"].as_array().unwrap().len(),
+            3,
+            "{sides}"
+        );
+
+        // At the destination: one SR per contributing study plus heatmaps,
+        // each in one of the patient's studies.
+        let source_studies: std::collections::BTreeSet<String> = ["MG", "US", "MR"]
+            .iter()
+            .map(|s| her2map_study_uid(&study(s)[0]))
+            .collect();
+        let outputs = node.db.case_outputs(&cases[0].id).await.unwrap();
+        let srs = outputs.iter().filter(|o| o.kind == "sr").count();
+        let scs = outputs.iter().filter(|o| o.kind == "sc").count();
+        assert_eq!(srs, 3, "one SR per study");
+        assert!(scs >= 4, "MG CC + MLO, US, MR slices: {scs}");
+        for o in &outputs {
+            assert!(
+                source_studies.contains(&o.study_instance_uid),
+                "{o:?} outside the patient's studies"
+            );
+            assert!(
+                destination
+                    .db
+                    .instance_path(&o.sop_instance_uid)
+                    .await
+                    .unwrap()
+                    .is_some(),
+                "{o:?} not delivered"
+            );
+        }
+        node.stop().await;
+    }
+    destination.stop().await;
+}
+
+fn her2map_study_uid(path: &std::path::Path) -> String {
+    let obj = dicom_object::open_file(path).unwrap();
+    obj.element(dicom_dictionary_std::tags::STUDY_INSTANCE_UID)
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .trim_end_matches('\0')
+        .to_string()
+}
