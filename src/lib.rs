@@ -8,6 +8,7 @@ pub mod app;
 pub mod cases;
 pub mod config;
 pub mod db;
+pub mod demo;
 pub mod dimse;
 pub mod imaging;
 pub mod inference;

@@ -27,8 +27,38 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the node: DICOM storage SCP, spool and audit log.
+    /// Run the node: DICOM storage SCP, spool and audit log, case assembly,
+    /// inference, results and their delivery.
     Serve,
+    /// The whole node on this machine with a synthetic patient and the demo
+    /// weights; leaves the SR, heatmaps and audit log in OUT.
+    Demo {
+        #[arg(long, default_value = "demo-out")]
+        out: PathBuf,
+    },
+    /// Run the model: on tensors (`--inputs`) or on a folder of DICOM files.
+    Infer {
+        /// The checkpoint (.pth or .safetensors); default: `[model] weights`.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Inputs in the fixtures' safetensors layout (input.mri, input.us,
+        /// input.mg, input.clinical; batch first).
+        #[arg(long, conflicts_with = "dir")]
+        inputs: Option<PathBuf>,
+        /// `US,MRI,MG` flags for every sample (`1,1,1`) or per sample (`1,1,1;0,1,0`).
+        #[arg(long, default_value = "1,1,1")]
+        flags: String,
+        /// A folder of one patient's DICOM files (any layout).
+        dir: Option<PathBuf>,
+        /// With a DICOM folder: write the exact input tensors here.
+        #[arg(long)]
+        dump_inputs: Option<PathBuf>,
+        /// Device: cpu or cuda:N; default: `[model] device`.
+        #[arg(long)]
+        device: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// C-STORE DICOM files (or folders of them) to a peer.
     Send {
         /// Peer address, HOST:PORT.
@@ -135,7 +165,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_tracing(Some(&settings));
+    // The demo prints its own summary; its logs stay quiet unless asked.
+    let mut log_settings = settings.clone();
+    if matches!(cli.command, Command::Demo { .. }) && std::env::var_os("RUST_LOG").is_none() {
+        log_settings.log.level = "warn".into();
+    }
+    init_tracing(Some(&log_settings));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -162,6 +197,50 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
             let shutdown = CancellationToken::new();
             tokio::spawn(stop_on_signal(shutdown.clone()));
             app.run_until_stopped(shutdown).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo { out } => {
+            let summary = her2map::demo::run(settings, &out).await?;
+            print!("{summary}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Infer {
+            model,
+            inputs,
+            flags,
+            dir,
+            dump_inputs,
+            device,
+            json,
+        } => {
+            let weights = match model {
+                Some(m) => m,
+                None => settings.model.weights_path()?,
+            };
+            let device = device.unwrap_or_else(|| settings.model.device.clone());
+            let imaging = settings.imaging.clone();
+            let value =
+                tokio::task::spawn_blocking(move || -> anyhow::Result<serde_json::Value> {
+                    match (inputs, dir) {
+                        (Some(inputs), None) => Ok(her2map::inference::infer_tensors_file(
+                            &weights, &inputs, &flags, &device,
+                        )?),
+                        (None, Some(dir)) => Ok(her2map::pipeline::infer_dicom_folder(
+                            &weights,
+                            &device,
+                            &dir,
+                            &imaging,
+                            dump_inputs.as_deref(),
+                        )?),
+                        _ => anyhow::bail!("give either --inputs FILE or a DICOM folder"),
+                    }
+                })
+                .await??;
+            if json {
+                println!("{}", serde_json::to_string(&value)?);
+            } else {
+                println!("{}", serde_json::to_string_pretty(&value)?);
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Echo {

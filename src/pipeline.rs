@@ -478,6 +478,8 @@ impl ReportJob {
             imaging::Laterality::Left => "L".to_string(),
             imaging::Laterality::Right => "R".to_string(),
         });
+        // The ROI method of a modality is that of its tumour crop where it
+        // has one (MG), else of its single input.
         let mut roi_methods: Vec<(String, String)> = Vec::new();
         for s in &p.selections {
             let m = match s.modality {
@@ -485,8 +487,10 @@ impl ReportJob {
                 SelModality::Us => "US",
                 SelModality::Mr => "MR",
             };
-            if !roi_methods.iter().any(|(k, _)| k == m) {
-                roi_methods.push((m.to_string(), s.roi_provider.clone()));
+            match roi_methods.iter_mut().find(|(k, _)| k == m) {
+                Some(entry) if s.role.contains("crop") => entry.1 = s.roi_provider.clone(),
+                Some(_) => {}
+                None => roi_methods.push((m.to_string(), s.roi_provider.clone())),
             }
         }
         let mut notes = p.notes.clone();
@@ -944,4 +948,104 @@ fn mri_heatmaps(
         });
     }
     Ok(out)
+}
+
+/// `her2map infer --model W DIR`: build the case from the DICOM files under
+/// `dir` (one patient, any layout), run it, and describe what was chosen.
+/// With `dump`, the exact input tensors are written as safetensors
+/// (`input.mri`, `input.us`, `input.mg`, `input.clinical`) for `--inputs`.
+pub fn infer_dicom_folder(
+    weights: &Path,
+    device: &str,
+    dir: &Path,
+    imaging_settings: &ImagingSettings,
+    dump: Option<&Path>,
+) -> Result<serde_json::Value, PipelineError> {
+    let engine = crate::inference::Engine::start(weights, device, 1)?;
+    let cfg = engine.config();
+    let grid = InputGrid {
+        mri: cfg.mri.img_size,
+        image: cfg.us.img_size,
+    };
+    let files = crate::send::collect_files(&[dir.to_path_buf()]);
+    let prepared: Vec<PreparedCase> = imaging::prepare_case_sides(&files, imaging_settings, grid)
+        .into_iter()
+        .filter(|p| p.modality_flags().iter().any(|f| *f))
+        .collect();
+    if prepared.is_empty() {
+        return Err(PipelineError::NoInput(format!(
+            "no usable image under {}",
+            dir.display()
+        )));
+    }
+    let request = build_request(&prepared, grid)?;
+    if let Some(path) = dump {
+        dump_inputs(&request, path)?;
+    }
+    let response = engine.infer_blocking(request)?;
+    let sides: Vec<serde_json::Value> = prepared
+        .iter()
+        .zip(&response.samples)
+        .map(|(p, s)| {
+            serde_json::json!({
+                "lesion_side": p.lesion_side.side.map(|s| format!("{s:?}")),
+                "lesion_side_basis": p.lesion_side.detail,
+                "flags": { "us": p.modality_flags()[0], "mri": p.modality_flags()[1], "mg": p.modality_flags()[2] },
+                "prob": s.prob,
+                "logits": s.logits,
+                "branch_probs": { "us": s.branch_probs[0], "mri": s.branch_probs[1], "mg": s.branch_probs[2] },
+                "selections": p.selections.iter().map(|sel| serde_json::json!({
+                    "modality": format!("{:?}", sel.modality),
+                    "role": sel.role,
+                    "roi_provider": sel.roi_provider,
+                    "study_instance_uid": sel.study_instance_uid,
+                    "series_instance_uid": sel.series_instance_uid,
+                    "instances": sel.sop_instance_uids.len(),
+                    "first_instance": sel.sop_instance_uids.first(),
+                })).collect::<Vec<_>>(),
+                "clinical": p.clinical,
+                "clinical_missing": p.clinical_missing,
+                "errors": p.errors.iter().map(|e| format!("{}: {}", e.file.display(), e.message)).collect::<Vec<_>>(),
+                "notes": p.notes,
+            })
+        })
+        .collect();
+    Ok(serde_json::json!({
+        "weights_sha256": response.weights_sha256,
+        "grid": { "mri": grid.mri, "image": grid.image },
+        "compute_ms": response.compute_ms,
+        "sides": sides,
+    }))
+}
+
+/// Write a request's tensors in the fixtures' safetensors layout; an absent
+/// branch is left out (replay it with its flag 0).
+fn dump_inputs(request: &InferRequest, path: &Path) -> Result<(), PipelineError> {
+    let entries = [
+        ("input.mri", request.mri.as_ref()),
+        ("input.us", request.us.as_ref()),
+        ("input.mg", request.mg.as_ref()),
+        ("input.clinical", Some(&request.clinical)),
+    ];
+    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = entries
+        .into_iter()
+        .filter_map(|(k, t)| t.map(|t| (k, t)))
+        .map(|(k, t)| {
+            (
+                k.to_string(),
+                t.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                t.shape.clone(),
+            )
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
+        .iter()
+        .map(|(k, data, shape)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data)
+                .map(|v| (k.clone(), v))
+                .map_err(|e| PipelineError::Other(e.to_string()))
+        })
+        .collect::<Result<_, _>>()?;
+    safetensors::serialize_to_file(views, None, path)
+        .map_err(|e| PipelineError::Other(e.to_string()))
 }

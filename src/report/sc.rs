@@ -372,6 +372,38 @@ pub fn cam_to_base_grid(
     Ok(out)
 }
 
+/// Write an RGB secondary capture (as this module makes them: 8-bit,
+/// interleaved, uncompressed) as a PNG, for people to look at.
+pub fn write_png(
+    obj: &dicom_object::DefaultDicomObject,
+    path: &std::path::Path,
+) -> Result<(), ReportError> {
+    use dicom_dictionary_std::tags;
+    let uint = |tag| -> Option<u32> { obj.element(tag).ok()?.to_int::<u32>().ok() };
+    let (rows, cols) = match (uint(tags::ROWS), uint(tags::COLUMNS)) {
+        (Some(r), Some(c)) => (r, c),
+        _ => {
+            return Err(ReportError::InvalidInput(
+                "not an image: no Rows/Columns".into(),
+            ));
+        }
+    };
+    let pixels = obj
+        .element(tags::PIXEL_DATA)
+        .ok()
+        .and_then(|e| e.to_bytes().ok())
+        .ok_or_else(|| ReportError::InvalidInput("no native pixel data".into()))?;
+    let n = (rows * cols * 3) as usize;
+    let frame = pixels
+        .get(..n)
+        .ok_or_else(|| ReportError::InvalidInput("pixel data shorter than one RGB frame".into()))?
+        .to_vec();
+    let img = image::RgbImage::from_raw(cols, rows, frame)
+        .ok_or_else(|| ReportError::InvalidInput("pixel buffer size".into()))?;
+    img.save(path)
+        .map_err(|e| ReportError::InvalidInput(format!("writing {}: {e}", path.display())))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
