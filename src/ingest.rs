@@ -324,6 +324,24 @@ impl StoreService for Ingest {
         info: &AssociationInfo,
         request: &StoreRequest,
     ) -> Result<IngestSink, DimseStatus> {
+        // The file meta group repeats these UIDs, and a meta group with
+        // other characters than digits, dots and padding cannot be read
+        // back (by the node or anyone): refuse before receiving.
+        for (name, uid) in [
+            ("SOP Class", &request.sop_class_uid),
+            ("SOP Instance", &request.sop_instance_uid),
+        ] {
+            if !uid
+                .chars()
+                .all(|c| c == '.' || c.is_ascii_digit() || c == '\0' || c == ' ')
+            {
+                let s = DimseStatus::failure(
+                    status::CANNOT_UNDERSTAND,
+                    format!("Affected {name} UID is not a UID"),
+                );
+                return Err(self.fail(info, request, s).await);
+            }
+        }
         let header = part10::encode_header(
             &request.sop_class_uid,
             &request.sop_instance_uid,
