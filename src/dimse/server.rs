@@ -480,13 +480,16 @@ impl<S: StoreService> Exchange<'_, S> {
     ) -> Result<(), &'static str> {
         match pdv.value_type {
             PDataValueType::Command => {
-                let (pc_id, mut bytes) = match std::mem::replace(state, InFlight::Idle) {
+                // A command in the middle of a data set leaves the state as
+                // it is, so that the caller discards the partial instance.
+                let (pc_id, mut bytes) = match state {
                     InFlight::Idle => (pdv.presentation_context_id, Vec::new()),
-                    InFlight::Command { pc_id, bytes } if pc_id == pdv.presentation_context_id => {
-                        (pc_id, bytes)
+                    InFlight::Command { pc_id, bytes } if *pc_id == pdv.presentation_context_id => {
+                        (*pc_id, std::mem::take(bytes))
                     }
                     _ => return Err("aborted: command fragment out of sequence"),
                 };
+                *state = InFlight::Idle;
                 bytes.extend_from_slice(&pdv.data);
                 if bytes.len() > MAX_COMMAND_BYTES {
                     return Err("aborted: command set too large");
