@@ -613,6 +613,14 @@ impl<S: StoreService> Exchange<'_, S> {
                             "C-STORE-RQ lacks Affected SOP Instance UID",
                         )),
                     )
+                } else if command.affected_sop_class_uid.is_empty() {
+                    (
+                        None,
+                        Some(DimseStatus::failure(
+                            status::MISTYPED_ARGUMENT,
+                            "C-STORE-RQ lacks Affected SOP Class UID",
+                        )),
+                    )
                 } else if command::trim_uid(&pc.abstract_syntax) != command.affected_sop_class_uid
                     && !(self.config.accept_any_storage
                         && sop::is_storage_class(&command.affected_sop_class_uid))
