@@ -417,3 +417,35 @@ fn readme_lists_every_input() {
         );
     }
 }
+
+/// Inputs the fuzzers flagged (test-data/bad/fuzz-artifacts/, named after
+/// their target): each decodes, or fails to, quickly and without panicking.
+#[test]
+fn fuzz_artifacts_decode_without_panic() {
+    let dir = corpus_dir().join("fuzz-artifacts");
+    for entry in std::fs::read_dir(&dir).expect("fuzz-artifacts") {
+        let path = entry.unwrap().path();
+        let data = std::fs::read(&path).unwrap();
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        let started = Instant::now();
+        if name.starts_with("pdu_command") {
+            let mut rest = &data[..];
+            while let Ok(Some(pdu)) = dicom_ul::pdu::read_pdu(&mut rest, 65536, true) {
+                if let Pdu::PData { data } = pdu {
+                    for pdv in data {
+                        let _ = command::Command::decode(&pdv.data);
+                    }
+                }
+            }
+            let _ = command::Command::decode(&data);
+        } else if let Some((_, dataset)) = data.split_first() {
+            let mut file = her2map::part10::encode_header(MR, "1.2.3.4", EXPLICIT, "FUZZ").unwrap();
+            file.extend_from_slice(dataset);
+            let _ = her2map::ingest::parse_header_bytes(&file);
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{name} took too long"
+        );
+    }
+}
