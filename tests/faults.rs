@@ -136,7 +136,11 @@ async fn a_full_disk_answers_out_of_resources_and_recovers() {
     // "Full" = below a minimum just under today's free space; a filler file
     // crosses it, deleting the filler brings the space back.
     let margin: u64 = 512 << 20;
-    assert!(free > 3 * margin, "test needs {} MB free", (3 * margin) >> 20);
+    assert!(
+        free > 3 * margin,
+        "test needs {} MB free",
+        (3 * margin) >> 20
+    );
     let mut s = test_settings(data.path());
     s.storage.min_free_mb = (free - margin) >> 20;
     let app = spawn_app_with(s).await;
