@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use dicom_dictionary_std::tags;
+use dicom_object::file::ReadPreamble;
 use dicom_object::{DefaultDicomObject, OpenFileOptions};
 use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
@@ -96,27 +97,115 @@ pub fn patient_key(patient_id: &str, issuer: &str) -> String {
 }
 
 /// The attributes the index needs, read from the data set header.
-struct Header {
-    patient_id_key: String,
-    laterality: String,
-    view: String,
-    series_description: String,
-    image_type: String,
-    sop_class_uid: String,
-    sop_instance_uid: String,
-    study_instance_uid: String,
-    series_instance_uid: String,
-    patient_key: String,
-    modality: String,
-    study_date: String,
+#[derive(Debug, Clone)]
+pub struct Header {
+    pub patient_id_key: String,
+    pub laterality: String,
+    pub view: String,
+    pub series_description: String,
+    pub image_type: String,
+    pub sop_class_uid: String,
+    pub sop_instance_uid: String,
+    pub study_instance_uid: String,
+    pub series_instance_uid: String,
+    pub patient_key: String,
+    pub modality: String,
+    pub study_date: String,
 }
 
+/// Sequences nested deeper than this are refused (0xC000): the parser
+/// builds nested items recursively, and a few thousand levels (a few tens of
+/// kilobytes of hostile input) overflow a thread's stack and kill the node.
+/// Real data sets (SR content trees included) stay far below.
+pub const MAX_SEQUENCE_DEPTH: usize = 64;
+
 fn read_header(path: PathBuf) -> Result<Header, String> {
+    let open = || {
+        std::fs::File::open(&path)
+            .map(std::io::BufReader::new)
+            .map_err(|e| e.to_string())
+    };
+    let len = std::fs::metadata(&path).map_err(|e| e.to_string())?.len();
+    check_structure(open()?, len)?;
+    parse_header(open()?)
+}
+
+/// The header parse of ingest on the bytes of a whole Part 10 file (preamble,
+/// meta group, data set), as the spool holds it: what the sink runs on every
+/// received instance, for tests and fuzzing.
+pub fn parse_header_bytes(bytes: &[u8]) -> Result<Header, String> {
+    check_structure(bytes, bytes.len() as u64)?;
+    parse_header(bytes)
+}
+
+/// Walk the data set's tokens (a flat, iterative reader) up to Pixel Data
+/// and refuse, before the parse that builds the object sees them, nesting
+/// beyond [`MAX_SEQUENCE_DEPTH`] and values longer than the file itself
+/// (the parser zero-fills a buffer of the declared length before reading:
+/// a 4 GB claim in a 1 KB file costs 4 GB of memory and minutes).
+fn check_structure<R: std::io::Read>(mut source: R, file_len: u64) -> Result<(), String> {
+    use dicom_encoding::transfer_syntax::{Codec, TransferSyntaxIndex};
+    use dicom_parser::dataset::{DataSetReader, DataToken};
+    use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
+
+    let mut preamble = [0u8; 128];
+    source
+        .read_exact(&mut preamble)
+        .map_err(|e| format!("preamble: {e}"))?;
+    let meta =
+        dicom_object::meta::FileMetaTable::from_reader(&mut source).map_err(|e| e.to_string())?;
+    let ts = TransferSyntaxRegistry
+        .get(meta.transfer_syntax())
+        .ok_or_else(|| format!("unknown transfer syntax {}", meta.transfer_syntax()))?;
+    // Deflate expands at most ~1032:1.
+    let max_value_len = if matches!(ts.codec(), Codec::Dataset(Some(_))) {
+        file_len.saturating_mul(1032)
+    } else {
+        file_len
+    };
+    let source: Box<dyn std::io::Read + '_> = match ts.codec() {
+        Codec::Dataset(Some(adapter)) => adapter.adapt_reader(Box::new(source)),
+        Codec::Dataset(None) => {
+            return Err(format!("transfer syntax {} cannot be read", ts.uid()));
+        }
+        _ => Box::new(source),
+    };
+    let reader = DataSetReader::new_with_ts(source, ts).map_err(|e| e.to_string())?;
+    let mut depth = 0usize;
+    for token in reader {
+        match token.map_err(|e| e.to_string())? {
+            DataToken::SequenceStart { .. } => {
+                depth += 1;
+                if depth > MAX_SEQUENCE_DEPTH {
+                    return Err(format!(
+                        "sequences nested deeper than {MAX_SEQUENCE_DEPTH} levels"
+                    ));
+                }
+            }
+            DataToken::SequenceEnd => depth = depth.saturating_sub(1),
+            DataToken::ElementHeader(h) if depth == 0 && h.tag == tags::PIXEL_DATA => break,
+            DataToken::ElementHeader(h)
+                if h.len.get().is_some_and(|l| u64::from(l) > max_value_len) =>
+            {
+                return Err(format!(
+                    "element {} claims {} bytes, more than the data set holds",
+                    h.tag, h.len.0
+                ));
+            }
+            DataToken::PixelSequenceStart if depth == 0 => break,
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn parse_header<R: std::io::Read>(source: R) -> Result<Header, String> {
     // Pixel data is not needed to index; it is decoded (and any error in it
     // reported) when a case uses the instance.
     let obj: DefaultDicomObject = OpenFileOptions::new()
+        .read_preamble(ReadPreamble::Always)
         .read_until(tags::PIXEL_DATA)
-        .open_file(&path)
+        .from_reader(source)
         .map_err(|e| e.to_string())?;
     let text = |tag| -> String {
         obj.element_opt(tag)
@@ -235,6 +324,24 @@ impl StoreService for Ingest {
         info: &AssociationInfo,
         request: &StoreRequest,
     ) -> Result<IngestSink, DimseStatus> {
+        // The file meta group repeats these UIDs, and a meta group with
+        // other characters than digits, dots and padding cannot be read
+        // back (by the node or anyone): refuse before receiving.
+        for (name, uid) in [
+            ("SOP Class", &request.sop_class_uid),
+            ("SOP Instance", &request.sop_instance_uid),
+        ] {
+            if !uid
+                .chars()
+                .all(|c| c == '.' || c.is_ascii_digit() || c == '\0' || c == ' ')
+            {
+                let s = DimseStatus::failure(
+                    status::CANNOT_UNDERSTAND,
+                    format!("Affected {name} UID is not a UID"),
+                );
+                return Err(self.fail(info, request, s).await);
+            }
+        }
         let header = part10::encode_header(
             &request.sop_class_uid,
             &request.sop_instance_uid,

@@ -64,6 +64,7 @@ pub fn trim_uid(uid: &str) -> &str {
 impl Command {
     /// Decode a command set (always Implicit VR Little Endian, PS3.7 6.3.1).
     pub fn decode(bytes: &[u8]) -> Result<Self, CommandError> {
+        check_layout(bytes)?;
         let ts = IMPLICIT_VR_LITTLE_ENDIAN.erased();
         let obj = InMemDicomObject::read_dataset_with_ts(bytes, &ts)
             .map_err(|e| CommandError::Parse(e.to_string()))?;
@@ -96,6 +97,44 @@ impl Command {
             has_data_set: data_set_type != NO_DATA_SET,
         })
     }
+}
+
+/// Walk the elements of a command set before parsing it: each must be in
+/// group 0000 (PS3.7 6.3.1), of defined length, and end inside the buffer.
+/// Group 0000 holds no sequence, so this also rules out the nesting that
+/// would otherwise recurse in the parser until the stack overflows (an item
+/// of undefined length, or a sequence of another group, thousands deep).
+fn check_layout(bytes: &[u8]) -> Result<(), CommandError> {
+    let mut at = 0usize;
+    while at < bytes.len() {
+        let Some(header) = bytes.get(at..at + 8) else {
+            return Err(CommandError::Parse(format!(
+                "truncated element header at byte {at}"
+            )));
+        };
+        let group = u16::from_le_bytes([header[0], header[1]]);
+        let element = u16::from_le_bytes([header[2], header[3]]);
+        let len = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+        if group != 0x0000 {
+            return Err(CommandError::Parse(format!(
+                "element ({group:04X},{element:04X}) outside group 0000"
+            )));
+        }
+        if len == u32::MAX {
+            return Err(CommandError::Parse(format!(
+                "element (0000,{element:04X}) of undefined length"
+            )));
+        }
+        match (at + 8).checked_add(len as usize) {
+            Some(end) if end <= bytes.len() => at = end,
+            _ => {
+                return Err(CommandError::Parse(format!(
+                    "element (0000,{element:04X}) of {len} bytes runs past the end"
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn encode(obj: &InMemDicomObject) -> Result<Vec<u8>, CommandError> {
@@ -273,5 +312,31 @@ mod tests {
         )]);
         let err = Command::decode(&encode(&obj).unwrap()).unwrap_err();
         assert!(err.to_string().contains("MessageID"), "{err}");
+    }
+
+    #[test]
+    fn nested_or_foreign_or_overlong_elements_are_refused_before_parsing() {
+        let echo = echo_request(1).unwrap();
+        // Thousands of nested items of undefined length in an unknown element.
+        let mut nested = echo.clone();
+        for _ in 0..5000 {
+            nested.extend_from_slice(&[0, 0, 0, 0x50, 0xFF, 0xFF, 0xFF, 0xFF]);
+            nested.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0, 0xFF, 0xFF, 0xFF, 0xFF]);
+        }
+        let err = Command::decode(&nested).unwrap_err();
+        assert!(err.to_string().contains("undefined length"), "{err}");
+        let mut foreign = echo.clone();
+        foreign.extend_from_slice(&[0x08, 0, 0x15, 0x11, 0, 0, 0, 0]);
+        let err = Command::decode(&foreign).unwrap_err();
+        assert!(err.to_string().contains("outside group 0000"), "{err}");
+        let mut overlong = echo.clone();
+        overlong.extend_from_slice(&[0, 0, 0, 0x40, 0xF0, 0xFF, 0xFF, 0xFF, b'x', b'x']);
+        let err = Command::decode(&overlong).unwrap_err();
+        assert!(err.to_string().contains("past the end"), "{err}");
+        assert!(Command::decode(&echo[..echo.len() - 3]).is_err());
+        assert_eq!(
+            Command::decode(&echo).unwrap().command_field,
+            field::C_ECHO_RQ
+        );
     }
 }

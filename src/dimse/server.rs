@@ -312,11 +312,27 @@ async fn serve<S: StoreService>(
 ) {
     let seen = Arc::new(std::sync::Mutex::new((String::new(), String::new())));
     let options = association_options(config, peer.ip(), seen.clone());
+    // dicom-ul drops the connection without a word when the first PDU does
+    // not parse (or exceeds the maximum length); keep a second handle on the
+    // socket to answer that with an A-ABORT (PS3.8 9.3.8, state table AA-1).
+    let (socket, spare) = match with_spare_handle(socket) {
+        Ok(pair) => pair,
+        Err(e) => {
+            warn!(%peer, error = %e, "connection could not be set up");
+            return;
+        }
+    };
     let mut assoc = match options.establish_async(socket).await {
-        Ok(a) => a,
+        Ok(a) => {
+            drop(spare);
+            a
+        }
         Err(e) => {
             let reason = describe_establish_error(&e);
             let (calling, called) = seen.lock().map(|s| s.clone()).unwrap_or_default();
+            if malformed_first_pdu(&e) {
+                abort_and_close(spare).await;
+            }
             warn!(%peer, %reason, "association rejected");
             service
                 .association_rejected(peer, &calling, &called, &reason)
@@ -346,6 +362,63 @@ async fn serve<S: StoreService>(
     .await;
     info!(association = %info.id, outcome, stored = stats.stored, failed = stats.failed, "association closed");
     service.association_closed(&info, outcome, &stats).await;
+}
+
+/// The socket, and a duplicate of its descriptor for the error path.
+fn with_spare_handle(socket: TcpStream) -> std::io::Result<(TcpStream, std::net::TcpStream)> {
+    let std = socket.into_std()?;
+    let spare = std.try_clone()?;
+    Ok((TcpStream::from_std(std)?, spare))
+}
+
+/// The A-ASSOCIATE-RQ (or what came instead) could not be decoded: not a
+/// network error, a timeout or a closed connection (the state table closes
+/// those silently), and not a PDU dicom-ul already answered.
+fn malformed_first_pdu(e: &dicom_ul::association::Error) -> bool {
+    use dicom_ul::association::Error;
+    matches!(e, Error::ReceivePdu { source, .. }
+        if !matches!(source, dicom_ul::pdu::ReadError::ReadPdu { .. }))
+}
+
+/// Send A-ABORT (service provider, invalid PDU parameter) on the spare
+/// handle of a connection whose first PDU did not decode, and close it.
+async fn abort_and_close(spare: std::net::TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    let Ok(mut socket) = TcpStream::from_std(spare) else {
+        return;
+    };
+    let abort = Pdu::AbortRQ {
+        source: AbortRQSource::ServiceProvider(AbortRQServiceProviderReason::InvalidPduParameter),
+    };
+    let mut out = Vec::new();
+    if dicom_ul::pdu::write_pdu(&mut out, &abort).is_ok()
+        && tokio::time::timeout(Duration::from_secs(2), socket.write_all(&out))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    {
+        close_gracefully(&mut socket).await;
+    }
+}
+
+/// After an A-ABORT: close our side and read (and drop) what the peer still
+/// sends for a moment, up to 1 MiB, so that closing a socket with unread
+/// bytes does not send a TCP reset, which can destroy the A-ABORT before
+/// the peer reads it (PS3.8 9.1.6: the provider waits for the peer to close).
+async fn close_gracefully<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(stream: &mut T) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let drain = async {
+        stream.shutdown().await?;
+        let mut sink = vec![0u8; 16 * 1024];
+        let mut total = 0usize;
+        while total < (1 << 20) {
+            match stream.read(&mut sink).await? {
+                0 => break,
+                n => total += n,
+            }
+        }
+        std::io::Result::Ok(())
+    };
+    let _ = tokio::time::timeout(Duration::from_millis(500), drain).await;
 }
 
 fn describe_establish_error(e: &dicom_ul::association::Error) -> String {
@@ -464,12 +537,15 @@ impl<S: StoreService> Exchange<'_, S> {
     }
 
     async fn abort(&mut self, reason: AbortRQServiceProviderReason) {
-        let _ = self
+        let sent = self
             .assoc
             .send(&Pdu::AbortRQ {
                 source: AbortRQSource::ServiceProvider(reason),
             })
             .await;
+        if sent.is_ok() {
+            close_gracefully(self.assoc.inner_stream()).await;
+        }
     }
 
     /// Handle one presentation data value. An `Err` aborts the association.
@@ -480,13 +556,16 @@ impl<S: StoreService> Exchange<'_, S> {
     ) -> Result<(), &'static str> {
         match pdv.value_type {
             PDataValueType::Command => {
-                let (pc_id, mut bytes) = match std::mem::replace(state, InFlight::Idle) {
+                // A command in the middle of a data set leaves the state as
+                // it is, so that the caller discards the partial instance.
+                let (pc_id, mut bytes) = match state {
                     InFlight::Idle => (pdv.presentation_context_id, Vec::new()),
-                    InFlight::Command { pc_id, bytes } if pc_id == pdv.presentation_context_id => {
-                        (pc_id, bytes)
+                    InFlight::Command { pc_id, bytes } if *pc_id == pdv.presentation_context_id => {
+                        (*pc_id, std::mem::take(bytes))
                     }
                     _ => return Err("aborted: command fragment out of sequence"),
                 };
+                *state = InFlight::Idle;
                 bytes.extend_from_slice(&pdv.data);
                 if bytes.len() > MAX_COMMAND_BYTES {
                     return Err("aborted: command set too large");
@@ -608,6 +687,14 @@ impl<S: StoreService> Exchange<'_, S> {
                         Some(DimseStatus::failure(
                             status::MISTYPED_ARGUMENT,
                             "C-STORE-RQ lacks Affected SOP Instance UID",
+                        )),
+                    )
+                } else if command.affected_sop_class_uid.is_empty() {
+                    (
+                        None,
+                        Some(DimseStatus::failure(
+                            status::MISTYPED_ARGUMENT,
+                            "C-STORE-RQ lacks Affected SOP Class UID",
                         )),
                     )
                 } else if command::trim_uid(&pc.abstract_syntax) != command.affected_sop_class_uid

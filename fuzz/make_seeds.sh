@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Seed corpora from test-data/bad (and MR_small.dcm) into fuzz/seeds/.
+set -euo pipefail
+cd "$(dirname "$0")"
+rm -rf seeds && mkdir -p seeds/pdu_command seeds/ingest_dataset
+for f in ../test-data/bad/raw_*.bin ../test-data/bad/cmd_*.bin; do
+    cp "$f" seeds/pdu_command/
+done
+# ingest_dataset: first byte 1 = Explicit VR Little Endian.
+for f in ../test-data/bad/ds_*.bin; do
+    { printf '\x01'; cat "$f"; } > "seeds/ingest_dataset/$(basename "$f")"
+done
+python3 - <<'PY'
+import pydicom, pydicom.filebase
+from pydicom.filewriter import write_dataset
+ds = pydicom.dcmread("../test-data/dicom/MR_small.dcm")
+for sel, implicit in ((0, True), (1, False)):
+    fp = pydicom.filebase.DicomBytesIO()
+    fp.is_little_endian = True
+    fp.is_implicit_VR = implicit
+    write_dataset(fp, ds)
+    open(f"seeds/ingest_dataset/mr_small_{sel}.bin", "wb").write(bytes([sel]) + fp.getvalue())
+PY
+ls seeds/* | wc -l
