@@ -7,4 +7,4 @@ if [ -z "${HER2MAP_PYDICOM_DIR:-}" ] || [ -z "${HER2MAP_PYDICOM_DATA_DIR:-}" ]; 
     eval "$(sh scripts/pydicom-paths.sh)"
 fi
 export HER2MAP_PYDICOM_DIR HER2MAP_PYDICOM_DATA_DIR
-cargo test --all-targets "$@"
+cargo test "$@"

@@ -196,7 +196,21 @@ impl Engine {
             .spawn(move || {
                 // Ends when every EngineHandle has been dropped.
                 while let Some(job) = rx.blocking_recv() {
-                    let result = run_request(&model, &job.req).map(|mut r| {
+                    // A panic inside candle on some odd input must fail that
+                    // request, not take the engine down for every later one.
+                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        run_request(&model, &job.req)
+                    }))
+                    .unwrap_or_else(|panic| {
+                        let msg = panic
+                            .downcast_ref::<String>()
+                            .map(String::as_str)
+                            .or_else(|| panic.downcast_ref::<&str>().copied())
+                            .unwrap_or("unknown panic");
+                        tracing::error!(%msg, "model panicked on a request");
+                        Err(ModelError::Engine(format!("model panicked: {msg}")))
+                    })
+                    .map(|mut r| {
                         r.total_ms = job.submitted.elapsed().as_secs_f64() * 1e3;
                         r
                     });
@@ -275,8 +289,7 @@ fn run_request(model: &MapModel, req: &InferRequest) -> Result<InferResponse, Mo
     let mut cams: [Option<BranchCams>; 3] = [None, None, None];
     if req.want_cams {
         for (k, slot) in cams.iter_mut().enumerate() {
-            if let (Some(g), Some(r), Some(i)) =
-                (&out.cams[k], &out.cams_raw[k], &out.cams_input[k])
+            if let (Some(g), Some(r), Some(i)) = (&out.cams_grid[k], &out.cams_raw[k], &out.cams[k])
             {
                 *slot = Some(BranchCams {
                     grid: TensorData::from_tensor(g)?,

@@ -219,3 +219,197 @@ fn serve_send_echo_audit_and_graceful_stop() {
     child.kill().unwrap();
     let _ = child.wait();
 }
+
+/// No PHI in logs: a patient with a distinctive name and ID goes through
+/// the whole node (debug logging on); neither appears in any log line.
+#[test]
+fn no_patient_name_or_id_in_the_logs() {
+    let dir = tempfile::tempdir().unwrap();
+    let patient = dir.path().join("patient");
+    let out = her2map()
+        .args(["synth"])
+        .arg(&patient)
+        .args([
+            "--patient-name",
+            "Zyxwvut^Quenelda",
+            "--patient-id",
+            "PID-8675309-XQ",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let data = dir.path().join("data");
+    let mut child = her2map()
+        .arg("serve")
+        .env("HER2MAP__DICOM__PORT", "0")
+        .env("HER2MAP__DICOM__HOST", "127.0.0.1")
+        .env("HER2MAP__STORAGE__DATA_DIR", &data)
+        .env("HER2MAP__MODEL__DEMO", "true")
+        .env("HER2MAP__CASES__STABLE_AGE_SECS", "1")
+        .env("RUST_LOG", "debug")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut log = Vec::new();
+    let port = loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("listening line");
+        log.push(line.clone());
+        if let Some(rest) = line.split("listening on ").nth(1) {
+            let addr: String = rest.chars().take_while(|c| !c.is_whitespace()).collect();
+            break addr.rsplit(':').next().unwrap().to_string();
+        }
+    };
+    let out = her2map()
+        .args([
+            "send",
+            &format!("127.0.0.1:{port}"),
+            "--called-ae",
+            "HER2MAP",
+        ])
+        .arg(&patient)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // Wait for the case to be reported (the pipeline logs "case result").
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+            let done = line.contains("case result");
+            log.push(line);
+            if done {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "no case result in the log");
+    }
+    let status = sigterm_and_wait(child);
+    assert!(status.success());
+    while let Ok(line) = rx.recv_timeout(Duration::from_millis(300)) {
+        log.push(line);
+    }
+    let all = log.join("\n");
+    assert!(
+        all.lines().count() > 20,
+        "debug logging produced too little to mean anything"
+    );
+    for phi in ["Zyxwvut", "Quenelda", "8675309"] {
+        assert!(!all.contains(phi), "PHI {phi:?} found in the logs");
+    }
+}
+
+#[test]
+fn infer_on_tensors_on_a_dicom_folder_and_the_replay_agree() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| -> serde_json::Value {
+        let out = her2map()
+            .arg("infer")
+            .args(args)
+            .arg("--json")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("JSON")
+    };
+    let pth = test_data("parity/map_small_weights.pth");
+    let weights = test_data("parity/map_small_weights.safetensors");
+    // The fixtures' `all` case, from the .pth: the reference probabilities.
+    let v = run(&[
+        "--model",
+        pth.to_str().unwrap(),
+        "--inputs",
+        test_data("parity/map_small_io.safetensors")
+            .to_str()
+            .unwrap(),
+        "--flags",
+        "1,1,1",
+    ]);
+    let probs: Vec<f64> = v["samples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["prob"].as_f64().unwrap())
+        .collect();
+    assert!(
+        (probs[0] - 0.576224).abs() < 1e-4 && (probs[1] - 0.569879).abs() < 1e-4,
+        "{probs:?}"
+    );
+    assert_eq!(v["weights_sha256"].as_str().unwrap().len(), 64);
+    // Per-sample flags: an absent branch is null.
+    let v = run(&[
+        "--model",
+        pth.to_str().unwrap(),
+        "--inputs",
+        test_data("parity/map_small_io.safetensors")
+            .to_str()
+            .unwrap(),
+        "--flags",
+        "1,1,1;0,1,0",
+    ]);
+    assert!(v["samples"][1]["branch_probs"]["us"].is_null());
+    assert!(v["samples"][1]["branch_probs"]["mri"].is_number());
+
+    // The synthetic patient as DICOM, with its inputs dumped and replayed.
+    let dump = dir.path().join("inputs.safetensors");
+    let v = run(&[
+        "--model",
+        weights.to_str().unwrap(),
+        test_data("synth-patient").to_str().unwrap(),
+        "--dump-inputs",
+        dump.to_str().unwrap(),
+    ]);
+    let side = &v["sides"][0];
+    assert_eq!(side["lesion_side"], "Right", "{side}");
+    let roles: Vec<&str> = side["selections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["role"].as_str().unwrap())
+        .collect();
+    for role in ["CC", "MLO", "US"] {
+        assert!(roles.contains(&role), "{role} not chosen: {roles:?}");
+    }
+    let flags = &side["flags"];
+    let f = |k: &str| {
+        if flags[k].as_bool().unwrap() {
+            "1"
+        } else {
+            "0"
+        }
+    };
+    let replay = run(&[
+        "--model",
+        weights.to_str().unwrap(),
+        "--inputs",
+        dump.to_str().unwrap(),
+        "--flags",
+        &format!("{},{},{}", f("us"), f("mri"), f("mg")),
+    ]);
+    let (a, b) = (
+        side["prob"].as_f64().unwrap(),
+        replay["samples"][0]["prob"].as_f64().unwrap(),
+    );
+    assert!((a - b).abs() < 1e-6, "DICOM run {a} vs replay {b}");
+}

@@ -74,14 +74,18 @@ pub struct MapOutput {
     pub embeddings: [Option<Tensor>; 3],
     /// (B, F) masked mean of the embeddings.
     pub fused: Tensor,
-    /// Class-1 CAM, ReLU(sum_k W[1,k] A_k), on the branch's feature grid:
-    /// (B, h, w) for US/MG, (B, g, g, g) for MRI.
-    pub cams_raw: [Option<Tensor>; 3],
-    /// `cams_raw` after the ReLU.
+    /// Class-1 CAM on the branch's input grid: `cams_grid` linearly
+    /// upsampled (half-pixel centres, like PyTorch's align_corners=False):
+    /// (B, S, S) for US/MG, (B, D, D, D) for MRI in (z, y, x) order.
     pub cams: [Option<Tensor>; 3],
-    /// `cams` linearly upsampled (half-pixel centres) to the branch's input
-    /// grid: (B, S, S) for US/MG, (B, D, D, D) for MRI.
-    pub cams_input: [Option<Tensor>; 3],
+    /// Class-1 CAM on the branch's feature grid, ReLU(sum_k W[1,k] A_k) with
+    /// W = head.weight over the F embedding columns and A the mapping-head
+    /// activations (US/MG, (B, h, w)) or the final normed tokens (MRI,
+    /// (B, g, g, g)); the fixtures' `cam_*`.
+    pub cams_grid: [Option<Tensor>; 3],
+    /// `cams_grid` before the ReLU (signed class-1 evidence); the fixtures'
+    /// `cam_*_raw`.
+    pub cams_raw: [Option<Tensor>; 3],
 }
 
 /// The loaded `Model3`.
@@ -193,12 +197,12 @@ impl MapModel {
         }
         let clinical = inputs.clinical.to_dtype(DType::F32)?;
 
-        let mut embeddings: [Option<Tensor>; 3] = [None, None, None];
-        let mut cams_raw: [Option<Tensor>; 3] = [None, None, None];
+        // Validate and collect the branches to run (absent in every sample:
+        // skipped, not run on zeros).
+        let mut jobs: Vec<(Branch, Tensor)> = Vec::with_capacity(3);
         for branch in Branch::ALL {
-            let k = branch.index();
-            if !inputs.flags.iter().any(|f| f[k]) {
-                continue; // absent in every sample: skipped, not run on zeros
+            if !inputs.flags.iter().any(|f| f[branch.index()]) {
+                continue;
             }
             let x = match branch {
                 Branch::Us => &inputs.us,
@@ -221,41 +225,18 @@ impl MapModel {
                     x.dim(0)?
                 )));
             }
-            let mut sub = Trace::disabled();
-            if trace.is_enabled() {
-                sub = Trace::enabled(&format!("{}.", branch.name()));
-            }
-            let (emb, cam) = match branch {
-                Branch::Mri => {
-                    let out = self.mri.forward(&x, &mut sub)?;
-                    let g = self.mri.final_grid();
-                    // (B, L, F) @ (F, 1) -> (B, g, g, g) in (g0, g1, g2) order.
-                    let cam = out
-                        .tokens
-                        .broadcast_matmul(&self.cam_weight)?
-                        .reshape((b, g, g, g))?;
-                    (out.embedding, cam)
-                }
-                Branch::Us | Branch::Mg => {
-                    let net = if branch == Branch::Us {
-                        &self.us
-                    } else {
-                        &self.mg
-                    };
-                    let out = net.forward(&x, &mut sub)?;
-                    let (_, f, h, w) = out.activations.dims4()?;
-                    let cam = out
-                        .activations
-                        .reshape((b, f, h * w))?
-                        .transpose(1, 2)?
-                        .broadcast_matmul(&self.cam_weight)?
-                        .reshape((b, h, w))?;
-                    (out.embedding, cam)
-                }
-            };
-            trace.absorb(sub);
-            embeddings[k] = Some(emb);
-            cams_raw[k] = Some(cam);
+            jobs.push((branch, x));
+        }
+        // Branches run one after the other, each using every core inside its
+        // ops (running them concurrently gained nothing measurable on the
+        // 2-core target and raised peak RSS by ~120 MiB).
+        let mut embeddings: [Option<Tensor>; 3] = [None, None, None];
+        let mut cams_raw: [Option<Tensor>; 3] = [None, None, None];
+        for (branch, x) in &jobs {
+            let run = self.run_branch(*branch, x, trace.is_enabled())?;
+            trace.absorb(run.trace);
+            embeddings[branch.index()] = Some(run.embedding);
+            cams_raw[branch.index()] = Some(run.cam);
         }
 
         // Masked mean with per-sample weights.
@@ -285,7 +266,7 @@ impl MapModel {
         let mut branch_logits: [Option<Tensor>; 3] = [None, None, None];
         let mut branch_probs: [Option<Tensor>; 3] = [None, None, None];
         let mut cams: [Option<Tensor>; 3] = [None, None, None];
-        let mut cams_input: [Option<Tensor>; 3] = [None, None, None];
+        let mut cams_grid: [Option<Tensor>; 3] = [None, None, None];
         for k in 0..3 {
             if let Some(e) = &embeddings[k] {
                 let l = self.apply_head(e, &clinical)?;
@@ -299,8 +280,8 @@ impl MapModel {
                     1 => self.cfg.mri.img_size,
                     _ => self.cfg.mg.img_size,
                 };
-                cams_input[k] = Some(upsample_linear(&relu, side)?);
-                cams[k] = Some(relu);
+                cams[k] = Some(upsample_linear(&relu, side)?);
+                cams_grid[k] = Some(relu);
             }
         }
         Ok(MapOutput {
@@ -310,15 +291,64 @@ impl MapModel {
             branch_probs,
             embeddings,
             fused,
-            cams_raw,
             cams,
-            cams_input,
+            cams_grid,
+            cams_raw,
+        })
+    }
+
+    /// One branch: embedding and raw class-1 CAM on its feature grid.
+    fn run_branch(&self, branch: Branch, x: &Tensor, traced: bool) -> Result<BranchRun> {
+        let b = x.dim(0)?;
+        let mut trace = if traced {
+            Trace::enabled(&format!("{}.", branch.name()))
+        } else {
+            Trace::disabled()
+        };
+        let (embedding, cam) = match branch {
+            Branch::Mri => {
+                let out = self.mri.forward(x, &mut trace)?;
+                let g = self.mri.final_grid();
+                // (B, L, F) @ (F, 1) -> (B, g, g, g) in (g0, g1, g2) order.
+                let cam = out
+                    .tokens
+                    .broadcast_matmul(&self.cam_weight)?
+                    .reshape((b, g, g, g))?;
+                (out.embedding, cam)
+            }
+            Branch::Us | Branch::Mg => {
+                let net = if branch == Branch::Us {
+                    &self.us
+                } else {
+                    &self.mg
+                };
+                let out = net.forward(x, &mut trace)?;
+                let (_, f, h, w) = out.activations.dims4()?;
+                let cam = out
+                    .activations
+                    .reshape((b, f, h * w))?
+                    .transpose(1, 2)?
+                    .broadcast_matmul(&self.cam_weight)?
+                    .reshape((b, h, w))?;
+                (out.embedding, cam)
+            }
+        };
+        Ok(BranchRun {
+            embedding,
+            cam,
+            trace,
         })
     }
 
     fn apply_head(&self, emb: &Tensor, clinical: &Tensor) -> candle_core::Result<Tensor> {
         self.head.forward(&Tensor::cat(&[emb, clinical], 1)?)
     }
+}
+
+struct BranchRun {
+    embedding: Tensor,
+    cam: Tensor,
+    trace: Trace,
 }
 
 fn class1_prob(logits: &Tensor) -> candle_core::Result<Tensor> {
@@ -359,4 +389,58 @@ fn upsample_linear(x: &Tensor, side: usize) -> candle_core::Result<Tensor> {
         y = y.permute(perm)?.contiguous()?;
     }
     Ok(y)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The separable upsampling equals PyTorch-style bilinear interpolation
+    /// with align_corners=False (candle's upsample_bilinear2d).
+    #[test]
+    fn cam_upsampling_is_bilinear_half_pixel() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (2, 6, 6), &dev).unwrap();
+        let got = upsample_linear(&x, 128).unwrap();
+        let want = x
+            .unsqueeze(1)
+            .unwrap()
+            .upsample_bilinear2d(128, 128, false)
+            .unwrap()
+            .squeeze(1)
+            .unwrap();
+        let d = (got - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < 1e-5, "{d:e}");
+        // 3-D maps keep their axis order: a map varying only along the last
+        // axis still varies only along the last axis.
+        let ramp = Tensor::arange(0f32, 3.0, &dev)
+            .unwrap()
+            .reshape((1, 1, 1, 3))
+            .unwrap()
+            .broadcast_as((1, 3, 3, 3))
+            .unwrap()
+            .contiguous()
+            .unwrap();
+        let up = upsample_linear(&ramp, 9).unwrap();
+        assert_eq!(up.dims(), &[1, 9, 9, 9]);
+        let flat = up.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for z in 0..9 {
+            for y in 0..9 {
+                for xx in 0..9 {
+                    let d = (flat[(z * 9 + y) * 9 + xx] - flat[xx]).abs();
+                    assert!(d < 1e-6, "({z},{y},{xx})");
+                }
+            }
+        }
+        assert!(flat[8] > flat[0]);
+    }
 }

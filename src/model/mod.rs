@@ -7,6 +7,31 @@
 //! `state_dict` keys, and a `forward`. Everything that does not depend on the
 //! input (relative position bias, clamped logit scales, attention masks,
 //! batch-norm folded into the preceding convolution) is computed once in `new`.
+//! On CPU the elementwise hot spots run in the fused rayon kernels of `ops`;
+//! other devices use plain candle ops.
+//!
+//! ```no_run
+//! use std::path::Path;
+//! use candle_core::{Device, Tensor};
+//! use her2map::model::{MapInputs, MapModel};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let dev = Device::Cpu;
+//! let model = MapModel::load(Path::new("map3.pth"), &dev)?; // or .safetensors
+//! let cfg = model.config();
+//! let s = cfg.us_input_side();
+//! let out = model.forward(&MapInputs {
+//!     mri: None, // MRI absent in every sample: the branch is skipped
+//!     us: Some(Tensor::zeros((1, 1, s, s), candle_core::DType::F32, &dev)?),
+//!     mg: Some(Tensor::zeros((1, 4, s, s), candle_core::DType::F32, &dev)?),
+//!     clinical: Tensor::zeros((1, cfg.clinical_dim), candle_core::DType::F32, &dev)?,
+//!     flags: vec![[true, false, true]], // [US, MRI, MG]
+//! })?;
+//! let p_her2_positive = out.probs.to_vec1::<f32>()?[0];
+//! # let _ = p_her2_positive;
+//! # Ok(())
+//! # }
+//! ```
 
 mod config;
 mod hovertrans;

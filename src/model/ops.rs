@@ -677,6 +677,50 @@ mod tests {
         v.copysign(x)
     }
 
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    use super::tests_support::strided;
+
+    #[test]
+    fn fused_kernels_match_fallbacks() {
+        let dev = Device::Cpu;
+        let qkv = Tensor::randn(0f32, 1.0, (2, 37, 3, 4, 8), &dev).unwrap();
+        let scale = Tensor::new(&[0.5f32, 2.0, 1.0, 3.0], &dev).unwrap();
+        for cosine in [false, true] {
+            let a = split_heads(&qkv, &scale, cosine).unwrap();
+            let b = split_heads(&strided(&qkv), &scale, cosine).unwrap();
+            assert!(max_diff(&a, &b) < 1e-6, "split_heads cosine={cosine}");
+        }
+        let x = Tensor::randn(0f32, 2.0, (6, 5, 24), &dev).unwrap();
+        let r = Tensor::randn(0f32, 1.0, (6, 5, 24), &dev).unwrap();
+        let wb = Tensor::randn(1f32, 0.1, (2, 24), &dev).unwrap();
+        let a = layer_norm(&x, &wb, 1e-5, Some(&r)).unwrap();
+        let b = layer_norm(&strided(&x), &wb, 1e-5, Some(&r)).unwrap();
+        assert!(max_diff(&a, &b) < 1e-5, "layer_norm");
+        let bias = Tensor::randn(0f32, 1.0, 5, &dev).unwrap();
+        for act in [Act::Identity, Act::Relu, Act::Gelu] {
+            let a = bias_act(&x, &bias, 1, act).unwrap();
+            let b = bias_act(&strided(&x), &bias, 1, act).unwrap();
+            assert!(max_diff(&a, &b) < 1e-5, "bias_act {act:?}");
+        }
+        let attn = Tensor::randn(0f32, 3.0, (6, 2, 9, 9), &dev).unwrap();
+        let bias = Tensor::randn(0f32, 3.0, (3, 2, 9, 9), &dev).unwrap();
+        let a = softmax_with_bias(&attn, &bias).unwrap();
+        let b = softmax_with_bias(&strided(&attn), &bias).unwrap();
+        assert!(max_diff(&a, &b) < 1e-6, "softmax_with_bias");
+    }
+
     #[test]
     fn fast_ops_match_candle() {
         let dev = Device::Cpu;
@@ -705,6 +749,21 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap();
         assert!(d < 1e-6, "softmax {d:e}");
+    }
+}
+
+#[cfg(test)]
+mod tests_support {
+    use candle_core::Tensor;
+
+    /// A non-contiguous tensor with the same values, which takes the
+    /// candle fallback path (the one other devices use).
+    pub(super) fn strided(x: &Tensor) -> Tensor {
+        let r = x.rank();
+        let y = x.transpose(0, r - 1).unwrap().contiguous().unwrap();
+        let y = y.transpose(0, r - 1).unwrap();
+        assert!(!y.is_contiguous());
+        y
     }
 }
 

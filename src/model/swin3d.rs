@@ -18,7 +18,7 @@ use super::{ModelError, Result};
 const LOGIT_SCALE_MAX: f32 = 4.605_170_2;
 
 /// Conv3d with kernel = stride = patch, written as patch extraction + one
-/// matmul (Candle has no Conv3d), then Norm.
+/// matmul (Candle has no Conv3d), then LayerNorm.
 #[derive(Debug, Clone)]
 struct PatchEmbed3d {
     /// (in_chans * p^3, embed) — the conv kernel flattened in (c, kz, ky, kx)
@@ -277,7 +277,7 @@ fn partition_indices(
 
 /// Keeps sub-voxels (0,0,0), (1,0,0), (0,1,0), (1,1,0) of every 2x2x2 cell
 /// (odd positions on the last axis are dropped, as in the reference), then
-/// Linear(4C -> 2C, no bias) and Norm(2C).
+/// Linear(4C -> 2C, no bias) and LayerNorm(2C).
 #[derive(Debug, Clone)]
 struct PatchMerging3d {
     reduction: Linear,

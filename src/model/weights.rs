@@ -52,6 +52,8 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     Ok(hex::encode(hasher.finalize()))
 }
 
+const DATA_PARALLEL_PREFIX: &str = "module.";
+
 /// An opened checkpoint: a `VarBuilder` over it, every key's shape (for
 /// deriving the configuration) and the file's SHA-256.
 pub struct Checkpoint {
@@ -72,7 +74,7 @@ impl Checkpoint {
             });
         }
         let sha256 = sha256_file(path)?;
-        let (shapes, vb) = match format {
+        let (shapes, vb): (HashMap<String, Vec<usize>>, VarBuilder) = match format {
             WeightsFormat::Safetensors => {
                 let st = MmapSafetensors::open(path)?;
                 let shapes = st
@@ -84,7 +86,15 @@ impl Checkpoint {
                 (shapes, vb)
             }
             WeightsFormat::Pth => {
-                let pth = candle_core::pickle::PthTensors::new(path, None)?;
+                // A bare state_dict (what the authors' train.py saves), or one
+                // nested under a "state_dict" / "model" key of a training
+                // checkpoint.
+                let mut pth = candle_core::pickle::PthTensors::new(path, None)?;
+                for key in ["state_dict", "model"] {
+                    if pth.tensor_infos().is_empty() {
+                        pth = candle_core::pickle::PthTensors::new(path, Some(key)).unwrap_or(pth);
+                    }
+                }
                 let shapes = pth
                     .tensor_infos()
                     .iter()
@@ -93,6 +103,22 @@ impl Checkpoint {
                 let vb = VarBuilder::from_backend(Box::new(pth), DType::F32, device.clone());
                 (shapes, vb)
             }
+        };
+        // Checkpoints saved from nn.DataParallel prefix every key with
+        // "module."; look tensors up under that prefix then.
+        let prefixed =
+            !shapes.is_empty() && shapes.keys().all(|k| k.starts_with(DATA_PARALLEL_PREFIX));
+        let (shapes, vb) = if prefixed {
+            let shapes = shapes
+                .into_iter()
+                .map(|(k, v)| (k[DATA_PARALLEL_PREFIX.len()..].to_string(), v))
+                .collect();
+            (
+                shapes,
+                vb.rename_f(|k| format!("{DATA_PARALLEL_PREFIX}{k}")),
+            )
+        } else {
+            (shapes, vb)
         };
         Ok(Self {
             path: path.to_path_buf(),
