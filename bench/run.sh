@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# The node's numbers on one machine in one run (issues 2 and 7):
+#  1. ingest of the full-size synthetic patient with DCMTK storescu
+#     (TCP_NODELAY=1) into DCMTK storescp (baseline, no fsync) and into
+#     `her2map serve` (fsync + index), same disk: instances/s, MB/s, ratio,
+#     the node's peak RSS;
+#  2. end to end with full-size random weights: last instance -> SR at the
+#     destination, minus the stable age, split into imaging, inference and
+#     reporting/delivery; the node's peak RSS against 1.5 x weights + 256 MB.
+# Usage: bench/run.sh [WORKDIR]   (needs dcmtk; builds the release binary)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WORK=${1:-target/bench-work}
+mkdir -p "$WORK"
+WORK=$(cd "$WORK" && pwd)
+BIN=$PWD/target/release/her2map
+cargo build --release --quiet
+free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
+now() { date +%s.%N; }
+hwm_mib() { awk '/VmHWM/ {printf "%.0f", $2/1024}' "/proc/$1/status"; }
+
+PATIENT=$WORK/patient
+if [ ! -d "$PATIENT/MG" ]; then
+    "$BIN" synth "$PATIENT" --full-size >/dev/null
+fi
+N=$(find "$PATIENT" -name '*.dcm' | wc -l)
+BYTES=$(find "$PATIENT" -name '*.dcm' -printf '%s\n' | awk '{s+=$1} END {print s}')
+MB=$(python3 -c "print(round($BYTES/1e6,1))")
+echo "machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) CPUs; $(date -u +%F)"
+echo "patient: $N instances, $MB MB ($PATIENT)"
+
+send() { # port called_ae
+    TCP_NODELAY=1 storescu -aec "$2" +sd +r -nh 127.0.0.1 "$1" "$PATIENT" >/dev/null 2>&1
+}
+
+# --- 1a. DCMTK storescp baseline -------------------------------------------
+rm -rf "$WORK/storescp" && mkdir -p "$WORK/storescp"
+P=$(free_port)
+TCP_NODELAY=1 storescp -aet STORESCP +xa -od "$WORK/storescp" "$P" & SCP=$!
+sleep 0.5
+t0=$(now); send "$P" STORESCP; t1=$(now)
+SCP_RSS=$(hwm_mib $SCP); kill $SCP; wait $SCP 2>/dev/null || true
+SCP_S=$(python3 -c "print($t1-$t0)")
+
+# --- 1b. her2map serve (demo weights: ingest only; stable age long) --------
+rm -rf "$WORK/node-ingest"
+P=$(free_port)
+HER2MAP__DICOM__PORT=$P HER2MAP__STORAGE__DATA_DIR="$WORK/node-ingest" HER2MAP__MODEL__DEMO=true \
+HER2MAP__CASES__STABLE_AGE_SECS=3600 HER2MAP__STORAGE__MIN_FREE_MB=0 RUST_LOG=warn "$BIN" serve & NODE=$!
+sleep 1
+t0=$(now); send "$P" HER2MAP; t1=$(now)
+NODE_RSS=$(hwm_mib $NODE); kill $NODE; wait $NODE 2>/dev/null || true
+NODE_S=$(python3 -c "print($t1-$t0)")
+STORED=$(HER2MAP__STORAGE__DATA_DIR="$WORK/node-ingest" "$BIN" audit --json --event instance_stored | wc -l)
+python3 - "$N" "$BYTES" "$SCP_S" "$NODE_S" "$SCP_RSS" "$NODE_RSS" "$STORED" <<'PY'
+import sys
+n, b, scp, node, scp_rss, node_rss, stored = (float(x) for x in sys.argv[1:])
+print("ingest (storescu -> receiver, TCP_NODELAY=1, same disk):")
+print(f"  storescp (no fsync)       {n/scp:7.1f} inst/s {b/1e6/scp:7.1f} MB/s  {scp:6.2f} s  peak RSS {scp_rss:.0f} MiB")
+print(f"  her2map serve (fsync+db)  {n/node:7.1f} inst/s {b/1e6/node:7.1f} MB/s  {node:6.2f} s  peak RSS {node_rss:.0f} MiB  ({stored:.0f} stored)")
+print(f"  ratio her2map/storescp    {scp/node:.2f}")
+PY
+
+# --- 2. end to end with full-size random weights ----------------------------
+WEIGHTS=$WORK/map_reference_random.safetensors
+if [ ! -f "$WEIGHTS" ]; then
+    HER2MAP_BENCH_SAVE="$WEIGHTS" RAYON_NUM_THREADS=$(nproc) cargo bench --quiet --bench model >/dev/null
+fi
+WMB=$(python3 -c "import os;print(round(os.path.getsize('$WEIGHTS')/2**20))")
+rm -rf "$WORK/dest" "$WORK/node-e2e" && mkdir -p "$WORK/dest"
+DP=$(free_port); P=$(free_port)
+TCP_NODELAY=1 storescp -aet DEST +xa -od "$WORK/dest" "$DP" & DEST=$!
+STABLE=5
+cat > "$WORK/e2e.toml" <<TOML
+[[destinations]]
+ae_title = "DEST"
+host = "127.0.0.1"
+port = $DP
+TOML
+HER2MAP__DICOM__PORT=$P HER2MAP__STORAGE__DATA_DIR="$WORK/node-e2e" HER2MAP__MODEL__WEIGHTS="$WEIGHTS" \
+HER2MAP__CASES__STABLE_AGE_SECS=$STABLE HER2MAP__STORAGE__MIN_FREE_MB=0 RUST_LOG=warn \
+    "$BIN" serve --config "$WORK/e2e.toml" & NODE=$!
+for _ in $(seq 100); do "$BIN" echo "127.0.0.1:$P" --called-ae HER2MAP >/dev/null 2>&1 && break; sleep 0.2; done
+send "$P" HER2MAP; t_last=$(now)
+export HER2MAP__STORAGE__DATA_DIR="$WORK/node-e2e"
+for _ in $(seq 600); do
+    pending=$("$BIN" outbox --json | python3 -c 'import sys,json; r=[json.loads(l) for l in sys.stdin]; print(1 if not r or any(x["state"]!="sent" for x in r) else 0)')
+    [ "$pending" = 0 ] && break
+    sleep 0.2
+done
+t_done=$(now)
+E2E_RSS=$(hwm_mib $NODE); kill $NODE $DEST; wait $NODE $DEST 2>/dev/null || true
+"$BIN" audit --json > "$WORK/e2e-audit.jsonl"
+unset HER2MAP__STORAGE__DATA_DIR
+python3 - "$t_last" "$t_done" "$STABLE" "$E2E_RSS" "$WMB" "$WORK/e2e-audit.jsonl" <<'PY'
+import sys, json
+from datetime import datetime
+t_last, t_done, stable, rss, wmb = (float(x) for x in sys.argv[1:6])
+ev = [json.loads(l) for l in open(sys.argv[6])]
+res = [e for e in ev if e["event"] == "case_result"][-1]["detail"]
+t = res["times"]
+def ts(e): return datetime.fromisoformat(e["time"].replace("Z", "+00:00")).timestamp()
+last_delivery = max(ts(e) for e in ev if e["event"] == "delivery_sent")
+total = last_delivery - t_last - stable
+img, inf, rep = t["imaging_ms"] / 1e3, t["inference_ms"] / 1e3, t["reporting_ms"] / 1e3
+rest = total - img - inf - rep
+print("end to end (full-size random weights, %d MiB):" % wmb)
+for s in res["sides"]:
+    print(f"  side {s['lesion_side']}: P(HER2+) {s['prob']:.4f}, modalities {s['modalities_used']}, outputs {s['outputs']}")
+print(f"  last instance -> last object at the destination, minus stable age {stable:.0f} s: {total:.2f} s")
+print(f"    imaging {img*1e3:.0f} ms | inference {inf*1e3:.0f} ms | reporting {rep*1e3:.0f} ms | delivery + timers {rest*1e3:.0f} ms")
+print(f"  overhead besides inference: {total - inf:.2f} s (target < 1 s)")
+print(f"  node peak RSS {rss:.0f} MiB; target 1.5 x {wmb:.0f} + 256 = {1.5*wmb+256:.0f} MiB")
+PY
