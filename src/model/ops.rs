@@ -766,38 +766,3 @@ mod tests_support {
         y
     }
 }
-
-#[cfg(test)]
-mod timing {
-    use super::*;
-    use candle_core::Device;
-
-    /// `cargo test --release --lib -- --ignored --nocapture kernel_timing`
-    #[test]
-    #[ignore]
-    fn kernel_timing() {
-        let dev = Device::Cpu;
-        let a = Tensor::randn(0f32, 1., (1, 2, 1024, 1024), &dev).unwrap();
-        let n_el = a.elem_count() as f64;
-        let time = |name: &str, f: &dyn Fn() -> Tensor| {
-            f();
-            let s = std::time::Instant::now();
-            for _ in 0..20 {
-                f();
-            }
-            let dt = s.elapsed().as_secs_f64() / 20.0;
-            println!("{name}: {:.3} ms, {:.2} ns/el", dt * 1e3, dt * 1e9 / n_el);
-        };
-        time("softmax", &|| softmax_last_dim(&a).unwrap());
-        time("candle softmax", &|| {
-            candle_nn::ops::softmax_last_dim(&a).unwrap()
-        });
-        let z = Tensor::zeros(1, DType::F32, &dev).unwrap();
-        let flat = a.flatten_all().unwrap();
-        time("gelu", &|| bias_act(&flat, &z, 0, Act::Gelu).unwrap());
-        time("bias id", &|| {
-            bias_act(&flat, &z, 0, Act::Identity).unwrap()
-        });
-        time("add", &|| add(&a, &a).unwrap());
-    }
-}
