@@ -180,3 +180,137 @@ async fn spool_and_database_are_owner_only() {
     assert_eq!(mode(&data_dir.join("her2map.db")), 0o600);
     app.stop().await;
 }
+
+/// kill -9 during inference and during delivery: after a restart the case
+/// resumes and the destination ends with each output exactly once.
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_during_inference_and_delivery_resumes_without_duplicates() {
+    for stage in ["running", "delivering"] {
+        let dest_dir = tempfile::tempdir().unwrap();
+        let destination = spawn_app(dest_dir.path()).await;
+        let data = tempfile::tempdir().unwrap();
+        let conf = data.path().join("node.toml");
+        std::fs::write(
+            &conf,
+            format!(
+                "[[destinations]]\nae_title = \"HER2MAP\"\nhost = \"127.0.0.1\"\nport = {}\n\
+                 [outbox]\nretry_base_ms = 100\nretry_max_ms = 1000\nmax_attempts = 50\ntimeout_secs = 5\n",
+                destination.port()
+            ),
+        )
+        .unwrap();
+        let start = || {
+            let mut child = Command::new(env!("CARGO_BIN_EXE_her2map"))
+                .args(["serve", "--config"])
+                .arg(&conf)
+                .env("HER2MAP__DICOM__PORT", "0")
+                .env("HER2MAP__DICOM__HOST", "127.0.0.1")
+                .env("HER2MAP__STORAGE__DATA_DIR", data.path())
+                .env("HER2MAP__STORAGE__MIN_FREE_MB", "0")
+                .env("HER2MAP__MODEL__DEMO", "true")
+                .env("HER2MAP__CASES__STABLE_AGE_SECS", "1")
+                .env("RUST_LOG", "info")
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+            let port: u16 = loop {
+                let line = lines.next().expect("node exited").unwrap();
+                if let Some(rest) = line.split("listening on ").nth(1) {
+                    let a: String = rest.chars().take_while(|c| !c.is_whitespace()).collect();
+                    break a.rsplit(':').next().unwrap().parse().unwrap();
+                }
+            };
+            std::thread::spawn(move || for _ in lines {});
+            (child, port)
+        };
+        let (mut child, port) = start();
+        let files = her2map::send::collect_files(&[test_data("synth-patient")])
+            .into_iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "dcm"))
+            .collect::<Vec<_>>();
+        let r = send_files(&format!("127.0.0.1:{port}"), &scu(), &files, |_| {})
+            .await
+            .unwrap();
+        assert!(r.iter().all(|r| r.ok()));
+        let db = Db::connect(&format!(
+            "sqlite://{}",
+            data.path().join("her2map.db").display()
+        ))
+        .await
+        .unwrap();
+        // Wait for the moment, then SIGKILL.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let cases = db.all_cases().await.unwrap();
+            let outbox = db.outbox().await.unwrap();
+            let hit = match stage {
+                "running" => cases.iter().any(|c| c.state == "running"),
+                _ => {
+                    outbox.iter().any(|o| o.state == "sent")
+                        && outbox.iter().any(|o| o.state == "pending")
+                }
+            };
+            if hit {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never reached {stage}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+
+        let (mut child, _) = start();
+        let deadline = std::time::Instant::now() + Duration::from_secs(90);
+        loop {
+            let done = db
+                .all_cases()
+                .await
+                .unwrap()
+                .iter()
+                .all(|c| c.state == "done");
+            let outbox = db.outbox().await.unwrap();
+            if done && !outbox.is_empty() && outbox.iter().all(|o| o.state == "sent") {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{stage}: did not resume"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let case = &db.all_cases().await.unwrap()[0];
+        let mut ours: Vec<String> = db
+            .case_outputs(&case.id)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|o| o.sop_instance_uid)
+            .collect();
+        ours.sort();
+        let mut there: Vec<String> = destination
+            .db
+            .instance_paths()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(u, _)| u)
+            .collect();
+        there.sort();
+        assert_eq!(
+            there, ours,
+            "{stage}: the destination holds exactly the case's outputs"
+        );
+        let results = db.events(0, Some("case_result"), 10).await.unwrap();
+        assert!(!results.is_empty());
+        // A rerun after a kill during inference makes the same objects (same
+        // UIDs), never a second set.
+        assert!(ours.len() >= 5, "{ours:?}");
+        destination.stop().await;
+    }
+}
