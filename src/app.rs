@@ -47,9 +47,12 @@ impl App {
         }
         let spool = Spool::open(&settings.spool_dir(), settings.storage.min_free_mb << 20)
             .with_context(|| format!("opening spool {}", settings.spool_dir().display()))?;
-        let db = Db::connect(&settings.database_url())
-            .await
-            .context("opening the database")?;
+        let db = Db::connect_with(
+            &settings.database_url(),
+            Duration::from_millis(settings.database.busy_timeout_ms),
+        )
+        .await
+        .context("opening the database")?;
         // The model loads before the port opens: a node that cannot infer
         // must not accept studies it will never report on.
         let weights = settings.model.weights_path()?;

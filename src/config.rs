@@ -142,6 +142,7 @@ pub struct StorageSettings {
 pub struct DatabaseSettings {
     #[serde(default)]
     pub url: String,
+    pub busy_timeout_ms: u64,
 }
 
 /// `[log]`.

@@ -132,11 +132,17 @@ impl Db {
     /// synchronous=FULL: a committed row survives power loss, which is what a
     /// C-STORE Success promises.
     pub async fn connect(url: &str) -> Result<Self, DbError> {
+        Self::connect_with(url, Duration::from_secs(10)).await
+    }
+
+    /// As [`Db::connect`], waiting at most `busy_timeout` for a lock held by
+    /// another connection before a write fails (and the C-STORE with it).
+    pub async fn connect_with(url: &str, busy_timeout: Duration) -> Result<Self, DbError> {
         let options = SqliteConnectOptions::from_str(url)?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(Duration::from_secs(10))
+            .busy_timeout(busy_timeout)
             .foreign_keys(true);
         if let Some(parent) = Path::new(options.get_filename()).parent() {
             let _ = std::fs::create_dir_all(parent);

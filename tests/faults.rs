@@ -314,3 +314,44 @@ async fn kill_9_during_inference_and_delivery_resumes_without_duplicates() {
         destination.stop().await;
     }
 }
+
+/// The database locked by another process: 0xA700, no file left in the
+/// spool, no row; accepted again once the lock goes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_locked_database_answers_out_of_resources_and_recovers() {
+    use sqlx::Connection;
+    let data = tempfile::tempdir().unwrap();
+    let files_dir = tempfile::tempdir().unwrap();
+    let mut s = test_settings(data.path());
+    s.database.busy_timeout_ms = 200;
+    let app = spawn_app_with(s).await;
+    let files = mr_variants(files_dir.path(), 2, "locked");
+
+    let url = format!("sqlite://{}", data.path().join("her2map.db").display());
+    let mut other = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    sqlx::query("BEGIN EXCLUSIVE")
+        .execute(&mut other)
+        .await
+        .unwrap();
+    let r = send_files(&app.address(), &scu(), &files[..1], |_| {})
+        .await
+        .unwrap();
+    assert_eq!(r[0].status, Some(status::OUT_OF_RESOURCES), "{r:?}");
+    sqlx::query("ROLLBACK").execute(&mut other).await.unwrap();
+    drop(other);
+
+    assert_eq!(app.db.instance_count().await.unwrap(), 0);
+    assert_eq!(app.temp_files(), 0);
+    let placed = walkdir::WalkDir::new(app.spool())
+        .into_iter()
+        .flatten()
+        .filter(|e| e.file_type().is_file())
+        .count();
+    assert_eq!(placed, 0, "no file without its row");
+    let r = send_files(&app.address(), &scu(), &files, |_| {})
+        .await
+        .unwrap();
+    assert!(r.iter().all(|r| r.ok()), "{r:?}");
+    assert_eq!(app.db.instance_count().await.unwrap(), 2);
+    app.stop().await;
+}
