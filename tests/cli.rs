@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::test_data;
+use common::{serve_binary, test_data};
 
 fn her2map() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_her2map"));
@@ -18,40 +18,6 @@ fn her2map() -> Command {
         }
     }
     c
-}
-
-/// Start `her2map serve` and read stderr until the "listening on" line.
-fn serve(data_dir: &std::path::Path, extra_env: &[(&str, &str)]) -> (Child, u16) {
-    let mut cmd = her2map();
-    cmd.arg("serve")
-        .env("HER2MAP__DICOM__PORT", "0")
-        .env("HER2MAP__DICOM__HOST", "127.0.0.1")
-        .env("HER2MAP__STORAGE__DATA_DIR", data_dir)
-        .env("HER2MAP__MODEL__DEMO", "true")
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null());
-    for (k, v) in extra_env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().expect("her2map serve starts");
-    let stderr = child.stderr.take().unwrap();
-    let mut lines = BufReader::new(stderr).lines();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let port = loop {
-        let line = lines
-            .next()
-            .expect("serve exited before listening")
-            .unwrap();
-        if let Some(rest) = line.split("listening on ").nth(1) {
-            let addr: String = rest.chars().take_while(|c| !c.is_whitespace()).collect();
-            break addr.rsplit(':').next().unwrap().parse::<u16>().unwrap();
-        }
-        assert!(Instant::now() < deadline, "no 'listening on' line");
-    };
-    // Keep draining stderr so the node never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    (child, port)
 }
 
 fn sigterm_and_wait(mut child: Child) -> std::process::ExitStatus {
@@ -113,7 +79,7 @@ fn serve_send_echo_audit_and_graceful_stop() {
     let conf = dir.path().join("node.toml");
     std::fs::write(&conf, "[dicom]\nae_title = \"BREASTAI\"\n").unwrap();
     let data = dir.path().join("data");
-    let (child, port) = serve(&data, &[]);
+    let (child, port) = serve_binary(&data, &[], &[]);
     let addr = format!("127.0.0.1:{port}");
     let out = her2map()
         .args(["echo", &addr, "--called-ae", "HER2MAP"])

@@ -3,9 +3,7 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,30 +21,6 @@ fn scu() -> ClientOptions {
     }
 }
 
-fn serve(data_dir: &Path) -> (Child, u16) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_her2map"))
-        .arg("serve")
-        .env("HER2MAP__DICOM__PORT", "0")
-        .env("HER2MAP__DICOM__HOST", "127.0.0.1")
-        .env("HER2MAP__STORAGE__DATA_DIR", data_dir)
-        .env("HER2MAP__MODEL__DEMO", "true")
-        .env("HER2MAP__STORAGE__MIN_FREE_MB", "0")
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let port = loop {
-        let line = lines.next().expect("node exited").unwrap();
-        if let Some(rest) = line.split("listening on ").nth(1) {
-            let addr: String = rest.chars().take_while(|c| !c.is_whitespace()).collect();
-            break addr.rsplit(':').next().unwrap().parse().unwrap();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
-    (child, port)
-}
-
 /// kill -9 while 8 associations send, ten times at random moments: every
 /// instance that got Success is on disk (byte-identical) and in the
 /// database; no file in the spool is partial.
@@ -57,7 +31,7 @@ async fn kill_9_under_load_loses_no_acknowledged_instance() {
     let mut sources: HashMap<String, PathBuf> = HashMap::new();
     let acked: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(Vec::new()));
     for round in 0..10 {
-        let (mut child, port) = serve(data.path());
+        let (mut child, port) = serve_binary(data.path(), &[], &[]);
         let addr = format!("127.0.0.1:{port}");
         let mut tasks = Vec::new();
         for a in 0..8 {
@@ -200,29 +174,11 @@ async fn kill_9_during_inference_and_delivery_resumes_without_duplicates() {
         )
         .unwrap();
         let start = || {
-            let mut child = Command::new(env!("CARGO_BIN_EXE_her2map"))
-                .args(["serve", "--config"])
-                .arg(&conf)
-                .env("HER2MAP__DICOM__PORT", "0")
-                .env("HER2MAP__DICOM__HOST", "127.0.0.1")
-                .env("HER2MAP__STORAGE__DATA_DIR", data.path())
-                .env("HER2MAP__STORAGE__MIN_FREE_MB", "0")
-                .env("HER2MAP__MODEL__DEMO", "true")
-                .env("HER2MAP__CASES__STABLE_AGE_SECS", "1")
-                .env("RUST_LOG", "info")
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap();
-            let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-            let port: u16 = loop {
-                let line = lines.next().expect("node exited").unwrap();
-                if let Some(rest) = line.split("listening on ").nth(1) {
-                    let a: String = rest.chars().take_while(|c| !c.is_whitespace()).collect();
-                    break a.rsplit(':').next().unwrap().parse().unwrap();
-                }
-            };
-            std::thread::spawn(move || for _ in lines {});
-            (child, port)
+            serve_binary(
+                data.path(),
+                &["--config".as_ref(), conf.as_os_str()],
+                &[("HER2MAP__CASES__STABLE_AGE_SECS", "1")],
+            )
         };
         let (mut child, port) = start();
         let files = her2map::send::collect_files(&[test_data("synth-patient")])

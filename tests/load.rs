@@ -5,9 +5,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 
 use common::*;
 use dicom_core::{DataElement, PrimitiveValue, VR, dicom_value};
@@ -67,7 +65,16 @@ async fn sixteen_small_and_two_large_senders_at_once() {
         .map(|p| std::fs::metadata(p).unwrap().len())
         .sum();
 
-    let (mut child, port) = start(data.path(), 18);
+    let (mut child, port) = serve_binary(
+        data.path(),
+        &[],
+        &[
+            ("HER2MAP__DICOM__MAX_ASSOCIATIONS", "18"),
+            // Ingest only: the cases never become stable during the test.
+            ("HER2MAP__CASES__STABLE_AGE_SECS", "86400"),
+            ("RUST_LOG", "info"),
+        ],
+    );
     let addr = format!("127.0.0.1:{port}");
     let opts = ClientOptions {
         calling_ae: "LOAD".into(),
@@ -127,35 +134,6 @@ async fn sixteen_small_and_two_large_senders_at_once() {
         large_bytes >> 20
     );
     assert!(peak_mib < 512, "peak RSS {peak_mib} MiB");
-}
-
-fn start(data_dir: &Path, max_associations: usize) -> (Child, u16) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_her2map"))
-        .arg("serve")
-        .env("HER2MAP__DICOM__PORT", "0")
-        .env("HER2MAP__DICOM__HOST", "127.0.0.1")
-        .env(
-            "HER2MAP__DICOM__MAX_ASSOCIATIONS",
-            max_associations.to_string(),
-        )
-        .env("HER2MAP__STORAGE__DATA_DIR", data_dir)
-        .env("HER2MAP__STORAGE__MIN_FREE_MB", "0")
-        .env("HER2MAP__MODEL__DEMO", "true")
-        .env("HER2MAP__CASES__STABLE_AGE_SECS", "86400")
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let port = loop {
-        let line = lines.next().expect("node exited").unwrap();
-        if let Some(rest) = line.split("listening on ").nth(1) {
-            let a: String = rest.chars().take_while(|c| !c.is_whitespace()).collect();
-            break a.rsplit(':').next().unwrap().parse().unwrap();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
-    (child, port)
 }
 
 fn vm_hwm_mib(pid: u32) -> u64 {

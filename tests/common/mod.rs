@@ -150,3 +150,52 @@ pub async fn wait_events(db: &Db, name: &str, n: usize) -> Vec<her2map::db::Audi
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// `her2map serve` as a child process on 127.0.0.1 port 0 with the demo
+/// weights and no free-space floor; `args` go after `serve` (e.g.
+/// `--config F`) and `env` over the defaults. Returns once it logs its
+/// "listening on" line, with the DICOM port; stderr keeps being drained.
+pub fn serve_binary(
+    data_dir: &Path,
+    args: &[&std::ffi::OsStr],
+    env: &[(&str, &str)],
+) -> (std::process::Child, u16) {
+    use std::io::{BufRead, BufReader};
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_her2map"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("HER2MAP__") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.arg("serve")
+        .args(args)
+        .env("HER2MAP__DICOM__PORT", "0")
+        .env("HER2MAP__DICOM__HOST", "127.0.0.1")
+        .env("HER2MAP__STORAGE__DATA_DIR", data_dir)
+        .env("HER2MAP__STORAGE__MIN_FREE_MB", "0")
+        .env("HER2MAP__MODEL__DEMO", "true")
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("her2map serve starts");
+    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let port = loop {
+        let line = lines
+            .next()
+            .expect("serve exited before listening")
+            .expect("stderr line");
+        if let Some(rest) = line.split("listening on ").nth(1) {
+            let addr: String = rest.chars().take_while(|c| !c.is_whitespace()).collect();
+            break addr
+                .rsplit(':')
+                .next()
+                .and_then(|p| p.parse().ok())
+                .expect("port");
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    (child, port)
+}
