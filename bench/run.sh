@@ -62,6 +62,7 @@ print(f"  ratio her2map/storescp    {scp/node:.2f}")
 PY
 
 # --- 2. end to end with full-size random weights ----------------------------
+if [ "${INGEST_ONLY:-0}" = 1 ]; then exit 0; fi
 WEIGHTS=$WORK/map_reference_random.safetensors
 if [ ! -f "$WEIGHTS" ]; then
     HER2MAP_BENCH_SAVE="$WEIGHTS" RAYON_NUM_THREADS=$(nproc) cargo bench --quiet --bench model >/dev/null

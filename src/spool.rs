@@ -184,7 +184,7 @@ impl TempInstance {
             .ok_or_else(|| io::Error::other("instance already sealed"))?;
         let result = async {
             writer.flush().await?;
-            writer.get_mut().sync_all().await
+            writer.get_mut().sync_data().await
         }
         .await;
         match result {
