@@ -24,6 +24,7 @@ use crate::spool::Spool;
 pub struct App {
     server: Server<Ingest>,
     addr: SocketAddr,
+    tls_addr: Option<SocketAddr>,
     db: Db,
     assembler: Assembler,
     wake: std::sync::Arc<tokio::sync::Notify>,
@@ -36,6 +37,13 @@ pub struct App {
 
 impl App {
     pub async fn build(settings: Settings) -> anyhow::Result<App> {
+        // Certificates are read first: a bad file stops the node at once,
+        // with the key's name, before anything opens.
+        let tls = if settings.dicom.tls.enabled {
+            Some(crate::tls::server_config(&settings.dicom.tls)?)
+        } else {
+            None
+        };
         let data_dir = &settings.storage.data_dir;
         std::fs::create_dir_all(data_dir)
             .with_context(|| format!("creating data_dir {}", data_dir.display()))?;
@@ -128,13 +136,22 @@ impl App {
             settings.dicom.ae_title.trim().to_string(),
         );
         let bind = format!("{}:{}", d.host, d.port);
-        let server = Server::bind(&bind, config, ingest)
+        let mut server = Server::bind(&bind, config, ingest)
             .await
             .with_context(|| format!("binding the DICOM port {bind}"))?;
+        if let Some(tls) = tls {
+            let bind = format!("{}:{}", d.host, d.tls.port);
+            server = server
+                .bind_tls(&bind, tls)
+                .await
+                .with_context(|| format!("binding the DICOM TLS port {bind}"))?;
+        }
         let addr = server.local_addr()?;
+        let tls_addr = server.tls_local_addr()?;
         Ok(App {
             server,
             addr,
+            tls_addr,
             db,
             assembler,
             wake,
@@ -150,6 +167,11 @@ impl App {
         self.addr
     }
 
+    /// The DICOM TLS listener's address, when `dicom.tls.enabled`.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls_addr
+    }
+
     pub fn db(&self) -> Db {
         self.db.clone()
     }
@@ -163,14 +185,21 @@ impl App {
     /// instances finish, then close the database.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         info!(address = %self.addr, "DICOM storage SCP listening on {}", self.addr);
+        if let Some(tls) = self.tls_addr {
+            info!(address = %tls, "DICOM TLS listening on {tls}");
+        }
+        let mut detail = serde_json::json!({
+            "address": self.addr.to_string(),
+            "version": env!("CARGO_PKG_VERSION"),
+        });
+        if let Some(tls) = self.tls_addr {
+            detail["tls_address"] = serde_json::json!(tls.to_string());
+        }
         let _ = self
             .db
             .record(NewEvent {
                 event: event::NODE_STARTED,
-                detail: Some(serde_json::json!({
-                    "address": self.addr.to_string(),
-                    "version": env!("CARGO_PKG_VERSION"),
-                })),
+                detail: Some(detail),
                 ..Default::default()
             })
             .await;

@@ -117,6 +117,23 @@ pub struct DicomSettings {
     pub read_timeout_secs: u64,
     #[serde(default)]
     pub peers: Vec<PeerSettings>,
+    pub tls: TlsSettings,
+}
+
+/// `[dicom.tls]`: DICOM TLS (PS3.15 B.9) on a second port, same association
+/// handling as the plain port.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSettings {
+    pub enabled: bool,
+    pub port: u16,
+    /// PEM: the node's certificate, then its chain.
+    pub certificate: PathBuf,
+    /// PEM: the certificate's private key (PKCS#8, PKCS#1 or SEC1).
+    pub private_key: PathBuf,
+    /// PEM: CA certificates; when set, peers must present a certificate
+    /// issued by one of them.
+    pub client_ca: PathBuf,
 }
 
 /// `[[dicom.peers]]`: one allowed calling AE title, optionally bound to a host.
@@ -227,6 +244,27 @@ impl Settings {
         if self.dicom.read_timeout_secs == 0 {
             return Err(invalid("dicom.read_timeout_secs", "must be at least 1"));
         }
+        let tls = &self.dicom.tls;
+        if tls.enabled {
+            if tls.certificate.as_os_str().is_empty() {
+                return Err(invalid(
+                    "dicom.tls.certificate",
+                    "must name a PEM certificate (chain) file when dicom.tls.enabled = true",
+                ));
+            }
+            if tls.private_key.as_os_str().is_empty() {
+                return Err(invalid(
+                    "dicom.tls.private_key",
+                    "must name a PEM private key file when dicom.tls.enabled = true",
+                ));
+            }
+            if tls.port != 0 && tls.port == self.dicom.port {
+                return Err(invalid(
+                    "dicom.tls.port",
+                    "must differ from dicom.port (TLS has its own port)",
+                ));
+            }
+        }
         for d in &self.destinations {
             validate_ae_title(&d.ae_title).map_err(|m| invalid("destinations.ae_title", &m))?;
             if d.host.trim().is_empty() {
@@ -333,6 +371,8 @@ mod tests {
         assert_eq!(s.dicom.ae_title, "HER2MAP");
         assert_eq!(s.dicom.port, 11112);
         assert!(s.dicom.peers.is_empty());
+        assert!(!s.dicom.tls.enabled);
+        assert_eq!(s.dicom.tls.port, 2762);
         assert!(s.database_url().ends_with("data/her2map.db"));
     }
 
@@ -355,6 +395,12 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("prot"), "{err}");
+
+        std::fs::write(&file, "[dicom.tls]\nenabled = true\n").unwrap();
+        let err = Settings::load_with_env(Some(&file), false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("dicom.tls.certificate"), "{err}");
 
         std::fs::write(&file, "[dicom]\nae_title = \"THIS-IS-FAR-TOO-LONG\"\n").unwrap();
         let err = Settings::load_with_env(Some(&file), false)

@@ -21,3 +21,4 @@ pub mod report;
 pub mod send;
 pub mod spool;
 pub mod synth;
+pub mod tls;

@@ -2,12 +2,18 @@
 //! PS3.7 DIMSE): the accept loop, access control, association limits, and the
 //! C-ECHO / C-STORE message exchange. It hands each instance's bytes to a
 //! [`StoreService`] as they arrive and never touches disk or database itself.
+//!
+//! Optionally a second listener speaks DICOM TLS (PS3.15 B.9): each of its
+//! connections completes a TLS handshake first, then gets exactly the same
+//! association handling (access control, limit, audit, exchange), which is
+//! generic over the stream.
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use dicom_ul::association::server::AsyncServerAssociation;
 use dicom_ul::association::server::{AccessControl, ServerAssociationOptions};
 use dicom_ul::pdu::{
     AbortRQServiceProviderReason, AbortRQSource, AssociationRJ, AssociationRJResult,
@@ -15,6 +21,7 @@ use dicom_ul::pdu::{
     AssociationRJSource, PDataValue, PDataValueType, Pdu, PresentationContextResultReason,
     UserIdentity,
 };
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -125,6 +132,8 @@ pub trait InstanceSink: Send {
 /// The bound SCP, ready to serve.
 pub struct Server<S: StoreService> {
     listener: TcpListener,
+    /// The DICOM TLS listener and its rustls configuration, when enabled.
+    tls: Option<(TcpListener, Arc<rustls::ServerConfig>)>,
     config: Arc<ServerConfig>,
     service: Arc<S>,
     slots: Arc<Semaphore>,
@@ -136,23 +145,59 @@ impl<S: StoreService> Server<S> {
         let slots = Arc::new(Semaphore::new(config.max_associations));
         Ok(Server {
             listener,
+            tls: None,
             config: Arc::new(config),
             service: Arc::new(service),
             slots,
         })
     }
 
+    /// Also listen for DICOM TLS on `addr`; its associations share the
+    /// association limit, access control and service of the plain port.
+    pub async fn bind_tls(
+        mut self,
+        addr: &str,
+        tls: Arc<rustls::ServerConfig>,
+    ) -> std::io::Result<Self> {
+        self.tls = Some((TcpListener::bind(addr).await?, tls));
+        Ok(self)
+    }
+
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// The address of the DICOM TLS listener, when there is one.
+    pub fn tls_local_addr(&self) -> std::io::Result<Option<SocketAddr>> {
+        self.tls.as_ref().map(|(l, _)| l.local_addr()).transpose()
     }
 
     /// Accept associations until `shutdown` fires, then wait for the ones in
     /// flight: each finishes the instance it is receiving, then is aborted.
     pub async fn run(self, shutdown: CancellationToken) {
         let tracker = TaskTracker::new();
+        let plain = self.accept_loop(&self.listener, None, &tracker, &shutdown);
+        match &self.tls {
+            Some((listener, tls)) => {
+                let secure = self.accept_loop(listener, Some(tls), &tracker, &shutdown);
+                tokio::join!(plain, secure);
+            }
+            None => plain.await,
+        }
+        tracker.close();
+        tracker.wait().await;
+    }
+
+    async fn accept_loop(
+        &self,
+        listener: &TcpListener,
+        tls: Option<&Arc<rustls::ServerConfig>>,
+        tracker: &TaskTracker,
+        shutdown: &CancellationToken,
+    ) {
         loop {
             let accepted = tokio::select! {
-                r = self.listener.accept() => r,
+                r = listener.accept() => r,
                 _ = shutdown.cancelled() => break,
             };
             let (socket, peer) = match accepted {
@@ -170,22 +215,31 @@ impl<S: StoreService> Server<S> {
             let service = self.service.clone();
             let permit = self.slots.clone().try_acquire_owned().ok();
             let shutdown = shutdown.clone();
+            let tls = tls.cloned();
             tracker.spawn(async move {
-                match permit {
-                    Some(_permit) => serve(socket, peer, &config, &*service, shutdown).await,
-                    None => reject_over_limit(socket, peer, &*service).await,
+                match (tls, permit) {
+                    (None, Some(_permit)) => {
+                        serve(socket, peer, &config, &*service, shutdown).await
+                    }
+                    (None, None) => reject_over_limit(socket, peer, &*service).await,
+                    (Some(tls), Some(_permit)) => {
+                        serve_tls(socket, peer, tls, &config, &*service, shutdown).await
+                    }
+                    (Some(tls), None) => reject_over_limit_tls(socket, peer, tls, &*service).await,
                 }
             });
         }
-        tracker.close();
-        tracker.wait().await;
     }
 }
 
 /// PS3.8 9.3.4: an association beyond the configured limit gets
 /// A-ASSOCIATE-RJ transient, source service-provider (presentation),
 /// reason "local-limit-exceeded", so the peer retries later.
-async fn reject_over_limit<S: StoreService>(mut socket: TcpStream, peer: SocketAddr, service: &S) {
+async fn reject_over_limit<S: StoreService, T: AsyncRead + AsyncWrite + Unpin>(
+    mut socket: T,
+    peer: SocketAddr,
+    service: &S,
+) {
     use tokio::io::AsyncWriteExt;
     let mut buf = bytes::BytesMut::with_capacity(16 * 1024);
     let read = tokio::time::timeout(
@@ -300,9 +354,34 @@ fn new_association_id() -> String {
     format!("{:016x}", rand::random::<u64>())
 }
 
-type Assoc = dicom_ul::association::server::AsyncServerAssociation<TcpStream>;
+/// The same over-limit answer on the TLS port, after the handshake.
+async fn reject_over_limit_tls<S: StoreService>(
+    socket: TcpStream,
+    peer: SocketAddr,
+    tls: Arc<rustls::ServerConfig>,
+    service: &S,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(socket)).await {
+        Ok(Ok(stream)) => reject_over_limit(stream, peer, service).await,
+        Ok(Err(e)) => {
+            let reason = format!("TLS handshake failed: {e}");
+            warn!(%peer, %reason, "association rejected");
+            service.association_rejected(peer, "", "", &reason).await;
+        }
+        Err(_) => {
+            let reason = "TLS handshake timed out";
+            warn!(%peer, %reason, "association rejected");
+            service.association_rejected(peer, "", "", reason).await;
+        }
+    }
+}
 
-/// Serve one connection from A-ASSOCIATE-RQ to release or abort.
+/// How long a TLS peer may take to complete its handshake (dicom-ul's own
+/// read timeout only starts with the A-ASSOCIATE-RQ).
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Serve one plain TCP connection from A-ASSOCIATE-RQ to release or abort.
 async fn serve<S: StoreService>(
     socket: TcpStream,
     peer: SocketAddr,
@@ -322,7 +401,7 @@ async fn serve<S: StoreService>(
             return;
         }
     };
-    let mut assoc = match options.establish_async(socket).await {
+    let assoc = match options.establish_async(socket).await {
         Ok(a) => {
             drop(spare);
             a
@@ -340,6 +419,63 @@ async fn serve<S: StoreService>(
             return;
         }
     };
+    serve_association(assoc, peer, config, service, shutdown).await;
+}
+
+/// Serve one DICOM TLS connection: TLS handshake (client certificate
+/// verified when the configuration asks for one), A-ASSOCIATE-RQ with the
+/// same access control as the plain port, then the same exchange. A failed
+/// handshake is an `association_rejected` with its reason.
+async fn serve_tls<S: StoreService>(
+    socket: TcpStream,
+    peer: SocketAddr,
+    tls: Arc<rustls::ServerConfig>,
+    config: &ServerConfig,
+    service: &S,
+    shutdown: CancellationToken,
+) {
+    let seen = Arc::new(std::sync::Mutex::new((String::new(), String::new())));
+    let options = association_options(config, peer.ip(), seen.clone()).tls_config(tls);
+    // The stream belongs to dicom-ul until the association is established,
+    // so an undecodable first PDU is answered by closing the connection
+    // (no A-ABORT on this port).
+    let deadline = TLS_HANDSHAKE_TIMEOUT + config.read_timeout;
+    let result = match tokio::time::timeout(deadline, options.establish_tls_async(socket)).await {
+        Ok(Ok(assoc)) => Ok(assoc),
+        Ok(Err(e)) => Err(describe_tls_establish_error(&e)),
+        Err(_) => Err("TLS handshake or association request timed out".to_string()),
+    };
+    match result {
+        Ok(assoc) => serve_association(assoc, peer, config, service, shutdown).await,
+        Err(reason) => {
+            let (calling, called) = seen.lock().map(|s| s.clone()).unwrap_or_default();
+            warn!(%peer, %reason, "association rejected");
+            service
+                .association_rejected(peer, &calling, &called, &reason)
+                .await;
+        }
+    }
+}
+
+fn describe_tls_establish_error(e: &dicom_ul::association::Error) -> String {
+    use dicom_ul::association::Error;
+    match e {
+        Error::TlsHandshake { source, .. } => format!("TLS handshake failed: {source}"),
+        Error::TlsConnection { source, .. } => format!("TLS handshake failed: {source}"),
+        other => describe_establish_error(other),
+    }
+}
+
+/// An established association, on either port, until release or abort.
+async fn serve_association<S: StoreService, T>(
+    mut assoc: AsyncServerAssociation<T>,
+    peer: SocketAddr,
+    config: &ServerConfig,
+    service: &S,
+    shutdown: CancellationToken,
+) where
+    T: AsyncRead + AsyncWrite + Unpin + Send,
+{
     let info = AssociationInfo {
         id: new_association_id(),
         calling_ae: dicom_ul::association::Association::peer_ae_title(&assoc)
@@ -404,7 +540,7 @@ async fn abort_and_close(spare: std::net::TcpStream) {
 /// sends for a moment, up to 1 MiB, so that closing a socket with unread
 /// bytes does not send a TCP reset, which can destroy the A-ABORT before
 /// the peer reads it (PS3.8 9.1.6: the provider waits for the peer to close).
-async fn close_gracefully<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(stream: &mut T) {
+async fn close_gracefully<T: AsyncRead + AsyncWrite + Unpin>(stream: &mut T) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let drain = async {
         stream.shutdown().await?;
@@ -460,15 +596,18 @@ enum InFlight<K> {
 /// hundred bytes): abort rather than buffer it.
 const MAX_COMMAND_BYTES: usize = 64 * 1024;
 
-struct Exchange<'a, S: StoreService> {
-    assoc: &'a mut Assoc,
+struct Exchange<'a, S: StoreService, T> {
+    assoc: &'a mut AsyncServerAssociation<T>,
     service: &'a S,
     info: &'a AssociationInfo,
     stats: &'a mut AssociationStats,
     config: &'a ServerConfig,
 }
 
-impl<S: StoreService> Exchange<'_, S> {
+impl<S: StoreService, T> Exchange<'_, S, T>
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send,
+{
     async fn run(mut self, shutdown: CancellationToken) -> &'static str {
         let mut state: InFlight<S::Sink> = InFlight::Idle;
         loop {

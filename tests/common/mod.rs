@@ -16,6 +16,8 @@ use tokio_util::sync::CancellationToken;
 
 pub struct TestApp {
     pub addr: SocketAddr,
+    /// The DICOM TLS listener, when the settings enable it.
+    pub tls_addr: Option<SocketAddr>,
     pub db: Db,
     pub data_dir: PathBuf,
     shutdown: CancellationToken,
@@ -64,11 +66,13 @@ pub async fn spawn_app_with(settings: Settings) -> TestApp {
     let data_dir = settings.storage.data_dir.clone();
     let app = App::build(settings).await.expect("app builds");
     let addr = app.local_addr();
+    let tls_addr = app.tls_addr();
     let db = app.db();
     let shutdown = CancellationToken::new();
     let handle = tokio::spawn(app.run_until_stopped(shutdown.clone()));
     TestApp {
         addr,
+        tls_addr,
         db,
         data_dir,
         shutdown,
