@@ -115,6 +115,17 @@ async fn one_patient_in_pieces_across_restarts_gives_one_result() {
         let scs = outputs.iter().filter(|o| o.kind == "sc").count();
         assert_eq!(srs, 3, "one SR per study");
         assert!(scs >= 4, "MG CC + MLO, US, MR slices: {scs}");
+        // The heatmaps as pictures, for a person to look at.
+        let pictures =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/heatmaps/synth-patient");
+        std::fs::create_dir_all(&pictures).unwrap();
+        for o in outputs.iter().filter(|o| o.kind == "sc") {
+            let obj = dicom_object::open_file(data.path().join(&o.path)).unwrap();
+            let png = pictures.join(format!("{}.png", o.sop_instance_uid));
+            her2map::report::sc::write_png(&obj, &png).unwrap();
+            assert!(std::fs::metadata(&png).unwrap().len() > 1000);
+        }
+        eprintln!("heatmaps of the synthetic patient: {}", pictures.display());
         for o in &outputs {
             assert!(
                 source_studies.contains(&o.study_instance_uid),
