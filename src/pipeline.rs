@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use dicom_dictionary_std::tags;
 use dicom_object::{DefaultDicomObject, OpenFileOptions};
+use rayon::prelude::*;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, mpsc};
@@ -514,21 +515,21 @@ impl ReportJob {
         };
 
         // Evidence: every instance the inputs came from.
-        let mut headers: HashMap<String, Header> = HashMap::new();
-        let mut evidence = Vec::new();
-        for s in &p.selections {
-            for uid in &s.sop_instance_uids {
-                if headers.contains_key(uid) {
-                    continue;
-                }
-                let Some(path) = self.paths.get(uid) else {
-                    continue;
-                };
-                let h = read_header(path).map_err(PipelineError::Other)?;
-                evidence.push(h.source(None));
-                headers.insert(uid.clone(), h);
+        // Headers of every instance used, read in parallel (an MRI phase is
+        // hundreds of files), in selection order.
+        let mut uids: Vec<&String> = Vec::new();
+        for uid in p.selections.iter().flat_map(|s| s.sop_instance_uids.iter()) {
+            if !uids.contains(&uid) && self.paths.contains_key(uid) {
+                uids.push(uid);
             }
         }
+        let read: Vec<Header> = uids
+            .par_iter()
+            .map(|uid| read_header(&self.paths[*uid]))
+            .collect::<Result<_, _>>()
+            .map_err(PipelineError::Other)?;
+        let evidence: Vec<report::SourceInstance> = read.iter().map(|h| h.source(None)).collect();
+        let headers: HashMap<String, Header> = uids.into_iter().cloned().zip(read).collect();
         let heatmaps = self.heatmaps(p, response, sample, &headers);
         let settings = &self.settings;
         let input = report::ReportInput {
@@ -570,38 +571,43 @@ impl ReportJob {
         sample: usize,
         headers: &HashMap<String, Header>,
     ) -> Vec<report::Heatmap> {
-        let mut out = Vec::new();
-        for s in &p.selections {
-            let branch = match s.modality {
-                SelModality::Us => 0,
-                SelModality::Mr => 1,
-                SelModality::Mg => 2,
-            };
-            // The crops share the CAM of their whole views; the pre-contrast
-            // phase only served the subtraction.
-            if s.role.contains("crop") || s.role.contains("pre-contrast") {
-                continue;
-            }
-            let Some(cams) = &response.cams[branch] else {
-                continue;
-            };
-            let made = match &s.geometry {
-                SourceGeometry::Planar { frame, crop, .. } => {
-                    let Some(uid) = s.sop_instance_uids.first() else {
-                        continue;
-                    };
-                    let Some(h) = headers.get(uid) else { continue };
-                    planar_heatmap(h, *frame, *crop, &cams.input, sample, &s.role)
-                        .map(|hm| vec![hm])
+        // One heatmap job per selection, decoded and blended in parallel.
+        let made: Vec<Vec<report::Heatmap>> = p
+            .selections
+            .par_iter()
+            .map(|s| {
+                let branch = match s.modality {
+                    SelModality::Us => 0,
+                    SelModality::Mr => 1,
+                    SelModality::Mg => 2,
+                };
+                // The crops share the CAM of their whole views; the
+                // pre-contrast phase only served the subtraction.
+                if s.role.contains("crop") || s.role.contains("pre-contrast") {
+                    return Vec::new();
                 }
-                SourceGeometry::Volume { .. } => mri_heatmaps(s, headers, &cams.input, sample),
-            };
-            match made {
-                Ok(mut hms) => out.append(&mut hms),
-                Err(e) => warn!(role = %s.role, error = %e, "heatmap skipped"),
-            }
-        }
-        out
+                let Some(cams) = &response.cams[branch] else {
+                    return Vec::new();
+                };
+                let made = match &s.geometry {
+                    SourceGeometry::Planar { frame, crop, .. } => s
+                        .sop_instance_uids
+                        .first()
+                        .and_then(|uid| headers.get(uid))
+                        .map(|h| {
+                            planar_heatmap(h, *frame, *crop, &cams.input, sample, &s.role)
+                                .map(|hm| vec![hm])
+                        })
+                        .unwrap_or_else(|| Ok(Vec::new())),
+                    SourceGeometry::Volume { .. } => mri_heatmaps(s, headers, &cams.input, sample),
+                };
+                made.unwrap_or_else(|e| {
+                    warn!(role = %s.role, error = %e, "heatmap skipped");
+                    Vec::new()
+                })
+            })
+            .collect();
+        made.into_iter().flatten().collect()
     }
 }
 
