@@ -288,13 +288,12 @@ impl Pipeline {
             tokio::task::spawn_blocking(move || job.build(&prepared, &response))
                 .await
                 .map_err(|e| PipelineError::Other(e.to_string()))??;
-        let mut rows = Vec::new();
-        for (kind, obj) in written {
-            rows.push(
-                self.write_output(&case.id, case.revision, kind, obj)
-                    .await?,
-            );
-        }
+        let (data_dir, case_id, revision) = (self.data_dir.clone(), case.id.clone(), case.revision);
+        let rows = tokio::task::spawn_blocking(move || {
+            write_outputs(&data_dir, &case_id, revision, written)
+        })
+        .await
+        .map_err(|e| PipelineError::Other(e.to_string()))??;
         for row in &rows {
             let dests = crate::outbox::destinations_for(&self.destinations, &row.kind);
             self.db.add_output(row, &dests).await?;
@@ -369,63 +368,60 @@ impl Pipeline {
             })
             .collect())
     }
+}
 
-    async fn write_output(
-        &self,
-        case_id: &str,
-        revision: i64,
-        kind: OutputKind,
-        obj: DefaultDicomObject,
-    ) -> Result<OutputRow, PipelineError> {
-        let text = |tag| -> String {
-            obj.element_opt(tag)
-                .ok()
-                .flatten()
-                .and_then(|e| e.to_str().ok())
-                .map(|s| s.trim_end_matches(['\0', ' ']).to_string())
-                .unwrap_or_default()
-        };
-        let sop = text(tags::SOP_INSTANCE_UID);
-        let (sop_class, study, series) = (
-            text(tags::SOP_CLASS_UID),
-            text(tags::STUDY_INSTANCE_UID),
-            text(tags::SERIES_INSTANCE_UID),
-        );
-        let rel = PathBuf::from("outputs")
-            .join(crate::spool::sanitise_uid(case_id).replace("2.25.", "c"))
-            .join(format!("r{revision}"))
-            .join(format!("{}.dcm", crate::spool::sanitise_uid(&sop)));
-        let abs = self.data_dir.join(&rel);
-        let obj2 = obj;
-        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-            if let Some(parent) = abs.parent() {
-                std::fs::create_dir_all(parent)?;
-            }
+/// Write the outputs of one case revision durably: each file under a
+/// temporary name, fdatasync'd and renamed (in parallel), then their folder
+/// fsync'd once, before any is queued for delivery.
+fn write_outputs(
+    data_dir: &Path,
+    case_id: &str,
+    revision: i64,
+    written: Vec<(OutputKind, DefaultDicomObject)>,
+) -> Result<Vec<OutputRow>, PipelineError> {
+    let rel_dir = PathBuf::from("outputs")
+        .join(crate::spool::sanitise_uid(case_id).replace("2.25.", "c"))
+        .join(format!("r{revision}"));
+    let dir = data_dir.join(&rel_dir);
+    std::fs::create_dir_all(&dir)?;
+    let rows = written
+        .into_par_iter()
+        .map(|(kind, obj)| -> Result<OutputRow, PipelineError> {
+            let text = |tag| -> String {
+                obj.element_opt(tag)
+                    .ok()
+                    .flatten()
+                    .and_then(|e| e.to_str().ok())
+                    .map(|s| s.trim_end_matches(['\0', ' ']).to_string())
+                    .unwrap_or_default()
+            };
+            let sop = text(tags::SOP_INSTANCE_UID);
+            let rel = rel_dir.join(format!("{}.dcm", crate::spool::sanitise_uid(&sop)));
+            let abs = data_dir.join(&rel);
             let tmp = abs.with_extension("part");
-            obj2.write_to_file(&tmp).map_err(std::io::Error::other)?;
-            std::fs::File::open(&tmp)?.sync_all()?;
+            obj.write_to_file(&tmp).map_err(std::io::Error::other)?;
+            std::fs::File::open(&tmp)?.sync_data()?;
             std::fs::rename(&tmp, &abs)?;
-            if let Some(parent) = abs.parent() {
-                std::fs::File::open(parent)?.sync_all()?;
-            }
-            Ok(())
+            Ok(OutputRow {
+                sop_instance_uid: sop,
+                case_id: case_id.to_string(),
+                revision,
+                kind: match kind {
+                    OutputKind::Sr => "sr".into(),
+                    OutputKind::HeatmapSc => "sc".into(),
+                },
+                sop_class_uid: text(tags::SOP_CLASS_UID),
+                study_instance_uid: text(tags::STUDY_INSTANCE_UID),
+                series_instance_uid: text(tags::SERIES_INSTANCE_UID),
+                path: rel.to_string_lossy().into_owned(),
+            })
         })
-        .await
-        .map_err(|e| PipelineError::Other(e.to_string()))??;
-        Ok(OutputRow {
-            sop_instance_uid: sop,
-            case_id: case_id.to_string(),
-            revision,
-            kind: match kind {
-                OutputKind::Sr => "sr".into(),
-                OutputKind::HeatmapSc => "sc".into(),
-            },
-            sop_class_uid: sop_class,
-            study_instance_uid: study,
-            series_instance_uid: series,
-            path: rel.to_string_lossy().into_owned(),
-        })
+        .collect::<Result<Vec<_>, _>>()?;
+    // The folder, and the folders above it that this case may have created.
+    for d in dir.ancestors().take(3) {
+        std::fs::File::open(d)?.sync_all()?;
     }
+    Ok(rows)
 }
 
 /// Everything the reporting step needs, moved onto the blocking pool.
