@@ -246,16 +246,7 @@ mod tests {
                 .unwrap();
             let got = conv.forward(&x).unwrap();
             assert_eq!(got.dims(), want.dims());
-            let d = (got - want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = crate::model::max_abs_diff(&got, &want);
             assert!(d < 1e-5, "k{k} s{s} p{p}: {d:e}");
         }
     }

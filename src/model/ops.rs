@@ -677,19 +677,6 @@ mod tests {
         v.copysign(x)
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
-
     use super::tests_support::strided;
 
     #[test]
@@ -700,54 +687,48 @@ mod tests {
         for cosine in [false, true] {
             let a = split_heads(&qkv, &scale, cosine).unwrap();
             let b = split_heads(&strided(&qkv), &scale, cosine).unwrap();
-            assert!(max_diff(&a, &b) < 1e-6, "split_heads cosine={cosine}");
+            assert!(
+                crate::model::max_abs_diff(&a, &b) < 1e-6,
+                "split_heads cosine={cosine}"
+            );
         }
         let x = Tensor::randn(0f32, 2.0, (6, 5, 24), &dev).unwrap();
         let r = Tensor::randn(0f32, 1.0, (6, 5, 24), &dev).unwrap();
         let wb = Tensor::randn(1f32, 0.1, (2, 24), &dev).unwrap();
         let a = layer_norm(&x, &wb, 1e-5, Some(&r)).unwrap();
         let b = layer_norm(&strided(&x), &wb, 1e-5, Some(&r)).unwrap();
-        assert!(max_diff(&a, &b) < 1e-5, "layer_norm");
+        assert!(crate::model::max_abs_diff(&a, &b) < 1e-5, "layer_norm");
         let bias = Tensor::randn(0f32, 1.0, 5, &dev).unwrap();
         for act in [Act::Identity, Act::Relu, Act::Gelu] {
             let a = bias_act(&x, &bias, 1, act).unwrap();
             let b = bias_act(&strided(&x), &bias, 1, act).unwrap();
-            assert!(max_diff(&a, &b) < 1e-5, "bias_act {act:?}");
+            assert!(
+                crate::model::max_abs_diff(&a, &b) < 1e-5,
+                "bias_act {act:?}"
+            );
         }
         let attn = Tensor::randn(0f32, 3.0, (6, 2, 9, 9), &dev).unwrap();
         let bias = Tensor::randn(0f32, 3.0, (3, 2, 9, 9), &dev).unwrap();
         let a = softmax_with_bias(&attn, &bias).unwrap();
         let b = softmax_with_bias(&strided(&attn), &bias).unwrap();
-        assert!(max_diff(&a, &b) < 1e-6, "softmax_with_bias");
+        assert!(
+            crate::model::max_abs_diff(&a, &b) < 1e-6,
+            "softmax_with_bias"
+        );
     }
 
     #[test]
     fn fast_ops_match_candle() {
         let dev = Device::Cpu;
         let x = Tensor::randn(0f32, 3.0, (7, 33, 27), &dev).unwrap();
-        let d = (gelu_erf(&x).unwrap() - x.gelu_erf().unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = crate::model::max_abs_diff(&gelu_erf(&x).unwrap(), &x.gelu_erf().unwrap());
         assert!(d < 1e-5, "gelu {d:e}");
         let masked = (x.clone() - 100.0).unwrap();
         let y = Tensor::cat(&[&x, &masked], 2).unwrap();
-        let d = (softmax_last_dim(&y).unwrap() - candle_nn::ops::softmax(&y, D::Minus1).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = crate::model::max_abs_diff(
+            &(softmax_last_dim(&y).unwrap()),
+            &(candle_nn::ops::softmax(&y, D::Minus1).unwrap()),
+        );
         assert!(d < 1e-6, "softmax {d:e}");
     }
 }
