@@ -203,9 +203,7 @@ impl Db {
             })),
             ..Default::default()
         };
-        bind_event(sqlx::query(INSERT_EVENT), &e)
-            .execute(&mut *tx)
-            .await?;
+        insert_event(&mut tx, &e).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -239,9 +237,7 @@ impl Db {
             })),
             ..Default::default()
         };
-        bind_event(sqlx::query(INSERT_EVENT), &e)
-            .execute(&mut *tx)
-            .await?;
+        insert_event(&mut tx, &e).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -307,9 +303,7 @@ impl Db {
             })),
             ..Default::default()
         };
-        bind_event(sqlx::query(INSERT_EVENT), &e)
-            .execute(&mut *tx)
-            .await?;
+        insert_event(&mut tx, &e).await?;
         tx.commit().await?;
         Ok(Inserted::New)
     }
@@ -376,6 +370,18 @@ impl Db {
             })
             .collect())
     }
+}
+
+/// Append an audit event inside the caller's transaction, so the event
+/// and the change it records commit together.
+async fn insert_event(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    e: &NewEvent<'_>,
+) -> Result<(), DbError> {
+    bind_event(sqlx::query(INSERT_EVENT), e)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
 }
 
 fn bind_event<'q>(
@@ -572,9 +578,7 @@ impl Db {
             case_id: Some(id),
             ..Default::default()
         };
-        bind_event(sqlx::query(INSERT_EVENT), &e)
-            .execute(&mut *tx)
-            .await?;
+        insert_event(&mut tx, &e).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -772,9 +776,7 @@ async fn insert_transition(
         detail: Some(serde_json::json!({ "from": from, "to": to, "reason": reason })),
         ..Default::default()
     };
-    bind_event(sqlx::query(INSERT_EVENT), &e)
-        .execute(&mut **tx)
-        .await?;
+    insert_event(tx, &e).await?;
     Ok(())
 }
 
@@ -896,9 +898,7 @@ impl Db {
                 })),
                 ..Default::default()
             };
-            bind_event(sqlx::query(INSERT_EVENT), &e)
-                .execute(&mut *tx)
-                .await?;
+            insert_event(&mut tx, &e).await?;
         }
         tx.commit().await?;
         Ok(new)
@@ -999,9 +999,7 @@ impl Db {
             })),
             ..Default::default()
         };
-        bind_event(sqlx::query(INSERT_EVENT), &e)
-            .execute(&mut *tx)
-            .await?;
+        insert_event(&mut tx, &e).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -1026,9 +1024,7 @@ impl Db {
                 detail: Some(serde_json::json!({ "outbox_id": id })),
                 ..Default::default()
             };
-            bind_event(sqlx::query(INSERT_EVENT), &e)
-                .execute(&mut *tx)
-                .await?;
+            insert_event(&mut tx, &e).await?;
         }
         tx.commit().await?;
         Ok(n == 1)
