@@ -548,6 +548,27 @@ pub(crate) fn put_patient_study(obj: &mut ds::Obj, study_uid: &str, a: &StudyAtt
     }
 }
 
+/// The series attributes both output kinds share: General Series
+/// (PS3.3 §C.7.3.1) for the heatmaps, SR Document Series (§C.17.1) for the SR.
+pub(crate) fn put_series(
+    obj: &mut ds::Obj,
+    modality: &str,
+    series_uid: &str,
+    number: u16,
+    date: &str,
+    time: &str,
+    description: &str,
+) {
+    use dicom_core::VR;
+    use dicom_dictionary_std::tags;
+    ds::put_str(obj, tags::MODALITY, VR::CS, modality);
+    ds::put_str(obj, tags::SERIES_INSTANCE_UID, VR::UI, series_uid);
+    ds::put_str(obj, tags::SERIES_NUMBER, VR::IS, &number.to_string());
+    ds::put_str(obj, tags::SERIES_DATE, VR::DA, date);
+    ds::put_str(obj, tags::SERIES_TIME, VR::TM, time);
+    ds::put_str(obj, tags::SERIES_DESCRIPTION, VR::LO, description);
+}
+
 /// General Equipment module (PS3.3 §C.7.5.1): the node as the equipment.
 pub(crate) fn put_equipment(obj: &mut ds::Obj, settings: &ReportSettings, result: &ModelResult) {
     use dicom_core::VR;

@@ -141,20 +141,13 @@ pub(crate) fn build_heatmaps(prep: &Prepared) -> Result<Vec<OutputObject>, Repor
         super::put_patient_study(&mut o, study, attrs);
 
         // General Series (PS3.3 §C.7.3.1).
-        ds::put_str(&mut o, tags::MODALITY, VR::CS, "OT");
-        ds::put_str(&mut o, tags::SERIES_INSTANCE_UID, VR::UI, &series_uid);
-        ds::put_str(
+        super::put_series(
             &mut o,
-            tags::SERIES_NUMBER,
-            VR::IS,
-            &SC_SERIES_NUMBER.to_string(),
-        );
-        ds::put_str(&mut o, tags::SERIES_DATE, VR::DA, &d);
-        ds::put_str(&mut o, tags::SERIES_TIME, VR::TM, &t);
-        ds::put_str(
-            &mut o,
-            tags::SERIES_DESCRIPTION,
-            VR::LO,
+            "OT",
+            &series_uid,
+            SC_SERIES_NUMBER,
+            &d,
+            &t,
             SC_SERIES_DESCRIPTION,
         );
         ds::put_str(&mut o, tags::BODY_PART_EXAMINED, VR::CS, "BREAST");

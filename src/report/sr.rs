@@ -501,25 +501,13 @@ pub(crate) fn build_srs(prep: &Prepared) -> Result<Vec<OutputObject>, ReportErro
         super::put_patient_study(&mut o, study, attrs);
 
         // SR Document Series module (PS3.3 §C.17.1).
-        ds::put_str(&mut o, tags::MODALITY, VR::CS, "SR");
-        ds::put_str(
+        super::put_series(
             &mut o,
-            tags::SERIES_INSTANCE_UID,
-            VR::UI,
+            "SR",
             &me.series_instance_uid,
-        );
-        ds::put_str(
-            &mut o,
-            tags::SERIES_NUMBER,
-            VR::IS,
-            &SR_SERIES_NUMBER.to_string(),
-        );
-        ds::put_str(&mut o, tags::SERIES_DATE, VR::DA, &d);
-        ds::put_str(&mut o, tags::SERIES_TIME, VR::TM, &t);
-        ds::put_str(
-            &mut o,
-            tags::SERIES_DESCRIPTION,
-            VR::LO,
+            SR_SERIES_NUMBER,
+            &d,
+            &t,
             if prep.amended() {
                 SR_SERIES_DESCRIPTION_AMENDED
             } else {
