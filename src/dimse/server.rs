@@ -23,7 +23,7 @@ use dicom_ul::pdu::{
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -218,12 +218,12 @@ impl<S: StoreService> Server<S> {
             let tls = tls.cloned();
             tracker.spawn(async move {
                 match (tls, permit) {
-                    (None, Some(_permit)) => {
-                        serve(socket, peer, &config, &*service, shutdown).await
+                    (None, Some(slot)) => {
+                        serve(socket, peer, &config, &*service, shutdown, slot).await
                     }
                     (None, None) => reject_over_limit(socket, peer, &*service).await,
-                    (Some(tls), Some(_permit)) => {
-                        serve_tls(socket, peer, tls, &config, &*service, shutdown).await
+                    (Some(tls), Some(slot)) => {
+                        serve_tls(socket, peer, tls, &config, &*service, shutdown, slot).await
                     }
                     (Some(tls), None) => reject_over_limit_tls(socket, peer, tls, &*service).await,
                 }
@@ -388,6 +388,7 @@ async fn serve<S: StoreService>(
     config: &ServerConfig,
     service: &S,
     shutdown: CancellationToken,
+    slot: OwnedSemaphorePermit,
 ) {
     let seen = Arc::new(std::sync::Mutex::new((String::new(), String::new())));
     let options = association_options(config, peer.ip(), seen.clone());
@@ -412,6 +413,9 @@ async fn serve<S: StoreService>(
             if malformed_first_pdu(&e) {
                 abort_and_close(spare).await;
             }
+            // The slot is free once the peer has its answer, not after our
+            // bookkeeping.
+            drop(slot);
             warn!(%peer, %reason, "association rejected");
             service
                 .association_rejected(peer, &calling, &called, &reason)
@@ -419,7 +423,7 @@ async fn serve<S: StoreService>(
             return;
         }
     };
-    serve_association(assoc, peer, config, service, shutdown).await;
+    serve_association(assoc, peer, config, service, shutdown, slot).await;
 }
 
 /// Serve one DICOM TLS connection: TLS handshake (client certificate
@@ -433,6 +437,7 @@ async fn serve_tls<S: StoreService>(
     config: &ServerConfig,
     service: &S,
     shutdown: CancellationToken,
+    slot: OwnedSemaphorePermit,
 ) {
     let seen = Arc::new(std::sync::Mutex::new((String::new(), String::new())));
     let options = association_options(config, peer.ip(), seen.clone()).tls_config(tls);
@@ -446,8 +451,9 @@ async fn serve_tls<S: StoreService>(
         Err(_) => Err("TLS handshake or association request timed out".to_string()),
     };
     match result {
-        Ok(assoc) => serve_association(assoc, peer, config, service, shutdown).await,
+        Ok(assoc) => serve_association(assoc, peer, config, service, shutdown, slot).await,
         Err(reason) => {
+            drop(slot);
             let (calling, called) = seen.lock().map(|s| s.clone()).unwrap_or_default();
             warn!(%peer, %reason, "association rejected");
             service
@@ -473,6 +479,7 @@ async fn serve_association<S: StoreService, T>(
     config: &ServerConfig,
     service: &S,
     shutdown: CancellationToken,
+    slot: OwnedSemaphorePermit,
 ) where
     T: AsyncRead + AsyncWrite + Unpin + Send,
 {
@@ -496,6 +503,8 @@ async fn serve_association<S: StoreService, T>(
     }
     .run(shutdown)
     .await;
+    drop(assoc);
+    drop(slot);
     info!(association = %info.id, outcome, stored = stats.stored, failed = stats.failed, "association closed");
     service.association_closed(&info, outcome, &stats).await;
 }
