@@ -97,6 +97,13 @@ pub struct Assembler {
 /// The longest the task sleeps without looking at the database, so that
 /// operator commands (`her2map cases run|hold|release`) take effect.
 const POLL: Duration = Duration::from_secs(2);
+/// A burst of stored instances is assigned in one round once ingest has been
+/// quiet this long (or [`COALESCE_MAX`] after the first), the way Orthanc's
+/// stable-age monitor polls instead of reacting to every instance: a round
+/// per instance re-reads the whole case and competes with ingest for the
+/// database's write lock (it halved ingest throughput).
+const QUIET: Duration = Duration::from_millis(50);
+const COALESCE_MAX: Duration = Duration::from_secs(1);
 
 fn study_day(date: &str) -> Option<time::Date> {
     let fmt = time::macros::format_description!("[year][month][day]");
@@ -358,8 +365,21 @@ impl Assembler {
             }
             tokio::select! {
                 _ = &mut notified => {}
-                _ = tokio::time::sleep(sleep) => {}
+                _ = tokio::time::sleep(sleep) => continue,
                 _ = shutdown.cancelled() => return,
+            }
+            let give_up = tokio::time::Instant::now() + COALESCE_MAX;
+            loop {
+                let more = wake.notified();
+                tokio::select! {
+                    _ = more => {
+                        if tokio::time::Instant::now() >= give_up {
+                            break;
+                        }
+                    }
+                    _ = tokio::time::sleep(QUIET) => break,
+                    _ = shutdown.cancelled() => return,
+                }
             }
         }
     }
