@@ -357,23 +357,17 @@ impl StoreService for Ingest {
             let s = DimseStatus::failure(status::OUT_OF_RESOURCES, format!("spool: {e}"));
             return Err(self.fail(info, request, s).await);
         }
-        match self.spool.create_temp(&header).await {
-            Ok(temp) => Ok(IngestSink {
-                ingest: self.clone(),
-                info: info.clone(),
-                request: request.clone(),
-                temp,
-            }),
-            Err(e) => {
-                let s = DimseStatus::failure(status::OUT_OF_RESOURCES, format!("spool: {e}"));
-                Err(self.fail(info, request, s).await)
-            }
-        }
+        Ok(IngestSink {
+            ingest: self.clone(),
+            info: info.clone(),
+            request: request.clone(),
+            temp: self.spool.create_temp(header),
+        })
     }
 }
 
 impl InstanceSink for IngestSink {
-    async fn write(&mut self, bytes: &[u8]) -> Result<(), DimseStatus> {
+    async fn write(&mut self, bytes: Vec<u8>) -> Result<(), DimseStatus> {
         self.temp.write(bytes).await.map_err(|e| {
             DimseStatus::failure(status::OUT_OF_RESOURCES, format!("spool write: {e}"))
         })
@@ -386,17 +380,7 @@ impl InstanceSink for IngestSink {
             request,
             temp,
         } = self;
-        let sealed = match temp.seal().await {
-            Ok(s) => s,
-            Err(e) => {
-                let s = DimseStatus::failure(status::OUT_OF_RESOURCES, format!("spool fsync: {e}"));
-                return ingest.fail(&info, &request, s).await;
-            }
-        };
-        let status = commit(&ingest, &info, &request, &sealed).await;
-        // Whatever happened, the temporary name goes (it is gone already
-        // when the file was placed).
-        sealed.discard().await;
+        let status = commit(&ingest, &info, &request, temp).await;
         if status.code != status::SUCCESS {
             return ingest.fail(&info, &request, status).await;
         }
@@ -409,78 +393,140 @@ impl InstanceSink for IngestSink {
     }
 }
 
-/// Validate the sealed data set, place it, index it.
-async fn commit(
-    ingest: &IngestCore,
-    info: &AssociationInfo,
+/// A received instance, fsync'd, parsed and linked into place.
+struct Placed {
+    sealed: SealedInstance,
+    header: Header,
+    relative: PathBuf,
+    placement: Placement,
+}
+
+/// The file half of the commit, in one call on the blocking pool (one
+/// hand-off per instance, not one per step): write what is pending and
+/// fsync, read the header back, check it against the command, link the
+/// file into place. Any failure removes the temporary file.
+fn seal_and_place(
+    spool: &Spool,
     request: &StoreRequest,
-    sealed: &SealedInstance,
-) -> DimseStatus {
-    let path = sealed.path.clone();
-    let header = match tokio::task::spawn_blocking(move || read_header(path)).await {
-        Ok(Ok(h)) => h,
-        Ok(Err(e)) => {
-            return DimseStatus::failure(
+    temp: TempInstance,
+) -> Result<Placed, DimseStatus> {
+    let sealed = temp
+        .seal_blocking()
+        .map_err(|e| DimseStatus::failure(status::OUT_OF_RESOURCES, format!("spool fsync: {e}")))?;
+    let checked = read_header(sealed.path.clone())
+        .map_err(|e| {
+            DimseStatus::failure(
                 status::CANNOT_UNDERSTAND,
                 format!("data set does not parse: {e}"),
-            );
+            )
+        })
+        .and_then(|header| check_identity(&header, request).map(|()| header));
+    let header = match checked {
+        Ok(h) => h,
+        Err(s) => {
+            let _ = std::fs::remove_file(&sealed.path);
+            return Err(s);
         }
-        Err(e) => return DimseStatus::failure(status::OUT_OF_RESOURCES, e.to_string()),
     };
-    if header.sop_instance_uid.is_empty() && header.sop_class_uid.is_empty() {
-        return DimseStatus::failure(
-            status::CANNOT_UNDERSTAND,
-            "data set holds no SOP Class/Instance UID",
-        );
-    }
-    // PS3.4 B.2.3: the data set must be the instance the command announced.
-    if header.sop_instance_uid != request.sop_instance_uid
-        || header.sop_class_uid != request.sop_class_uid
-    {
-        return DimseStatus::failure(
-            status::DATA_SET_DOES_NOT_MATCH,
-            "data set SOP Class/Instance UID differ from the command",
-        );
-    }
     let relative = Spool::relative_path(
         &header.study_instance_uid,
         &header.series_instance_uid,
         &header.sop_instance_uid,
     );
+    match spool.place_blocking(&sealed, &relative) {
+        Ok(placement) => Ok(Placed {
+            sealed,
+            header,
+            relative,
+            placement,
+        }),
+        Err(e) => {
+            let _ = std::fs::remove_file(&sealed.path);
+            Err(DimseStatus::failure(
+                status::OUT_OF_RESOURCES,
+                format!("spool: {e}"),
+            ))
+        }
+    }
+}
+
+/// PS3.4 B.2.3: the data set must be the instance the command announced.
+fn check_identity(header: &Header, request: &StoreRequest) -> Result<(), DimseStatus> {
+    if header.sop_instance_uid.is_empty() && header.sop_class_uid.is_empty() {
+        return Err(DimseStatus::failure(
+            status::CANNOT_UNDERSTAND,
+            "data set holds no SOP Class/Instance UID",
+        ));
+    }
+    if header.sop_instance_uid != request.sop_instance_uid
+        || header.sop_class_uid != request.sop_class_uid
+    {
+        return Err(DimseStatus::failure(
+            status::DATA_SET_DOES_NOT_MATCH,
+            "data set SOP Class/Instance UID differ from the command",
+        ));
+    }
+    Ok(())
+}
+
+/// Seal, validate and place the instance, then index it.
+async fn commit(
+    ingest: &Ingest,
+    info: &AssociationInfo,
+    request: &StoreRequest,
+    temp: TempInstance,
+) -> DimseStatus {
+    let (spool, req) = (ingest.spool.clone(), request.clone());
+    let placed = match tokio::task::spawn_blocking(move || seal_and_place(&spool, &req, temp)).await
+    {
+        Ok(Ok(p)) => p,
+        Ok(Err(status)) => return status,
+        Err(e) => return DimseStatus::failure(status::OUT_OF_RESOURCES, e.to_string()),
+    };
+    let Placed {
+        sealed,
+        header,
+        relative,
+        placement,
+    } = placed;
     let row = InstanceRow {
-        sop_instance_uid: header.sop_instance_uid.clone(),
-        sop_class_uid: header.sop_class_uid.clone(),
-        study_instance_uid: header.study_instance_uid.clone(),
-        series_instance_uid: header.series_instance_uid.clone(),
-        patient_key: header.patient_key.clone(),
-        modality: header.modality.clone(),
-        study_date: header.study_date.clone(),
+        sop_instance_uid: header.sop_instance_uid,
+        sop_class_uid: header.sop_class_uid,
+        study_instance_uid: header.study_instance_uid,
+        series_instance_uid: header.series_instance_uid,
+        patient_key: header.patient_key,
+        modality: header.modality,
+        study_date: header.study_date,
         transfer_syntax: request.transfer_syntax.clone(),
         size_bytes: sealed.len,
         path: relative.to_string_lossy().into_owned(),
         association_id: info.id.clone(),
         calling_ae: info.calling_ae.clone(),
-        patient_id_key: header.patient_id_key.clone(),
-        laterality: header.laterality.clone(),
-        view: header.view.clone(),
-        series_description: header.series_description.clone(),
-        image_type: header.image_type.clone(),
+        patient_id_key: header.patient_id_key,
+        laterality: header.laterality,
+        view: header.view,
+        series_description: header.series_description,
+        image_type: header.image_type,
     };
-    let placed = match ingest.spool.place(sealed, &relative).await {
-        Ok(p) => p,
-        Err(e) => return DimseStatus::failure(status::OUT_OF_RESOURCES, format!("spool: {e}")),
-    };
-    if placed == Placement::Exists {
-        match ingest.db.instance_path(&row.sop_instance_uid).await {
-            Ok(Some(_)) => return duplicate(ingest, info, &row).await,
+    if placement == Placement::Exists {
+        let existing = ingest.db.instance_path(&row.sop_instance_uid).await;
+        match existing {
+            Ok(Some(_)) => {
+                sealed.discard().await;
+                return duplicate(ingest, info, &row).await;
+            }
             Ok(None) => {
                 // A file without a row: a crash hit between link and commit,
                 // so the peer never got Success for it. This copy replaces it.
-                if let Err(e) = ingest.spool.replace(sealed, &relative).await {
+                if let Err(e) = ingest.spool.replace(&sealed, &relative).await {
+                    sealed.discard().await;
                     return DimseStatus::failure(status::OUT_OF_RESOURCES, format!("spool: {e}"));
                 }
             }
-            Err(e) => return DimseStatus::failure(status::OUT_OF_RESOURCES, e.to_string()),
+            Err(e) => {
+                sealed.discard().await;
+                return DimseStatus::failure(status::OUT_OF_RESOURCES, e.to_string());
+            }
         }
     }
     match ingest.db.insert_instance(&row).await {

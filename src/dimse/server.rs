@@ -122,7 +122,9 @@ pub trait StoreService: Send + Sync + 'static {
 
 /// Receives the data set of one C-STORE, fragment by fragment.
 pub trait InstanceSink: Send {
-    fn write(&mut self, bytes: &[u8]) -> impl Future<Output = Result<(), DimseStatus>> + Send;
+    /// The next PDV payload of the data set (owned: the sink keeps it
+    /// without a copy).
+    fn write(&mut self, bytes: Vec<u8>) -> impl Future<Output = Result<(), DimseStatus>> + Send;
     /// The last fragment arrived: make the instance durable and say how it went.
     fn finish(self) -> impl Future<Output = DimseStatus> + Send;
     /// The association ended mid-instance: leave nothing behind.
@@ -736,7 +738,7 @@ where
                     *bytes += pdv.data.len() as u64;
                     if failure.is_none()
                         && let Some(s) = sink.as_mut()
-                        && let Err(status) = s.write(&pdv.data).await
+                        && let Err(status) = s.write(pdv.data).await
                     {
                         *failure = Some(status);
                         if let Some(s) = sink.take() {
