@@ -471,12 +471,30 @@ pub fn write_synthetic_patient(
                         },
                     ),
                     el(tags::ACQUISITION_TIME, VR::TM, format!("0900{:02}", i * 10)),
+                    // The rest of the DX Image and Mammography Image
+                    // modules' Type 1 and 2 attributes (PS3.3 C.8.11.7,
+                    // C.8.11.7.1), so that dciodvfy passes the files.
+                    el(tags::LOSSY_IMAGE_COMPRESSION, VR::CS, "00"),
+                    el(tags::PRESENTATION_LUT_SHAPE, VR::CS, "IDENTITY"),
+                    el(tags::PIXEL_INTENSITY_RELATIONSHIP, VR::CS, "LOG"),
+                    el(
+                        tags::PIXEL_INTENSITY_RELATIONSHIP_SIGN,
+                        VR::SS,
+                        PrimitiveValue::from(-1i16),
+                    ),
+                    el(tags::ORGAN_EXPOSED, VR::CS, "BREAST"),
+                    el(tags::POSITIONER_TYPE, VR::CS, "MAMMOGRAPHIC"),
+                    el(tags::DETECTOR_TYPE, VR::CS, "DIRECT"),
                 ] {
                     o.put(e);
                 }
+                let mut view_item = code_item(code, "SCT", meaning);
+                view_item.put(seq(tags::VIEW_MODIFIER_CODE_SEQUENCE, Vec::new()));
+                o.put(seq(tags::VIEW_CODE_SEQUENCE, vec![view_item]));
+                o.put(seq(tags::ACQUISITION_CONTEXT_SEQUENCE, Vec::new()));
                 o.put(seq(
-                    tags::VIEW_CODE_SEQUENCE,
-                    vec![code_item(code, "SCT", meaning)],
+                    tags::ANATOMIC_REGION_SEQUENCE,
+                    vec![code_item("76752008", "SCT", "Breast")],
                 ));
                 pixel_module_u16(&mut o, rows, cols, 12, px);
                 let path = d.join(format!("MG_{}{}.dcm", lat.code(), view));
@@ -672,7 +690,8 @@ pub fn write_synthetic_patient(
                 let sop_class = if *frames > 1 { SOP_US_MF } else { SOP_US };
                 let mut o = base(&c, sop_class, sop, &series_uid, 1, *n);
                 if opts.us_laterality {
-                    o.put(el(tags::LATERALITY, VR::CS, side.code()));
+                    // Image Laterality only: Laterality (0020,0060) is for
+                    // series without it (PS3.3 C.7.3.1, Type 2C).
                     o.put(el(tags::IMAGE_LATERALITY, VR::CS, side.code()));
                 }
                 o.put(el(tags::PATIENT_ORIENTATION, VR::CS, ""));
@@ -827,6 +846,9 @@ pub fn write_synthetic_patient(
                 let series_uid = &series[p].1;
                 let sop = &slice_uids[p][k];
                 let mut o = base(&c, SOP_MR, sop, series_uid, p as i32 + 1, k as i32 + 1);
+                // Both breasts in one acquisition: Laterality (Type 2C,
+                // PS3.3 C.7.3.1) present and empty.
+                o.put(el(tags::LATERALITY, VR::CS, ""));
                 let t = 80000 + 100 * p; // 08:00:00 + p minutes
                 let tm = format!("{:02}{:02}{:02}", t / 10000, (t / 100) % 100, 0);
                 let desc = if p == 0 {

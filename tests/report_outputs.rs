@@ -2,6 +2,8 @@
 //! (dicom3tools) with no errors, `dsrdump` (DCMTK) parses the SR, and the heatmaps
 //! are written as PNGs under `target/heatmaps/` for a person to look at.
 
+mod common;
+use common::{dciodvfy, tool};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -239,19 +241,6 @@ fn build(res: &ModelResult, preds: &[PriorOutput], s: &ReportSettings) -> Vec<Ou
     build_outputs(&input).expect("build outputs")
 }
 
-fn tool(name: &str) -> PathBuf {
-    for dir in std::env::var("PATH").unwrap_or_default().split(':') {
-        let p = Path::new(dir).join(name);
-        if p.is_file() {
-            return p;
-        }
-    }
-    panic!(
-        "required tool `{name}` not found on PATH: install it (Debian: apt-get install dicom3tools dcmtk); \
-         this test never skips"
-    );
-}
-
 fn write_all(outs: &[OutputObject], dir: &Path) -> Vec<(PathBuf, OutputKind)> {
     outs.iter()
         .enumerate()
@@ -265,30 +254,6 @@ fn write_all(outs: &[OutputObject], dir: &Path) -> Vec<(PathBuf, OutputKind)> {
             (p, o.kind)
         })
         .collect()
-}
-
-/// Run dciodvfy; return (errors, warnings) lines.
-fn dciodvfy(path: &Path) -> (Vec<String>, Vec<String>, String) {
-    let out = Command::new(tool("dciodvfy"))
-        .arg(path)
-        .output()
-        .expect("run dciodvfy");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let errors = text
-        .lines()
-        .filter(|l| l.starts_with("Error"))
-        .map(String::from)
-        .collect();
-    let warnings = text
-        .lines()
-        .filter(|l| l.starts_with("Warning"))
-        .map(String::from)
-        .collect();
-    (errors, warnings, text)
 }
 
 fn dsrdump(path: &Path) -> (bool, String) {

@@ -1,6 +1,8 @@
 //! End-to-end: synthetic patient → prepare_case → model inputs.
 use std::path::PathBuf;
 
+mod common;
+
 use her2map::imaging::{
     ClinicalSource, ImagingSettings, InputGrid, Laterality, SelModality, SideBasis, SourceGeometry,
     prepare_case, prepare_case_sides,
@@ -222,6 +224,19 @@ fn phase_choice_and_missing_phases() {
         "{:?}",
         case.notes
     );
+}
+
+/// Every file of the synthetic patient is a conformant instance of its IOD
+/// (dicom3tools' dciodvfy reports no error), like what a modality sends.
+#[test]
+fn synthetic_patient_passes_dciodvfy() {
+    let (_dir, s) = synth(&SynthOptions::default());
+    let files = all_files(&s);
+    assert!(files.len() > 50);
+    for f in files {
+        let (errors, _, text) = common::dciodvfy(&f);
+        assert!(errors.is_empty(), "{f:?}:\n{text}");
+    }
 }
 
 #[test]

@@ -203,3 +203,41 @@ pub fn serve_binary(
     std::thread::spawn(move || for _ in lines {});
     (child, port)
 }
+
+/// A DICOM tool on PATH; a missing one fails the test (tests never skip).
+pub fn tool(name: &str) -> PathBuf {
+    for dir in std::env::var("PATH").unwrap_or_default().split(':') {
+        let p = Path::new(dir).join(name);
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!(
+        "required tool `{name}` not found on PATH: install it (Debian: apt-get install dicom3tools dcmtk); \
+         this test never skips"
+    );
+}
+
+/// Run dciodvfy; return (errors, warnings) lines.
+pub fn dciodvfy(path: &Path) -> (Vec<String>, Vec<String>, String) {
+    let out = Command::new(tool("dciodvfy"))
+        .arg(path)
+        .output()
+        .expect("run dciodvfy");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let errors = text
+        .lines()
+        .filter(|l| l.starts_with("Error"))
+        .map(String::from)
+        .collect();
+    let warnings = text
+        .lines()
+        .filter(|l| l.starts_with("Warning"))
+        .map(String::from)
+        .collect();
+    (errors, warnings, text)
+}
