@@ -3,18 +3,24 @@
 #  1. ingest of the full-size synthetic patient with DCMTK storescu
 #     (TCP_NODELAY=1) into DCMTK storescp (baseline, no fsync) and into
 #     `her2map serve` (fsync + index), same disk: instances/s, MB/s, ratio,
-#     the node's peak RSS;
+#     the node's peak RSS; then the same files over $SENDERS (default 4)
+#     associations at once into each;
 #  2. end to end with full-size random weights: last instance -> SR at the
 #     destination, minus the stable age, split into imaging, inference and
 #     reporting/delivery; the node's peak RSS against 1.5 x weights + 256 MB.
-# Usage: bench/run.sh [WORKDIR]   (needs dcmtk; builds the release binary)
+# Usage: bench/run.sh [WORKDIR]   (needs dcmtk; builds the release binary,
+#        or runs HER2MAP_BIN when set)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${1:-target/bench-work}
 mkdir -p "$WORK"
 WORK=$(cd "$WORK" && pwd)
-BIN=$PWD/target/release/her2map
-cargo build --release --quiet
+if [ -n "${HER2MAP_BIN:-}" ]; then
+    BIN=$(realpath "$HER2MAP_BIN")
+else
+    BIN=$PWD/target/release/her2map
+    cargo build --release --quiet
+fi
 free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
 now() { date +%s.%N; }
 hwm_mib() { awk '/VmHWM/ {printf "%.0f", $2/1024}' "/proc/$1/status"; }
@@ -32,33 +38,81 @@ echo "patient: $N instances, $MB MB ($PATIENT)"
 send() { # port called_ae
     TCP_NODELAY=1 storescu -aec "$2" +sd +r -nh 127.0.0.1 "$1" "$PATIENT" >/dev/null 2>&1
 }
+# The same files over SENDERS associations at once (a PACS router that
+# opens several), each storescu with its share of the file list.
+SENDERS=${SENDERS:-4}
+find "$PATIENT" -name '*.dcm' | sort > "$WORK/files.txt"
+split -n "r/$SENDERS" "$WORK/files.txt" "$WORK/share."
+send_parallel() { # port called_ae
+    local pids=() f
+    for f in "$WORK"/share.*; do
+        xargs -a "$f" env TCP_NODELAY=1 storescu -aec "$2" -nh 127.0.0.1 "$1" >/dev/null 2>&1 & pids+=($!)
+    done
+    wait "${pids[@]}"
+}
+# Every timed run starts with `sync`: the receiver before it left up to
+# 619 MB of dirty pages, and the node's fsyncs would queue behind their
+# writeback (storescp never waits for the disk).
+# Outputs of earlier runs are removed only at the end: on a file system
+# without a journal, ext4 skips inodes freed in the last minutes when it
+# allocates new ones, and a receiver that ran right after an rm -rf of ~1000
+# files paid for it.
+TRASH=$WORK/trash.$$; mkdir -p "$TRASH"
+for d in storescp node-ingest storescp-par node-par dest node-e2e; do
+    [ -e "$WORK/$d" ] && mv "$WORK/$d" "$TRASH/"
+done
+trap 'rm -rf "$TRASH" "$WORK"/share.*' EXIT
 
 # --- 1a. DCMTK storescp baseline -------------------------------------------
-rm -rf "$WORK/storescp" && mkdir -p "$WORK/storescp"
+mkdir -p "$WORK/storescp"
 P=$(free_port)
 TCP_NODELAY=1 storescp -aet STORESCP +xa -od "$WORK/storescp" "$P" & SCP=$!
 sleep 0.5
-t0=$(now); send "$P" STORESCP; t1=$(now)
+sync; t0=$(now); send "$P" STORESCP; t1=$(now)
 SCP_RSS=$(hwm_mib $SCP); kill $SCP; wait $SCP 2>/dev/null || true
 SCP_S=$(python3 -c "print($t1-$t0)")
 
 # --- 1b. her2map serve (demo weights: ingest only; stable age long) --------
-rm -rf "$WORK/node-ingest"
 P=$(free_port)
 HER2MAP__DICOM__PORT=$P HER2MAP__STORAGE__DATA_DIR="$WORK/node-ingest" HER2MAP__MODEL__DEMO=true \
 HER2MAP__CASES__STABLE_AGE_SECS=3600 HER2MAP__STORAGE__MIN_FREE_MB=0 RUST_LOG=warn "$BIN" serve & NODE=$!
 sleep 1
-t0=$(now); send "$P" HER2MAP; t1=$(now)
+sync; t0=$(now); send "$P" HER2MAP; t1=$(now)
 NODE_RSS=$(hwm_mib $NODE); kill $NODE; wait $NODE 2>/dev/null || true
 NODE_S=$(python3 -c "print($t1-$t0)")
 STORED=$(HER2MAP__STORAGE__DATA_DIR="$WORK/node-ingest" "$BIN" audit --json --event instance_stored | wc -l)
-python3 - "$N" "$BYTES" "$SCP_S" "$NODE_S" "$SCP_RSS" "$NODE_RSS" "$STORED" <<'PY'
+
+# --- 1c. the same with SENDERS associations at once ------------------------
+# storescp (without --fork) serves one association at a time; the node
+# serves them concurrently, each instance still fsync'd and indexed.
+mkdir -p "$WORK/storescp-par"
+P=$(free_port)
+TCP_NODELAY=1 storescp -aet STORESCP +xa -od "$WORK/storescp-par" "$P" & SCP=$!
+sleep 0.5
+sync; t0=$(now); send_parallel "$P" STORESCP; t1=$(now)
+kill $SCP; wait $SCP 2>/dev/null || true
+SCP_PAR_S=$(python3 -c "print($t1-$t0)")
+P=$(free_port)
+HER2MAP__DICOM__PORT=$P HER2MAP__STORAGE__DATA_DIR="$WORK/node-par" HER2MAP__MODEL__DEMO=true \
+HER2MAP__CASES__STABLE_AGE_SECS=3600 HER2MAP__STORAGE__MIN_FREE_MB=0 RUST_LOG=warn "$BIN" serve & NODE=$!
+sleep 1
+sync; t0=$(now); send_parallel "$P" HER2MAP; t1=$(now)
+NODE_PAR_RSS=$(hwm_mib $NODE); kill $NODE; wait $NODE 2>/dev/null || true
+NODE_PAR_S=$(python3 -c "print($t1-$t0)")
+STORED_PAR=$(HER2MAP__STORAGE__DATA_DIR="$WORK/node-par" "$BIN" audit --json --event instance_stored | wc -l)
+python3 - "$N" "$BYTES" "$SCP_S" "$NODE_S" "$SCP_RSS" "$NODE_RSS" "$STORED" \
+    "$SENDERS" "$SCP_PAR_S" "$NODE_PAR_S" "$NODE_PAR_RSS" "$STORED_PAR" <<'PY'
 import sys
-n, b, scp, node, scp_rss, node_rss, stored = (float(x) for x in sys.argv[1:])
-print("ingest (storescu -> receiver, TCP_NODELAY=1, same disk):")
+(n, b, scp, node, scp_rss, node_rss, stored,
+ senders, scp_par, node_par, node_par_rss, stored_par) = (float(x) for x in sys.argv[1:])
+print("ingest, one association (storescu -> receiver, TCP_NODELAY=1, same disk):")
 print(f"  storescp (no fsync)       {n/scp:7.1f} inst/s {b/1e6/scp:7.1f} MB/s  {scp:6.2f} s  peak RSS {scp_rss:.0f} MiB")
 print(f"  her2map serve (fsync+db)  {n/node:7.1f} inst/s {b/1e6/node:7.1f} MB/s  {node:6.2f} s  peak RSS {node_rss:.0f} MiB  ({stored:.0f} stored)")
 print(f"  ratio her2map/storescp    {scp/node:.2f}")
+print(f"ingest, {senders:.0f} associations at once:")
+print(f"  storescp (no fsync)       {n/scp_par:7.1f} inst/s {b/1e6/scp_par:7.1f} MB/s  {scp_par:6.2f} s")
+print(f"  her2map serve (fsync+db)  {n/node_par:7.1f} inst/s {b/1e6/node_par:7.1f} MB/s  {node_par:6.2f} s  peak RSS {node_par_rss:.0f} MiB  ({stored_par:.0f} stored)")
+print(f"  ratio her2map/storescp    {scp_par/node_par:.2f}")
 PY
 
 # --- 2. end to end with full-size random weights ----------------------------
@@ -68,7 +122,7 @@ if [ ! -f "$WEIGHTS" ]; then
     HER2MAP_BENCH_SAVE="$WEIGHTS" RAYON_NUM_THREADS=$(nproc) cargo bench --quiet --bench model >/dev/null
 fi
 WMB=$(python3 -c "import os;print(round(os.path.getsize('$WEIGHTS')/2**20))")
-rm -rf "$WORK/dest" "$WORK/node-e2e" && mkdir -p "$WORK/dest"
+mkdir -p "$WORK/dest"
 DP=$(free_port); P=$(free_port)
 TCP_NODELAY=1 storescp -aet DEST +xa -od "$WORK/dest" "$DP" & DEST=$!
 STABLE=5
@@ -82,7 +136,7 @@ HER2MAP__DICOM__PORT=$P HER2MAP__STORAGE__DATA_DIR="$WORK/node-e2e" HER2MAP__MOD
 HER2MAP__CASES__STABLE_AGE_SECS=$STABLE HER2MAP__STORAGE__MIN_FREE_MB=0 RUST_LOG=warn \
     "$BIN" serve --config "$WORK/e2e.toml" & NODE=$!
 for _ in $(seq 100); do "$BIN" echo "127.0.0.1:$P" --called-ae HER2MAP >/dev/null 2>&1 && break; sleep 0.2; done
-send "$P" HER2MAP; t_last=$(now)
+sync; send "$P" HER2MAP; t_last=$(now)
 export HER2MAP__STORAGE__DATA_DIR="$WORK/node-e2e"
 for _ in $(seq 600); do
     pending=$("$BIN" outbox --json | python3 -c 'import sys,json; r=[json.loads(l) for l in sys.stdin]; print(1 if not r or any(x["state"]!="sent" for x in r) else 0)')
