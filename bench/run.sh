@@ -58,7 +58,7 @@ send_parallel() { # port called_ae
 # allocates new ones, and a receiver that ran right after an rm -rf of ~1000
 # files paid for it.
 TRASH=$WORK/trash.$$; mkdir -p "$TRASH"
-for d in storescp node-ingest storescp-par node-par dest node-e2e; do
+for d in storescp node-ingest floor storescp-par node-par dest node-e2e; do
     [ -e "$WORK/$d" ] && mv "$WORK/$d" "$TRASH/"
 done
 trap 'rm -rf "$TRASH" "$WORK"/share.*' EXIT
@@ -82,6 +82,30 @@ NODE_RSS=$(hwm_mib $NODE); kill $NODE; wait $NODE 2>/dev/null || true
 NODE_S=$(python3 -c "print($t1-$t0)")
 STORED=$(HER2MAP__STORAGE__DATA_DIR="$WORK/node-ingest" "$BIN" audit --json --event instance_stored | wc -l)
 
+# --- 1b'. the disk's share: what the flushes alone cost ---------------------
+# The node's durability steps without network or parsing: copy each file of
+# the patient to a temporary name, fdatasync, link into a folder, fsync the
+# folder (the SQLite commit adds a third flush, not counted here): what a
+# receiver that answers only once each instance is durable pays the disk,
+# with a sender that waits for each answer, before any network or parsing.
+sync
+FLOOR_S=$(python3 - "$WORK/files.txt" "$WORK/floor" <<'PY'
+import os, sys, time
+files = open(sys.argv[1]).read().split()
+out = sys.argv[2]; os.makedirs(out + "/tmp"); os.makedirs(out + "/s")
+d = os.open(out + "/s", os.O_RDONLY)
+data = [open(f, "rb").read() for f in files]
+t = time.time()
+for i, b in enumerate(data):
+    tmp = f"{out}/tmp/{i}.part"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.write(fd, b); os.fdatasync(fd); os.close(fd)
+    os.link(tmp, f"{out}/s/{i}.dcm"); os.fsync(d); os.unlink(tmp)
+print(time.time() - t)
+PY
+)
+mv "$WORK/floor" "$TRASH/"
+
 # --- 1c. the same with SENDERS associations at once ------------------------
 # storescp (without --fork) serves one association at a time; the node
 # serves them concurrently, each instance still fsync'd and indexed.
@@ -100,15 +124,16 @@ sync; t0=$(now); send_parallel "$P" HER2MAP; t1=$(now)
 NODE_PAR_RSS=$(hwm_mib $NODE); kill $NODE; wait $NODE 2>/dev/null || true
 NODE_PAR_S=$(python3 -c "print($t1-$t0)")
 STORED_PAR=$(HER2MAP__STORAGE__DATA_DIR="$WORK/node-par" "$BIN" audit --json --event instance_stored | wc -l)
-python3 - "$N" "$BYTES" "$SCP_S" "$NODE_S" "$SCP_RSS" "$NODE_RSS" "$STORED" \
+python3 - "$N" "$BYTES" "$SCP_S" "$NODE_S" "$SCP_RSS" "$NODE_RSS" "$STORED" "$FLOOR_S" \
     "$SENDERS" "$SCP_PAR_S" "$NODE_PAR_S" "$NODE_PAR_RSS" "$STORED_PAR" <<'PY'
 import sys
-(n, b, scp, node, scp_rss, node_rss, stored,
+(n, b, scp, node, scp_rss, node_rss, stored, floor,
  senders, scp_par, node_par, node_par_rss, stored_par) = (float(x) for x in sys.argv[1:])
 print("ingest, one association (storescu -> receiver, TCP_NODELAY=1, same disk):")
 print(f"  storescp (no fsync)       {n/scp:7.1f} inst/s {b/1e6/scp:7.1f} MB/s  {scp:6.2f} s  peak RSS {scp_rss:.0f} MiB")
 print(f"  her2map serve (fsync+db)  {n/node:7.1f} inst/s {b/1e6/node:7.1f} MB/s  {node:6.2f} s  peak RSS {node_rss:.0f} MiB  ({stored:.0f} stored)")
 print(f"  ratio her2map/storescp    {scp/node:.2f}")
+print(f"  the flushes alone (a loop: write, fdatasync, link, fsync folder; no network) {floor:6.2f} s  ratio {scp/floor:.2f}")
 print(f"ingest, {senders:.0f} associations at once:")
 print(f"  storescp (no fsync)       {n/scp_par:7.1f} inst/s {b/1e6/scp_par:7.1f} MB/s  {scp_par:6.2f} s")
 print(f"  her2map serve (fsync+db)  {n/node_par:7.1f} inst/s {b/1e6/node_par:7.1f} MB/s  {node_par:6.2f} s  peak RSS {node_par_rss:.0f} MiB  ({stored_par:.0f} stored)")
