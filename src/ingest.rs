@@ -207,10 +207,11 @@ fn parse_header<R: std::io::Read>(source: R) -> Result<Header, String> {
         .read_until(tags::PIXEL_DATA)
         .from_reader(source)
         .map_err(|e| e.to_string())?;
+    // `get`, never `element`/`element_opt`: dicom-object reports an absent
+    // attribute as an error whose backtrace snafu always captures (a stack
+    // unwind per missing tag, per instance).
     let text = |tag| -> String {
-        obj.element_opt(tag)
-            .ok()
-            .flatten()
+        obj.get(tag)
             .and_then(|e| e.to_str().ok())
             .map(|s| trim_uid(s.trim()).to_string())
             .unwrap_or_default()
@@ -239,14 +240,10 @@ fn parse_header<R: std::io::Read>(source: R) -> Result<Header, String> {
 /// or the legacy SRT codes), else View Position (0018,5101).
 fn mammography_view(obj: &DefaultDicomObject, view_position: String) -> String {
     let code = obj
-        .element_opt(tags::VIEW_CODE_SEQUENCE)
-        .ok()
-        .flatten()
+        .get(tags::VIEW_CODE_SEQUENCE)
         .and_then(|e| e.items().and_then(|items| items.first().cloned()))
         .and_then(|item| {
-            item.element_opt(tags::CODE_VALUE)
-                .ok()
-                .flatten()
+            item.get(tags::CODE_VALUE)
                 .and_then(|e| e.to_str().ok())
                 .map(|s| s.trim().to_string())
         });

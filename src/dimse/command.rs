@@ -1,7 +1,7 @@
 //! DIMSE command sets (PS3.7 Section 9 and Annex E): encoding, decoding and
 //! the status codes the node answers with.
 
-use dicom_core::{DataElement, PrimitiveValue, VR, dicom_value};
+use dicom_core::{DataElement, PrimitiveValue, Tag, VR, dicom_value};
 use dicom_dictionary_std::tags;
 use dicom_object::InMemDicomObject;
 use dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN;
@@ -64,77 +64,100 @@ pub fn trim_uid(uid: &str) -> &str {
 impl Command {
     /// Decode a command set (always Implicit VR Little Endian, PS3.7 6.3.1).
     pub fn decode(bytes: &[u8]) -> Result<Self, CommandError> {
-        check_layout(bytes)?;
-        let ts = IMPLICIT_VR_LITTLE_ENDIAN.erased();
-        let obj = InMemDicomObject::read_dataset_with_ts(bytes, &ts)
-            .map_err(|e| CommandError::Parse(e.to_string()))?;
-        let uint = |tag, name| -> Result<u16, CommandError> {
-            obj.element_opt(tag)
-                .ok()
-                .flatten()
-                .and_then(|e| e.to_int::<u16>().ok())
-                .ok_or(CommandError::Missing(name))
-        };
-        let string = |tag| -> String {
-            obj.element_opt(tag)
-                .ok()
-                .flatten()
-                .and_then(|e| e.to_str().ok())
-                .map(|s| trim_uid(&s).to_string())
-                .unwrap_or_default()
-        };
+        let elements = CommandElements::read(bytes)?;
+        let uint = |tag: Tag, name| elements.us(tag).ok_or(CommandError::Missing(name));
         let command_field = uint(tags::COMMAND_FIELD, "CommandField (0000,0100)")?;
         let message_id = uint(tags::MESSAGE_ID, "MessageID (0000,0110)")?;
         let data_set_type = uint(
             tags::COMMAND_DATA_SET_TYPE,
             "CommandDataSetType (0000,0800)",
         )?;
+        let uid = |tag| {
+            elements
+                .text(tag)
+                .map(|s| trim_uid(&s).to_string())
+                .unwrap_or_default()
+        };
         Ok(Command {
             command_field,
             message_id,
-            affected_sop_class_uid: string(tags::AFFECTED_SOP_CLASS_UID),
-            affected_sop_instance_uid: string(tags::AFFECTED_SOP_INSTANCE_UID),
+            affected_sop_class_uid: uid(tags::AFFECTED_SOP_CLASS_UID),
+            affected_sop_instance_uid: uid(tags::AFFECTED_SOP_INSTANCE_UID),
             has_data_set: data_set_type != NO_DATA_SET,
         })
     }
 }
 
-/// Walk the elements of a command set before parsing it: each must be in
-/// group 0000 (PS3.7 6.3.1), of defined length, and end inside the buffer.
-/// Group 0000 holds no sequence, so this also rules out the nesting that
-/// would otherwise recurse in the parser until the stack overflows (an item
-/// of undefined length, or a sequence of another group, thousands deep).
-fn check_layout(bytes: &[u8]) -> Result<(), CommandError> {
-    let mut at = 0usize;
-    while at < bytes.len() {
-        let Some(header) = bytes.get(at..at + 8) else {
-            return Err(CommandError::Parse(format!(
-                "truncated element header at byte {at}"
-            )));
-        };
-        let group = u16::from_le_bytes([header[0], header[1]]);
-        let element = u16::from_le_bytes([header[2], header[3]]);
-        let len = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
-        if group != 0x0000 {
-            return Err(CommandError::Parse(format!(
-                "element ({group:04X},{element:04X}) outside group 0000"
-            )));
-        }
-        if len == u32::MAX {
-            return Err(CommandError::Parse(format!(
-                "element (0000,{element:04X}) of undefined length"
-            )));
-        }
-        match (at + 8).checked_add(len as usize) {
-            Some(end) if end <= bytes.len() => at = end,
-            _ => {
+/// The elements of a command set, walked in place (PS3.7 6.3.1: Implicit VR
+/// Little Endian, group 0000 only, defined lengths). Each element must be in
+/// group 0000 and end inside the buffer; group 0000 holds no sequence, so no
+/// nesting can recurse. The node reads a handful of US and string values, so
+/// it builds no data set object: dicom-object's reader ends a data set on an
+/// end-of-input error whose backtrace it captures, a stack unwind per command.
+struct CommandElements<'a>(Vec<(u16, &'a [u8])>);
+
+impl<'a> CommandElements<'a> {
+    fn read(bytes: &'a [u8]) -> Result<Self, CommandError> {
+        let mut elements = Vec::with_capacity(8);
+        let mut at = 0usize;
+        while at < bytes.len() {
+            let Some(header) = bytes.get(at..at + 8) else {
                 return Err(CommandError::Parse(format!(
-                    "element (0000,{element:04X}) of {len} bytes runs past the end"
+                    "truncated element header at byte {at}"
+                )));
+            };
+            let group = u16::from_le_bytes([header[0], header[1]]);
+            let element = u16::from_le_bytes([header[2], header[3]]);
+            let len = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+            if group != 0x0000 {
+                return Err(CommandError::Parse(format!(
+                    "element ({group:04X},{element:04X}) outside group 0000"
                 )));
             }
+            if len == u32::MAX {
+                return Err(CommandError::Parse(format!(
+                    "element (0000,{element:04X}) of undefined length"
+                )));
+            }
+            match (at + 8).checked_add(len as usize) {
+                Some(end) if end <= bytes.len() => {
+                    elements.push((element, &bytes[at + 8..end]));
+                    at = end;
+                }
+                _ => {
+                    return Err(CommandError::Parse(format!(
+                        "element (0000,{element:04X}) of {len} bytes runs past the end"
+                    )));
+                }
+            }
+        }
+        Ok(CommandElements(elements))
+    }
+
+    /// The value of an element (the last one, should a peer repeat it).
+    fn value(&self, tag: Tag) -> Option<&'a [u8]> {
+        self.0
+            .iter()
+            .rev()
+            .find(|(e, _)| tag.group() == 0 && *e == tag.element())
+            .map(|(_, v)| *v)
+    }
+
+    /// A US value (its first, should it hold several).
+    fn us(&self, tag: Tag) -> Option<u16> {
+        match self.value(tag)? {
+            [lo, hi, ..] => Some(u16::from_le_bytes([*lo, *hi])),
+            _ => None,
         }
     }
-    Ok(())
+
+    /// A string value (UI, AE, LO): the default repertoire, trailing padding
+    /// removed.
+    fn text(&self, tag: Tag) -> Option<String> {
+        let v = self.value(tag)?;
+        let s = String::from_utf8_lossy(v);
+        Some(s.trim_end_matches(['\0', ' ']).to_string())
+    }
 }
 
 fn encode(obj: &InMemDicomObject) -> Result<Vec<u8>, CommandError> {
@@ -253,20 +276,12 @@ pub fn store_request(
 
 /// Read the status (and error comment) of a response command set.
 pub fn response_status(bytes: &[u8]) -> Result<(u16, Option<String>), CommandError> {
-    let ts = IMPLICIT_VR_LITTLE_ENDIAN.erased();
-    let obj = InMemDicomObject::read_dataset_with_ts(bytes, &ts)
-        .map_err(|e| CommandError::Parse(e.to_string()))?;
-    let status = obj
-        .element_opt(tags::STATUS)
-        .ok()
-        .flatten()
-        .and_then(|e| e.to_int::<u16>().ok())
+    let elements = CommandElements::read(bytes)?;
+    let status = elements
+        .us(tags::STATUS)
         .ok_or(CommandError::Missing("Status (0000,0900)"))?;
-    let comment = obj
-        .element_opt(tags::ERROR_COMMENT)
-        .ok()
-        .flatten()
-        .and_then(|e| e.to_str().ok())
+    let comment = elements
+        .text(tags::ERROR_COMMENT)
         .map(|s| s.trim().to_string());
     Ok((status, comment))
 }
