@@ -810,24 +810,28 @@ fn square_crop(c: (f64, f64), side: f64, w: usize, h: usize) -> [f64; 4] {
 
 // ------------------------------------------------------------------ MR ----
 
-/// Decode the slices of a stack into a (slice, row, col) grid of modality
-/// values, in parallel, writing straight into the grid buffer.
-/// One file and the (frame, destination slice buffer) pairs decoded from it.
-type FileFrames<'a> = (&'a Path, Vec<(u32, &'a mut [f32])>);
+/// One file and the (frame, destination) pairs decoded from it.
+type FileFrames<'a, T> = (&'a Path, Vec<(u32, T)>);
 
-fn load_stack(st: &Stack) -> Result<Grid3, InstanceError> {
-    let (nz, ny, nx) = (st.slices.len(), st.rows, st.cols);
-    let mut data = vec![0f32; nz * ny * nx];
+/// Decode every slice of a stack in parallel and hand each slice's modality
+/// values to `put` with that slice's `slots` entry (one per slice, in stack
+/// order: e.g. its disjoint part of an output buffer).
+fn decode_stack<T: Send>(
+    st: &Stack,
+    slots: Vec<T>,
+    put: impl Fn(T, &[f32]) + Sync,
+) -> Result<(), InstanceError> {
+    let (ny, nx) = (st.rows, st.cols);
     // Group slices by file so that a multi-frame (Enhanced MR) instance is
-    // opened once; each group owns its disjoint slice buffers.
-    let mut groups: Vec<FileFrames<'_>> = Vec::new();
+    // opened once.
+    let mut groups: Vec<FileFrames<'_, T>> = Vec::new();
     let mut by_path: std::collections::HashMap<&Path, usize> = std::collections::HashMap::new();
-    for (sl, dst) in st.slices.iter().zip(data.chunks_mut(ny * nx)) {
+    for (sl, slot) in st.slices.iter().zip(slots) {
         let g = *by_path.entry(sl.path.as_path()).or_insert_with(|| {
             groups.push((sl.path.as_path(), Vec::new()));
             groups.len() - 1
         });
-        groups[g].1.push((sl.frame, dst));
+        groups[g].1.push((sl.frame, slot));
     }
     groups
         .into_par_iter()
@@ -843,19 +847,49 @@ fn load_stack(st: &Stack) -> Result<Grid3, InstanceError> {
                 message: msg,
             };
             let obj = open_full(path).map_err(err)?;
-            frames.into_par_iter().try_for_each(|(frame, dst)| {
+            frames.into_par_iter().try_for_each(|(frame, slot)| {
                 let img = catch_unwind(AssertUnwindSafe(|| decode::decode_modality(&obj, frame)))
                     .map_err(|_| err("decoder panicked".into()))?
                     .map_err(|e| err(format!("frame {frame}: {e}")))?;
                 if img.width != nx || img.height != ny {
                     return Err(err("slice size differs from the stack".into()));
                 }
-                dst.copy_from_slice(&img.data);
+                put(slot, &img.data);
                 Ok(())
             })
-        })?;
+        })
+}
+
+/// Decode the slices of a stack into a (slice, row, col) grid of modality
+/// values, in parallel, writing straight into the grid buffer.
+fn load_stack(st: &Stack) -> Result<Grid3, InstanceError> {
+    let (nz, ny, nx) = (st.slices.len(), st.rows, st.cols);
+    let mut data = vec![0f32; nz * ny * nx];
+    decode_stack(st, data.chunks_mut(ny * nx).collect(), |dst, v| {
+        dst.copy_from_slice(v)
+    })?;
     Ok(Grid3 {
         shape: [nz, ny, nx],
+        data,
+    })
+}
+
+/// The pre-contrast phase as the enhancement ROI needs it: post − pre pooled
+/// in-plane (`roi::pool_slice`), slice by slice as each pre slice is
+/// decoded, so the pre phase is never held at full resolution.
+fn load_pooled_subtraction(st: &Stack, post: &Grid3) -> Result<Grid3, InstanceError> {
+    let [nz, ny, nx] = post.shape;
+    let (f, py, px) = roi::pool_grid(ny, nx);
+    let mut data = vec![0f32; nz * py * px];
+    let slots = data
+        .chunks_mut(py * px)
+        .zip(post.data.chunks(ny * nx))
+        .collect();
+    decode_stack(st, slots, |(plane, post), pre| {
+        roi::pool_slice(post, Some(pre), nx, f, px, plane)
+    })?;
+    Ok(Grid3 {
+        shape: [nz, py, px],
         data,
     })
 }
@@ -937,8 +971,10 @@ fn prepare_mri(
         }
         same
     });
-    // Only two phases are ever decoded (memory: see docs/imaging.md).
-    let (post, pre) = rayon::join(|| load_stack(&stack), || pre_stack.as_ref().map(load_stack));
+    // Only two phases are ever decoded, and only the chosen one is held at
+    // full resolution (memory: see docs/imaging.md); the pre phase is pooled
+    // against it as it is decoded, so it comes second.
+    let post = load_stack(&stack);
     let post = match post {
         Ok(g) => g,
         Err(e) => {
@@ -947,6 +983,9 @@ fn prepare_mri(
             return (None, vec![], errors, notes);
         }
     };
+    let pre = pre_stack
+        .as_ref()
+        .map(|p| load_pooled_subtraction(p, &post));
     let pre = match pre {
         Some(Ok(g)) => Some(g),
         Some(Err(e)) => {
@@ -959,7 +998,7 @@ fn prepare_mri(
     let target = VolumeTarget {
         stack: &stack,
         post: &post,
-        pre: pre.as_ref(),
+        pooled_subtraction: pre.as_ref(),
         side,
     };
     let mut providers: Vec<&dyn RoiProvider> = Vec::new();
