@@ -40,11 +40,6 @@ pub struct ModelIdentity {
     pub demo: bool,
 }
 
-/// Heatmap images are written at most this many pixels on their longer
-/// side: enough to read in a viewer, without a 40 MB colour copy of every
-/// full-field mammogram.
-const HEATMAP_MAX_SIDE: usize = 1024;
-
 /// Milliseconds per stage of one case.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct StageTimes {
@@ -591,7 +586,7 @@ impl ReportJob {
                         .first()
                         .and_then(|uid| headers.get(uid))
                         .map(|h| {
-                            planar_heatmap(h, *frame, *crop, &cams.input, sample, &s.role)
+                            planar_heatmap(h, s, *frame, *crop, &cams.input, sample)
                                 .map(|hm| vec![hm])
                         })
                         .unwrap_or_else(|| Ok(Vec::new())),
@@ -753,25 +748,21 @@ fn read_header(path: &Path) -> Result<Header, String> {
     })
 }
 
-/// Decode a source frame windowed as the model input saw it, at most
-/// `HEATMAP_MAX_SIDE` on its longer side; returns the image and the scale.
-fn base_image(
+/// The heatmap background of a source frame: the one imaging kept from its
+/// own decode when there is one, else the frame decoded here (first window,
+/// shrunk the same way: `imaging::heatmap_base`).
+fn base_image<'a>(
     path: &Path,
     frame: u32,
-    choice: imaging::VoiWindowChoice,
-) -> Result<(imaging::decode::GrayImage, f64), String> {
-    let obj = dicom_object::open_file(path).map_err(|e| e.to_string())?;
-    let g = imaging::decode::decode_gray(&obj, frame, choice).map_err(|e| e.to_string())?;
-    let longer = g.width.max(g.height);
-    if longer <= HEATMAP_MAX_SIDE {
-        return Ok((g, 1.0));
+    kept: Option<&'a imaging::HeatmapBase>,
+) -> Result<std::borrow::Cow<'a, imaging::HeatmapBase>, String> {
+    if let Some(b) = kept {
+        return Ok(std::borrow::Cow::Borrowed(b));
     }
-    let scale = HEATMAP_MAX_SIDE as f64 / longer as f64;
-    let (w, h) = (
-        ((g.width as f64 * scale).round() as usize).max(1),
-        ((g.height as f64 * scale).round() as usize).max(1),
-    );
-    Ok((imaging::resize::resize_bilinear(&g, w, h), scale))
+    let obj = dicom_object::open_file(path).map_err(|e| e.to_string())?;
+    let g = imaging::decode::decode_gray(&obj, frame, imaging::VoiWindowChoice::First)
+        .map_err(|e| e.to_string())?;
+    Ok(std::borrow::Cow::Owned(imaging::heatmap_base(&g)))
 }
 
 fn to_u8(g: &imaging::decode::GrayImage) -> Vec<u8> {
@@ -783,13 +774,15 @@ fn to_u8(g: &imaging::decode::GrayImage) -> Vec<u8> {
 
 fn planar_heatmap(
     h: &Header,
+    s: &imaging::Selection,
     frame: u32,
     crop: [f64; 4],
     cams: &TensorData,
     sample: usize,
-    role: &str,
 ) -> Result<report::Heatmap, String> {
-    let (g, scale) = base_image(&h.path, frame, imaging::VoiWindowChoice::First)?;
+    let base = base_image(&h.path, frame, s.heatmap_base.as_deref())?;
+    let (g, scale) = (&base.image, base.scale);
+    let role = s.role.as_str();
     let (cr, cc) = (
         cams.shape[cams.shape.len() - 2],
         cams.shape[cams.shape.len() - 1],
@@ -823,7 +816,7 @@ fn planar_heatmap(
     );
     Ok(report::Heatmap {
         source: h.source((frame > 0).then_some(frame + 1)),
-        base: to_u8(&g),
+        base: to_u8(g),
         cam,
         rows: g.height as u32,
         cols: g.width as u32,
@@ -926,7 +919,8 @@ fn mri_heatmaps(
         };
         let Some(h) = headers.get(uid) else { continue };
         let frame = frames.get(sl).copied().unwrap_or(0);
-        let (g, scale) = base_image(&h.path, frame, imaging::VoiWindowChoice::First)?;
+        let base = base_image(&h.path, frame, None)?;
+        let (g, scale) = (&base.image, base.scale);
         let mut cam = Vec::with_capacity(g.width * g.height);
         for r in 0..g.height {
             for c in 0..g.width {
@@ -942,7 +936,7 @@ fn mri_heatmaps(
         }
         out.push(report::Heatmap {
             source: h.source((frame > 0).then_some(frame + 1)),
-            base: to_u8(&g),
+            base: to_u8(g),
             cam,
             rows: g.height as u32,
             cols: g.width as u32,
