@@ -169,6 +169,13 @@ impl Pipeline {
         let members = self.db.case_members(&case.id).await?;
         let spool = self.data_dir.join("spool");
         let files: Vec<PathBuf> = members.iter().map(|m| spool.join(&m.path)).collect();
+        // Where each member lies, for the reporting step: one query for the
+        // case instead of one per selected instance (an MRI phase is
+        // hundreds).
+        let member_paths: HashMap<&str, PathBuf> = members
+            .iter()
+            .map(|m| (m.sop_instance_uid.as_str(), spool.join(&m.path)))
+            .collect();
         let mut times = StageTimes::default();
 
         // Imaging, off the async workers.
@@ -259,15 +266,19 @@ impl Pipeline {
         let t = Instant::now();
         let predecessors = self.predecessors(&case.id, case.revision).await?;
         let mut paths = HashMap::new();
-        let spool = self.data_dir.join("spool");
         for uid in prepared
             .iter()
             .flat_map(|p| p.selections.iter())
             .flat_map(|s| s.sop_instance_uids.iter())
         {
-            if !paths.contains_key(uid)
-                && let Some(rel) = self.db.instance_path(uid).await?
-            {
+            if paths.contains_key(uid) {
+                continue;
+            }
+            if let Some(path) = member_paths.get(uid.as_str()) {
+                paths.insert(uid.clone(), path.clone());
+            } else if let Some(rel) = self.db.instance_path(uid).await? {
+                // A file whose header names another SOP Instance UID than
+                // the one it was indexed under.
                 paths.insert(uid.clone(), spool.join(rel));
             }
         }
