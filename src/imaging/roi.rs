@@ -569,18 +569,32 @@ pub fn pool_slice(
     px: usize,
     plane: &mut [f32],
 ) {
-    let mut cnt = vec![0u16; plane.len()];
+    let ny = post.len() / nx.max(1);
     for (y, post) in post.chunks_exact(nx).enumerate() {
-        let pre = pre.map(|p| &p[y * nx..(y + 1) * nx]);
-        let row = (y / f) * px;
-        for x in 0..nx {
-            let v = post[x] - pre.map_or(0.0, |p| p[x]);
-            plane[row + x / f] += v;
-            cnt[row + x / f] += 1;
+        let cells = &mut plane[(y / f) * px..(y / f + 1) * px];
+        match pre {
+            Some(pre) => {
+                let pre = &pre[y * nx..(y + 1) * nx];
+                for ((cell, post), pre) in cells.iter_mut().zip(post.chunks(f)).zip(pre.chunks(f)) {
+                    for (a, b) in post.iter().zip(pre) {
+                        *cell += a - b;
+                    }
+                }
+            }
+            None => {
+                for (cell, post) in cells.iter_mut().zip(post.chunks(f)) {
+                    for a in post {
+                        *cell += a - 0.0;
+                    }
+                }
+            }
         }
     }
-    for (v, c) in plane.iter_mut().zip(&cnt) {
-        *v /= (*c).max(1) as f32;
+    // Voxels per cell: f × f, fewer in the last row and column of cells.
+    for (i, v) in plane.iter_mut().enumerate() {
+        let (cy, cx) = (i / px, i % px);
+        let n = (ny - cy * f).min(f) * (nx - cx * f).min(f);
+        *v /= n.max(1) as f32;
     }
 }
 
