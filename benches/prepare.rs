@@ -3,6 +3,8 @@
 //! → `prepare_case`. Prints median wall time over N runs and peak RSS
 //! (VmHWM). `cargo bench --bench prepare` (release); BENCH_RUNS=N to change
 //! the number of runs (default 3), BENCH_DIR to reuse a generated patient.
+//! Each run also prints a SHA-256 of the prepared inputs (identical before
+//! and after a speed change, or the change altered them).
 use std::time::Instant;
 
 use her2map::imaging::{ImagingSettings, InputGrid, prepare_case};
@@ -27,6 +29,30 @@ fn walk(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
     }
 }
 
+/// SHA-256 of the model inputs (the MRI, US and MG tensors' bytes) and of
+/// the selections' geometry, so that a speed change can show it left them
+/// bit for bit the same.
+fn inputs_digest(case: &her2map::imaging::PreparedCase) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for data in [
+        case.mri.as_ref().map(|v| &v.data),
+        case.us.as_ref().map(|v| &v.data),
+        case.mg.as_ref().map(|v| &v.data),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        for v in data {
+            h.update(v.to_le_bytes());
+        }
+    }
+    for s in &case.selections {
+        h.update(format!("{} {} {:?}\n", s.role, s.roi_provider, s.geometry).as_bytes());
+    }
+    hex::encode(h.finalize())
+}
+
 /// Child process: only prepare_case, so VmHWM is the preparation's own peak.
 fn prepare_only(dir: &std::path::Path, runs: usize) {
     let mut files = Vec::new();
@@ -43,7 +69,7 @@ fn prepare_only(dir: &std::path::Path, runs: usize) {
             "{:?}",
             case.errors
         );
-        println!("run {i}: {dt:.2} s");
+        println!("run {i}: {dt:.2} s; inputs sha256 {}", inputs_digest(&case));
         times.push(dt);
     }
     times.sort_by(f64::total_cmp);

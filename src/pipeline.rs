@@ -40,11 +40,6 @@ pub struct ModelIdentity {
     pub demo: bool,
 }
 
-/// Heatmap images are written at most this many pixels on their longer
-/// side: enough to read in a viewer, without a 40 MB colour copy of every
-/// full-field mammogram.
-const HEATMAP_MAX_SIDE: usize = 1024;
-
 /// Milliseconds per stage of one case.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct StageTimes {
@@ -174,6 +169,13 @@ impl Pipeline {
         let members = self.db.case_members(&case.id).await?;
         let spool = self.data_dir.join("spool");
         let files: Vec<PathBuf> = members.iter().map(|m| spool.join(&m.path)).collect();
+        // Where each member lies, for the reporting step: one query for the
+        // case instead of one per selected instance (an MRI phase is
+        // hundreds).
+        let member_paths: HashMap<&str, PathBuf> = members
+            .iter()
+            .map(|m| (m.sop_instance_uid.as_str(), spool.join(&m.path)))
+            .collect();
         let mut times = StageTimes::default();
 
         // Imaging, off the async workers.
@@ -264,15 +266,19 @@ impl Pipeline {
         let t = Instant::now();
         let predecessors = self.predecessors(&case.id, case.revision).await?;
         let mut paths = HashMap::new();
-        let spool = self.data_dir.join("spool");
         for uid in prepared
             .iter()
             .flat_map(|p| p.selections.iter())
             .flat_map(|s| s.sop_instance_uids.iter())
         {
-            if !paths.contains_key(uid)
-                && let Some(rel) = self.db.instance_path(uid).await?
-            {
+            if paths.contains_key(uid) {
+                continue;
+            }
+            if let Some(path) = member_paths.get(uid.as_str()) {
+                paths.insert(uid.clone(), path.clone());
+            } else if let Some(rel) = self.db.instance_path(uid).await? {
+                // A file whose header names another SOP Instance UID than
+                // the one it was indexed under.
                 paths.insert(uid.clone(), spool.join(rel));
             }
         }
@@ -591,7 +597,7 @@ impl ReportJob {
                         .first()
                         .and_then(|uid| headers.get(uid))
                         .map(|h| {
-                            planar_heatmap(h, *frame, *crop, &cams.input, sample, &s.role)
+                            planar_heatmap(h, s, *frame, *crop, &cams.input, sample)
                                 .map(|hm| vec![hm])
                         })
                         .unwrap_or_else(|| Ok(Vec::new())),
@@ -753,25 +759,21 @@ fn read_header(path: &Path) -> Result<Header, String> {
     })
 }
 
-/// Decode a source frame windowed as the model input saw it, at most
-/// `HEATMAP_MAX_SIDE` on its longer side; returns the image and the scale.
-fn base_image(
+/// The heatmap background of a source frame: the one imaging kept from its
+/// own decode when there is one, else the frame decoded here (first window,
+/// shrunk the same way: `imaging::heatmap_base`).
+fn base_image<'a>(
     path: &Path,
     frame: u32,
-    choice: imaging::VoiWindowChoice,
-) -> Result<(imaging::decode::GrayImage, f64), String> {
-    let obj = dicom_object::open_file(path).map_err(|e| e.to_string())?;
-    let g = imaging::decode::decode_gray(&obj, frame, choice).map_err(|e| e.to_string())?;
-    let longer = g.width.max(g.height);
-    if longer <= HEATMAP_MAX_SIDE {
-        return Ok((g, 1.0));
+    kept: Option<&'a imaging::HeatmapBase>,
+) -> Result<std::borrow::Cow<'a, imaging::HeatmapBase>, String> {
+    if let Some(b) = kept {
+        return Ok(std::borrow::Cow::Borrowed(b));
     }
-    let scale = HEATMAP_MAX_SIDE as f64 / longer as f64;
-    let (w, h) = (
-        ((g.width as f64 * scale).round() as usize).max(1),
-        ((g.height as f64 * scale).round() as usize).max(1),
-    );
-    Ok((imaging::resize::resize_bilinear(&g, w, h), scale))
+    let obj = dicom_object::open_file(path).map_err(|e| e.to_string())?;
+    let g = imaging::decode::decode_gray(&obj, frame, imaging::VoiWindowChoice::First)
+        .map_err(|e| e.to_string())?;
+    Ok(std::borrow::Cow::Owned(imaging::heatmap_base(&g)))
 }
 
 fn to_u8(g: &imaging::decode::GrayImage) -> Vec<u8> {
@@ -783,13 +785,15 @@ fn to_u8(g: &imaging::decode::GrayImage) -> Vec<u8> {
 
 fn planar_heatmap(
     h: &Header,
+    s: &imaging::Selection,
     frame: u32,
     crop: [f64; 4],
     cams: &TensorData,
     sample: usize,
-    role: &str,
 ) -> Result<report::Heatmap, String> {
-    let (g, scale) = base_image(&h.path, frame, imaging::VoiWindowChoice::First)?;
+    let base = base_image(&h.path, frame, s.heatmap_base.as_deref())?;
+    let (g, scale) = (&base.image, base.scale);
+    let role = s.role.as_str();
     let (cr, cc) = (
         cams.shape[cams.shape.len() - 2],
         cams.shape[cams.shape.len() - 1],
@@ -823,7 +827,7 @@ fn planar_heatmap(
     );
     Ok(report::Heatmap {
         source: h.source((frame > 0).then_some(frame + 1)),
-        base: to_u8(&g),
+        base: to_u8(g),
         cam,
         rows: g.height as u32,
         cols: g.width as u32,
@@ -926,7 +930,8 @@ fn mri_heatmaps(
         };
         let Some(h) = headers.get(uid) else { continue };
         let frame = frames.get(sl).copied().unwrap_or(0);
-        let (g, scale) = base_image(&h.path, frame, imaging::VoiWindowChoice::First)?;
+        let base = base_image(&h.path, frame, None)?;
+        let (g, scale) = (&base.image, base.scale);
         let mut cam = Vec::with_capacity(g.width * g.height);
         for r in 0..g.height {
             for c in 0..g.width {
@@ -942,7 +947,7 @@ fn mri_heatmaps(
         }
         out.push(report::Heatmap {
             source: h.source((frame > 0).then_some(frame + 1)),
-            base: to_u8(&g),
+            base: to_u8(g),
             cam,
             rows: g.height as u32,
             cols: g.width as u32,

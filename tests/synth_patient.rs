@@ -330,3 +330,47 @@ fn enhanced_mr_per_frame_functional_groups() {
     );
     assert!(mri.data.iter().all(|v| (-1.0..=1.0).contains(v)));
 }
+
+/// The heatmap backgrounds imaging keeps (MG whole views, the US image) are
+/// exactly what decoding the source frame again would give, so reporting can
+/// use them instead; with another VOI window none is kept.
+#[test]
+fn kept_heatmap_bases_match_a_fresh_decode() {
+    use her2map::imaging::{VoiWindowChoice, decode, heatmap_base, read_instance_meta};
+    let (_dir, s) = synth(&SynthOptions::default());
+    let files = all_files(&s);
+    let paths: std::collections::HashMap<String, PathBuf> = files
+        .iter()
+        .filter_map(|p| {
+            read_instance_meta(p)
+                .ok()
+                .map(|m| (m.sop_instance, p.clone()))
+        })
+        .collect();
+    let grid = InputGrid { mri: 32, image: 64 };
+    let case = prepare_case(&files, &ImagingSettings::default(), grid);
+    let kept: Vec<_> = case
+        .selections
+        .iter()
+        .filter_map(|s| s.heatmap_base.as_ref().map(|b| (s, b)))
+        .collect();
+    let roles: Vec<&str> = kept.iter().map(|(s, _)| s.role.as_str()).collect();
+    assert_eq!(roles, ["CC", "MLO", "US"]);
+    for (sel, base) in kept {
+        let SourceGeometry::Planar { frame, .. } = sel.geometry else {
+            panic!()
+        };
+        let obj = dicom_object::open_file(&paths[&sel.sop_instance_uids[0]]).unwrap();
+        let fresh =
+            heatmap_base(&decode::decode_gray(&obj, frame, VoiWindowChoice::First).unwrap());
+        assert_eq!(fresh.image, base.image, "{}", sel.role);
+        assert_eq!(fresh.scale, base.scale, "{}", sel.role);
+    }
+
+    let settings = ImagingSettings {
+        voi_window: VoiWindowChoice::Widest,
+        ..Default::default()
+    };
+    let case = prepare_case(&files, &settings, grid);
+    assert!(case.selections.iter().all(|s| s.heatmap_base.is_none()));
+}

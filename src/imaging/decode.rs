@@ -278,7 +278,18 @@ fn read_samples(
             v as f32
         }
     };
+    // Unsigned samples of at most 16 bits: the same values through u32
+    // arithmetic, which vectorises (the generic u64 path does not).
+    let mask32 = mask as u32;
     let values: Vec<f32> = match bps {
+        1 if !signed => raw[..need]
+            .iter()
+            .map(|&b| ((b as u32 >> shift) & mask32) as f32)
+            .collect(),
+        2 if !signed => raw[..need]
+            .chunks_exact(2)
+            .map(|c| ((u16::from_le_bytes([c[0], c[1]]) as u32 >> shift) & mask32) as f32)
+            .collect(),
         1 => raw[..need].iter().map(|&b| conv(b as u64)).collect(),
         2 => raw[..need]
             .chunks_exact(2)

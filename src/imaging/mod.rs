@@ -16,6 +16,7 @@ pub mod select;
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use dicom_object::OpenFileOptions;
 use rayon::prelude::*;
@@ -256,6 +257,59 @@ pub enum SourceGeometry {
     },
 }
 
+/// Heatmap backgrounds are at most this many pixels on their longer side:
+/// enough to read in a viewer, without a 40 MB colour copy of every
+/// full-field mammogram.
+pub const HEATMAP_MAX_SIDE: usize = 1024;
+
+/// A source frame as its heatmap shows it: display greyscale in [0, 1] with
+/// the first VOI window, shrunk (Pillow bilinear) to at most
+/// [`HEATMAP_MAX_SIDE`] on its longer side; `scale` = base pixels per source
+/// pixel (1.0 when not shrunk).
+#[derive(Clone)]
+pub struct HeatmapBase {
+    pub image: GrayImage,
+    pub scale: f64,
+}
+
+impl std::fmt::Debug for HeatmapBase {
+    // The pixels would swamp any debug print of a selection.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "HeatmapBase({}x{}, scale {})",
+            self.image.width, self.image.height, self.scale
+        )
+    }
+}
+
+/// The heatmap background of a decoded frame (see [`HeatmapBase`]).
+pub fn heatmap_base(g: &GrayImage) -> HeatmapBase {
+    let longer = g.width.max(g.height);
+    if longer <= HEATMAP_MAX_SIDE {
+        return HeatmapBase {
+            image: g.clone(),
+            scale: 1.0,
+        };
+    }
+    let scale = HEATMAP_MAX_SIDE as f64 / longer as f64;
+    let (w, h) = (
+        ((g.width as f64 * scale).round() as usize).max(1),
+        ((g.height as f64 * scale).round() as usize).max(1),
+    );
+    HeatmapBase {
+        image: resize::resize_bilinear(g, w, h),
+        scale,
+    }
+}
+
+/// The heatmap background of an image imaging has decoded anyway, so that
+/// reporting need not open and decode the source again: only when that
+/// decode used the first window, as heatmaps do.
+fn shared_base(img: &GrayImage, s: &ImagingSettings) -> Option<Arc<HeatmapBase>> {
+    (s.voi_window == VoiWindowChoice::First).then(|| Arc::new(heatmap_base(img)))
+}
+
 /// One chosen input and its provenance.
 #[derive(Clone, Debug)]
 pub struct Selection {
@@ -271,6 +325,11 @@ pub struct Selection {
     /// ROI provider that placed the crop ("whole-image", "us-region",
     /// "dicom-annotation", "mri-enhancement", "mg-blob", "centred").
     pub roi_provider: String,
+    /// The heatmap background of the source frame, kept from the decode
+    /// done here (MG whole views and the US image, with the first VOI
+    /// window); `None` where the reporting step decodes it itself (MR
+    /// slices, chosen only after inference; crops; other windows).
+    pub heatmap_base: Option<Arc<HeatmapBase>>,
 }
 
 /// A per-instance problem, recorded for the case; preparation goes on.
@@ -645,6 +704,7 @@ fn prepare_us(
                 crop,
             },
             roi_provider: provider.into(),
+            heatmap_base: shared_base(&img, s),
         };
         return (
             Some(Plane {
@@ -718,10 +778,11 @@ fn prepare_mg(
     if s.roi_image_derived {
         providers.push(&MgBlobRoi);
     }
-    for (c, (name, m, img)) in views.iter().enumerate() {
-        let whole = resize::resize_bilinear(img, n, n);
-        data[c * n * n..(c + 1) * n * n].copy_from_slice(&clamp01(whole.data));
-        sels.push(Selection {
+    // The views are independent (resizes, ROI search, heatmap base): one
+    // rayon task each, assembled in view order below.
+    let per_view = |(name, m, img): &(&str, &InstanceMeta, GrayImage)| {
+        let whole = clamp01(resize::resize_bilinear(img, n, n).data);
+        let whole_sel = Selection {
             modality: SelModality::Mg,
             role: name.to_string(),
             study_instance_uid: m.study_uid.clone(),
@@ -734,7 +795,8 @@ fn prepare_mg(
                 crop: [0.0, 0.0, img.width as f64, img.height as f64],
             },
             roi_provider: "whole-image".into(),
-        });
+            heatmap_base: shared_base(img, s),
+        };
         let target = PlanarTarget {
             sop_instance_uid: &m.sop_instance,
             frame: 0,
@@ -776,8 +838,7 @@ fn prepare_mg(
             }
         };
         let out = resize::resize_box(img, (crop[0], crop[1], crop[2], crop[3]), n, n);
-        data[(c + 2) * n * n..(c + 3) * n * n].copy_from_slice(&clamp01(out.data));
-        sels.push(Selection {
+        let crop_sel = Selection {
             modality: SelModality::Mg,
             role: format!("{name} crop"),
             study_instance_uid: m.study_uid.clone(),
@@ -790,7 +851,16 @@ fn prepare_mg(
                 crop,
             },
             roi_provider: provider.into(),
-        });
+            heatmap_base: None,
+        };
+        (whole, whole_sel, clamp01(out.data), crop_sel)
+    };
+    let made: Vec<_> = views.par_iter().map(per_view).collect();
+    for (c, (whole, whole_sel, crop, crop_sel)) in made.into_iter().enumerate() {
+        data[c * n * n..(c + 1) * n * n].copy_from_slice(&whole);
+        data[(c + 2) * n * n..(c + 3) * n * n].copy_from_slice(&crop);
+        sels.push(whole_sel);
+        sels.push(crop_sel);
     }
     (Some(Planes4 { size: n, data }), sels, errors, notes)
 }
@@ -810,24 +880,28 @@ fn square_crop(c: (f64, f64), side: f64, w: usize, h: usize) -> [f64; 4] {
 
 // ------------------------------------------------------------------ MR ----
 
-/// Decode the slices of a stack into a (slice, row, col) grid of modality
-/// values, in parallel, writing straight into the grid buffer.
-/// One file and the (frame, destination slice buffer) pairs decoded from it.
-type FileFrames<'a> = (&'a Path, Vec<(u32, &'a mut [f32])>);
+/// One file and the (frame, destination) pairs decoded from it.
+type FileFrames<'a, T> = (&'a Path, Vec<(u32, T)>);
 
-fn load_stack(st: &Stack) -> Result<Grid3, InstanceError> {
-    let (nz, ny, nx) = (st.slices.len(), st.rows, st.cols);
-    let mut data = vec![0f32; nz * ny * nx];
+/// Decode every slice of a stack in parallel and hand each slice's modality
+/// values to `put` with that slice's `slots` entry (one per slice, in stack
+/// order: e.g. its disjoint part of an output buffer).
+fn decode_stack<T: Send>(
+    st: &Stack,
+    slots: Vec<T>,
+    put: impl Fn(T, &[f32]) + Sync,
+) -> Result<(), InstanceError> {
+    let (ny, nx) = (st.rows, st.cols);
     // Group slices by file so that a multi-frame (Enhanced MR) instance is
-    // opened once; each group owns its disjoint slice buffers.
-    let mut groups: Vec<FileFrames<'_>> = Vec::new();
+    // opened once.
+    let mut groups: Vec<FileFrames<'_, T>> = Vec::new();
     let mut by_path: std::collections::HashMap<&Path, usize> = std::collections::HashMap::new();
-    for (sl, dst) in st.slices.iter().zip(data.chunks_mut(ny * nx)) {
+    for (sl, slot) in st.slices.iter().zip(slots) {
         let g = *by_path.entry(sl.path.as_path()).or_insert_with(|| {
             groups.push((sl.path.as_path(), Vec::new()));
             groups.len() - 1
         });
-        groups[g].1.push((sl.frame, dst));
+        groups[g].1.push((sl.frame, slot));
     }
     groups
         .into_par_iter()
@@ -843,19 +917,49 @@ fn load_stack(st: &Stack) -> Result<Grid3, InstanceError> {
                 message: msg,
             };
             let obj = open_full(path).map_err(err)?;
-            frames.into_par_iter().try_for_each(|(frame, dst)| {
+            frames.into_par_iter().try_for_each(|(frame, slot)| {
                 let img = catch_unwind(AssertUnwindSafe(|| decode::decode_modality(&obj, frame)))
                     .map_err(|_| err("decoder panicked".into()))?
                     .map_err(|e| err(format!("frame {frame}: {e}")))?;
                 if img.width != nx || img.height != ny {
                     return Err(err("slice size differs from the stack".into()));
                 }
-                dst.copy_from_slice(&img.data);
+                put(slot, &img.data);
                 Ok(())
             })
-        })?;
+        })
+}
+
+/// Decode the slices of a stack into a (slice, row, col) grid of modality
+/// values, in parallel, writing straight into the grid buffer.
+fn load_stack(st: &Stack) -> Result<Grid3, InstanceError> {
+    let (nz, ny, nx) = (st.slices.len(), st.rows, st.cols);
+    let mut data = vec![0f32; nz * ny * nx];
+    decode_stack(st, data.chunks_mut(ny * nx).collect(), |dst, v| {
+        dst.copy_from_slice(v)
+    })?;
     Ok(Grid3 {
         shape: [nz, ny, nx],
+        data,
+    })
+}
+
+/// The pre-contrast phase as the enhancement ROI needs it: post − pre pooled
+/// in-plane (`roi::pool_slice`), slice by slice as each pre slice is
+/// decoded, so the pre phase is never held at full resolution.
+fn load_pooled_subtraction(st: &Stack, post: &Grid3) -> Result<Grid3, InstanceError> {
+    let [nz, ny, nx] = post.shape;
+    let (f, py, px) = roi::pool_grid(ny, nx);
+    let mut data = vec![0f32; nz * py * px];
+    let slots = data
+        .chunks_mut(py * px)
+        .zip(post.data.chunks(ny * nx))
+        .collect();
+    decode_stack(st, slots, |(plane, post), pre| {
+        roi::pool_slice(post, Some(pre), nx, f, px, plane)
+    })?;
+    Ok(Grid3 {
+        shape: [nz, py, px],
         data,
     })
 }
@@ -937,8 +1041,10 @@ fn prepare_mri(
         }
         same
     });
-    // Only two phases are ever decoded (memory: see docs/imaging.md).
-    let (post, pre) = rayon::join(|| load_stack(&stack), || pre_stack.as_ref().map(load_stack));
+    // Only two phases are ever decoded, and only the chosen one is held at
+    // full resolution (memory: see docs/imaging.md); the pre phase is pooled
+    // against it as it is decoded, so it comes second.
+    let post = load_stack(&stack);
     let post = match post {
         Ok(g) => g,
         Err(e) => {
@@ -947,6 +1053,9 @@ fn prepare_mri(
             return (None, vec![], errors, notes);
         }
     };
+    let pre = pre_stack
+        .as_ref()
+        .map(|p| load_pooled_subtraction(p, &post));
     let pre = match pre {
         Some(Ok(g)) => Some(g),
         Some(Err(e)) => {
@@ -959,7 +1068,7 @@ fn prepare_mri(
     let target = VolumeTarget {
         stack: &stack,
         post: &post,
-        pre: pre.as_ref(),
+        pooled_subtraction: pre.as_ref(),
         side,
     };
     let mut providers: Vec<&dyn RoiProvider> = Vec::new();
@@ -1031,6 +1140,7 @@ fn prepare_mri(
             box_side_mm: side_mm,
         },
         roi_provider: provider.into(),
+        heatmap_base: None,
     }];
     if let (Some(p), Some(pst)) = (&dce.pre, &pre_stack) {
         sels.push(Selection {
@@ -1053,6 +1163,7 @@ fn prepare_mri(
                 box_side_mm: side_mm,
             },
             roi_provider: provider.into(),
+            heatmap_base: None,
         });
     }
     (

@@ -14,6 +14,7 @@
 use std::collections::HashMap;
 
 use dicom_dictionary_std::tags;
+use rayon::prelude::*;
 
 use super::attrs::{self, Obj};
 use super::decode::GrayImage;
@@ -80,7 +81,10 @@ pub struct PlanarTarget<'a> {
 pub struct VolumeTarget<'a> {
     pub stack: &'a Stack,
     pub post: &'a Grid3,
-    pub pre: Option<&'a Grid3>,
+    /// Post − pre pooled in-plane ([`pool_grid`], [`pool_slice`]), when a
+    /// pre-contrast phase on the same grid was decoded: the only form of the
+    /// pre phase that is kept.
+    pub pooled_subtraction: Option<&'a Grid3>,
     pub side: Option<Laterality>,
 }
 
@@ -472,28 +476,21 @@ impl RoiProvider for EnhancementRoi {
     }
     fn volume(&self, t: &VolumeTarget<'_>) -> Option<PatientBox> {
         let [nz, ny, nx] = t.post.shape;
-        if t.pre.is_some_and(|p| p.shape != t.post.shape) {
-            return None;
-        }
-        let f = nx.max(ny).div_ceil(128).max(1);
-        let (py, px) = (ny.div_ceil(f), nx.div_ceil(f));
-        let mut d = vec![0f32; nz * py * px];
-        let mut cnt = vec![0u16; nz * py * px];
-        for z in 0..nz {
-            for y in 0..ny {
-                for x in 0..nx {
-                    let i = (z * ny + y) * nx + x;
-                    let v = t.post.data[i] - t.pre.map_or(0.0, |p| p.data[i]);
-                    let j = (z * py + y / f) * px + x / f;
-                    d[j] += v;
-                    cnt[j] += 1;
-                }
+        let (f, py, px) = pool_grid(ny, nx);
+        let pooled_post;
+        let d: &[f32] = match t.pooled_subtraction {
+            Some(g) if g.shape == [nz, py, px] => &g.data,
+            Some(_) => return None,
+            None => {
+                let mut d = vec![0f32; nz * py * px];
+                d.par_chunks_mut(py * px)
+                    .zip(t.post.data.par_chunks(ny * nx))
+                    .for_each(|(plane, post)| pool_slice(post, None, nx, f, px, plane));
+                pooled_post = d;
+                &pooled_post
             }
-        }
-        for (v, c) in d.iter_mut().zip(&cnt) {
-            *v /= (*c).max(1) as f32;
-        }
-        let sm = box3(&d, [nz, py, px]);
+        };
+        let sm = box3(d, [nz, py, px]);
         // Side mask: patient +x is the patient's left (LPS).
         let mid = t.stack.to_patient(
             (nz as f64 - 1.0) / 2.0,
@@ -549,6 +546,55 @@ impl RoiProvider for EnhancementRoi {
             }
         }
         PatientBox::from_points(&pts)
+    }
+}
+
+/// In-plane pooling of the enhancement search for `ny × nx` slices: the
+/// factor f (so that at most 128 columns remain) and the pooled rows and
+/// columns.
+pub fn pool_grid(ny: usize, nx: usize) -> (usize, usize, usize) {
+    let f = nx.max(ny).div_ceil(128).max(1);
+    (f, ny.div_ceil(f), nx.div_ceil(f))
+}
+
+/// Average-pool one slice of post − pre (post alone without `pre`) by `f`
+/// in-plane into `plane` (`px` columns). Each cell sums its voxels row by
+/// row, left to right, whoever calls it, so the result does not depend on
+/// how slices are spread over threads or when the pre phase is decoded.
+pub fn pool_slice(
+    post: &[f32],
+    pre: Option<&[f32]>,
+    nx: usize,
+    f: usize,
+    px: usize,
+    plane: &mut [f32],
+) {
+    let ny = post.len() / nx.max(1);
+    for (y, post) in post.chunks_exact(nx).enumerate() {
+        let cells = &mut plane[(y / f) * px..(y / f + 1) * px];
+        match pre {
+            Some(pre) => {
+                let pre = &pre[y * nx..(y + 1) * nx];
+                for ((cell, post), pre) in cells.iter_mut().zip(post.chunks(f)).zip(pre.chunks(f)) {
+                    for (a, b) in post.iter().zip(pre) {
+                        *cell += a - b;
+                    }
+                }
+            }
+            None => {
+                for (cell, post) in cells.iter_mut().zip(post.chunks(f)) {
+                    for a in post {
+                        *cell += a - 0.0;
+                    }
+                }
+            }
+        }
+    }
+    // Voxels per cell: f × f, fewer in the last row and column of cells.
+    for (i, v) in plane.iter_mut().enumerate() {
+        let (cy, cx) = (i / px, i % px);
+        let n = (ny - cy * f).min(f) * (nx - cx * f).min(f);
+        *v /= n.max(1) as f32;
     }
 }
 
