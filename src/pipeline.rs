@@ -394,9 +394,7 @@ fn write_outputs(
         .into_par_iter()
         .map(|(kind, obj)| -> Result<OutputRow, PipelineError> {
             let text = |tag| -> String {
-                obj.element_opt(tag)
-                    .ok()
-                    .flatten()
+                obj.get(tag)
                     .and_then(|e| e.to_str().ok())
                     .map(|s| s.trim_end_matches(['\0', ' ']).to_string())
                     .unwrap_or_default()
@@ -724,9 +722,7 @@ fn read_header(path: &Path) -> Result<Header, String> {
         .open_file(path)
         .map_err(|e| format!("reading a source instance: {e}"))?;
     let text = |tag| -> String {
-        obj.element_opt(tag)
-            .ok()
-            .flatten()
+        obj.get(tag)
             .and_then(|e| e.to_str().ok())
             .map(|s| s.trim_end_matches(['\0', ' ']).trim().to_string())
             .unwrap_or_default()
