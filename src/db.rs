@@ -417,8 +417,31 @@ pub struct UnassignedInstance {
     pub study_date: String,
 }
 
+/// One step of a case-assignment round ([`Db::assign_instances`]).
+#[derive(Debug, Clone)]
+pub enum Assignment {
+    /// Open a new case with this instance.
+    Open {
+        case_id: String,
+        patient_key: String,
+        sop_instance_uid: String,
+        study_date: String,
+    },
+    /// Add the instance to a case (in `from_state`), widening its study
+    /// dates to `oldest..newest`; `reopen` makes a finished case collect
+    /// again as a new revision, with this reason.
+    Add {
+        case_id: String,
+        from_state: String,
+        sop_instance_uid: String,
+        oldest: String,
+        newest: String,
+        reopen: Option<&'static str>,
+    },
+}
+
 /// One case row.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct CaseRow {
     pub id: String,
     pub patient_key: String,
@@ -538,98 +561,52 @@ impl Db {
         Ok(row.map(case_row))
     }
 
-    /// Open a new case holding its first instance.
-    pub async fn open_case(
-        &self,
-        id: &str,
-        patient_key: &str,
-        sop_instance_uid: &str,
-        study_date: &str,
-        now: &str,
-    ) -> Result<(), DbError> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "INSERT INTO cases (id, patient_key, state, revision, reason, opened_at, \
-             first_instance_at, last_instance_at, oldest_study_date, newest_study_date, updated_at) \
-             VALUES ($1, $2, 'collecting', 0, 'first instance', $3, $4, $5, $6, $7, $8)",
-        )
-        .bind(id)
-        .bind(patient_key)
-        .bind(now)
-        .bind(now)
-        .bind(now)
-        .bind(study_date)
-        .bind(study_date)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "INSERT INTO case_instances (case_id, sop_instance_uid, added_at) VALUES ($1, $2, $3)",
-        )
-        .bind(id)
-        .bind(sop_instance_uid)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        let e = NewEvent {
-            event: case_event::CASE_OPENED,
-            sop_instance_uid: Some(sop_instance_uid),
-            patient_key: Some(patient_key),
-            case_id: Some(id),
-            ..Default::default()
-        };
-        insert_event(&mut tx, &e).await?;
-        tx.commit().await?;
-        Ok(())
-    }
-
-    /// Add an instance to an existing case, widening its study-date range;
-    /// `reopen` moves a finished case back to collecting as a new revision.
-    pub async fn add_to_case(
-        &self,
-        case: &CaseRow,
-        sop_instance_uid: &str,
-        oldest: &str,
-        newest: &str,
-        now: &str,
-        reopen: Option<&str>,
-    ) -> Result<(), DbError> {
-        let mut tx = self.pool.begin().await?;
-        let added = sqlx::query(
-            "INSERT INTO case_instances (case_id, sop_instance_uid, added_at) VALUES ($1, $2, $3) \
-             ON CONFLICT (case_id, sop_instance_uid) DO NOTHING",
-        )
-        .bind(&case.id)
-        .bind(sop_instance_uid)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if added == 0 {
+    /// Record a round of case assignment in one transaction (one commit,
+    /// not one per instance: the assembler assigns a burst of instances at
+    /// once while ingest competes for the same write lock).
+    pub async fn assign_instances(&self, steps: &[Assignment], now: &str) -> Result<(), DbError> {
+        if steps.is_empty() {
             return Ok(());
         }
-        sqlx::query(
-            "UPDATE cases SET last_instance_at = $1, oldest_study_date = $2, \
-             newest_study_date = $3, updated_at = $4 WHERE id = $5",
-        )
-        .bind(now)
-        .bind(oldest)
-        .bind(newest)
-        .bind(now)
-        .bind(&case.id)
-        .execute(&mut *tx)
-        .await?;
-        if let Some(reason) = reopen {
-            sqlx::query(
-                "UPDATE cases SET state = 'collecting', revision = revision + 1, reason = $1, \
-                 first_instance_at = $2 WHERE id = $3",
-            )
-            .bind(reason)
-            .bind(now)
-            .bind(&case.id)
-            .execute(&mut *tx)
-            .await?;
-            insert_transition(&mut tx, &case.id, &case.state, "collecting", reason, now).await?;
+        let mut tx = self.pool.begin().await?;
+        for step in steps {
+            match step {
+                Assignment::Open {
+                    case_id,
+                    patient_key,
+                    sop_instance_uid,
+                    study_date,
+                } => {
+                    open_case(
+                        &mut tx,
+                        case_id,
+                        patient_key,
+                        sop_instance_uid,
+                        study_date,
+                        now,
+                    )
+                    .await?
+                }
+                Assignment::Add {
+                    case_id,
+                    from_state,
+                    sop_instance_uid,
+                    oldest,
+                    newest,
+                    reopen,
+                } => {
+                    add_to_case(
+                        &mut tx,
+                        case_id,
+                        from_state,
+                        sop_instance_uid,
+                        (oldest, newest),
+                        now,
+                        *reopen,
+                    )
+                    .await?
+                }
+            }
         }
         tx.commit().await?;
         Ok(())
@@ -749,6 +726,98 @@ impl Db {
             .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
             .collect())
     }
+}
+
+/// Open a new case holding its first instance.
+async fn open_case(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    id: &str,
+    patient_key: &str,
+    sop_instance_uid: &str,
+    study_date: &str,
+    now: &str,
+) -> Result<(), DbError> {
+    sqlx::query(
+        "INSERT INTO cases (id, patient_key, state, revision, reason, opened_at, \
+         first_instance_at, last_instance_at, oldest_study_date, newest_study_date, updated_at) \
+         VALUES ($1, $2, 'collecting', 0, 'first instance', $3, $4, $5, $6, $7, $8)",
+    )
+    .bind(id)
+    .bind(patient_key)
+    .bind(now)
+    .bind(now)
+    .bind(now)
+    .bind(study_date)
+    .bind(study_date)
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO case_instances (case_id, sop_instance_uid, added_at) VALUES ($1, $2, $3)",
+    )
+    .bind(id)
+    .bind(sop_instance_uid)
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    let e = NewEvent {
+        event: case_event::CASE_OPENED,
+        sop_instance_uid: Some(sop_instance_uid),
+        patient_key: Some(patient_key),
+        case_id: Some(id),
+        ..Default::default()
+    };
+    insert_event(tx, &e).await
+}
+
+/// Add an instance to an existing case, widening its study-date range;
+/// `reopen` moves a finished case back to collecting as a new revision.
+async fn add_to_case(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    case_id: &str,
+    from_state: &str,
+    sop_instance_uid: &str,
+    (oldest, newest): (&str, &str),
+    now: &str,
+    reopen: Option<&str>,
+) -> Result<(), DbError> {
+    let added = sqlx::query(
+        "INSERT INTO case_instances (case_id, sop_instance_uid, added_at) VALUES ($1, $2, $3) \
+         ON CONFLICT (case_id, sop_instance_uid) DO NOTHING",
+    )
+    .bind(case_id)
+    .bind(sop_instance_uid)
+    .bind(now)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    if added == 0 {
+        return Ok(());
+    }
+    sqlx::query(
+        "UPDATE cases SET last_instance_at = $1, oldest_study_date = $2, \
+         newest_study_date = $3, updated_at = $4 WHERE id = $5",
+    )
+    .bind(now)
+    .bind(oldest)
+    .bind(newest)
+    .bind(now)
+    .bind(case_id)
+    .execute(&mut **tx)
+    .await?;
+    if let Some(reason) = reopen {
+        sqlx::query(
+            "UPDATE cases SET state = 'collecting', revision = revision + 1, reason = $1, \
+             first_instance_at = $2 WHERE id = $3",
+        )
+        .bind(reason)
+        .bind(now)
+        .bind(case_id)
+        .execute(&mut **tx)
+        .await?;
+        insert_transition(tx, case_id, from_state, "collecting", reason, now).await?;
+    }
+    Ok(())
 }
 
 async fn insert_transition(

@@ -2,6 +2,7 @@
 //! cases, drives every case timer from the database (so a restart rebuilds
 //! them), and hands ready cases to the inference queue with backpressure.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use super::rules::{self, CaseRules, Decision};
-use crate::db::{CaseRow, Db, DbError, format_time, parse_time};
+use crate::db::{Assignment, CaseRow, Db, DbError, format_time, parse_time};
 
 /// Case states, as stored.
 pub mod state {
@@ -154,7 +155,9 @@ impl Assembler {
         (t, format_time(t))
     }
 
-    /// Put every unassigned stored instance into its patient's case.
+    /// Put every unassigned stored instance into its patient's case. Each
+    /// batch is decided in memory (a case opened or reopened for one
+    /// instance is seen by the next) and recorded in one transaction.
     pub async fn assign(&self) -> Result<usize, DbError> {
         let mut assigned = 0;
         loop {
@@ -162,14 +165,20 @@ impl Assembler {
             if batch.is_empty() {
                 return Ok(assigned);
             }
-            for inst in batch {
+            let (_, now) = self.now();
+            let mut cases: HashMap<String, Vec<CaseRow>> = HashMap::new();
+            let mut steps = Vec::with_capacity(batch.len());
+            for inst in &batch {
                 let key = match self.key {
                     PatientKeyMode::IdIssuer => &inst.patient_key,
                     PatientKeyMode::Id => &inst.patient_id_key,
                 };
-                let (_, now) = self.now();
-                let cases = self.db.cases_of_patient(key).await?;
-                let target = cases.iter().find_map(|c| {
+                if !cases.contains_key(key) {
+                    let known = self.db.cases_of_patient(key).await?;
+                    cases.insert(key.clone(), known);
+                }
+                let patient_cases = cases.get_mut(key).expect("inserted above");
+                let target = patient_cases.iter_mut().find_map(|c| {
                     widen(
                         &c.oldest_study_date,
                         &c.newest_study_date,
@@ -182,30 +191,49 @@ impl Assembler {
                     Some((case, (oldest, newest))) => {
                         let reopen = matches!(case.state.as_str(), state::DONE | state::FAILED)
                             .then_some("late arrival: reopened");
-                        self.db
-                            .add_to_case(
-                                case,
-                                &inst.sop_instance_uid,
-                                &oldest,
-                                &newest,
-                                &now,
-                                reopen,
-                            )
-                            .await?;
                         if reopen.is_some() {
                             info!(case = %case.id, "late instance reopened the case");
                         }
+                        steps.push(Assignment::Add {
+                            case_id: case.id.clone(),
+                            from_state: case.state.clone(),
+                            sop_instance_uid: inst.sop_instance_uid.clone(),
+                            oldest: oldest.clone(),
+                            newest: newest.clone(),
+                            reopen,
+                        });
+                        if reopen.is_some() {
+                            case.state = state::COLLECTING.to_string();
+                        }
+                        case.oldest_study_date = oldest;
+                        case.newest_study_date = newest;
                     }
                     None => {
                         let id = format!("{:016x}", rand::random::<u64>());
-                        self.db
-                            .open_case(&id, key, &inst.sop_instance_uid, &inst.study_date, &now)
-                            .await?;
                         info!(case = %id, patient = %key, "case opened");
+                        steps.push(Assignment::Open {
+                            case_id: id.clone(),
+                            patient_key: key.clone(),
+                            sop_instance_uid: inst.sop_instance_uid.clone(),
+                            study_date: inst.study_date.clone(),
+                        });
+                        // Newest first, as `cases_of_patient` orders them.
+                        patient_cases.insert(
+                            0,
+                            CaseRow {
+                                id,
+                                patient_key: key.clone(),
+                                state: state::COLLECTING.to_string(),
+                                oldest_study_date: inst.study_date.clone(),
+                                newest_study_date: inst.study_date.clone(),
+                                ..Default::default()
+                            },
+                        );
                     }
                 }
-                assigned += 1;
             }
+            self.db.assign_instances(&steps, &now).await?;
+            assigned += batch.len();
         }
     }
 
