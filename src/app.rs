@@ -112,6 +112,8 @@ impl App {
             settings.cases.window_days,
             Clock::new(),
         );
+        let (hints_tx, hints_rx) = mpsc::channel(4);
+        let assembler = assembler.with_prepare_hints(hints_tx);
         let (jobs_tx, jobs_rx) = mpsc::channel(settings.cases.queue);
         let outbox_wake = std::sync::Arc::new(tokio::sync::Notify::new());
         let pipeline = Pipeline {
@@ -127,6 +129,8 @@ impl App {
             },
             destinations: settings.destinations.clone(),
             outbox_wake: outbox_wake.clone(),
+            prepare_hints: Some(hints_rx),
+            speculation: Default::default(),
         };
         let outbox = Outbox::new(
             db.clone(),

@@ -16,7 +16,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::cases::{CaseJob, state};
 use crate::db::{Db, NewEvent, OutputRow};
@@ -86,6 +86,26 @@ pub struct Pipeline {
     pub identity: ModelIdentity,
     pub destinations: Vec<crate::outbox::DestinationSettings>,
     pub outbox_wake: Arc<Notify>,
+    /// Case ids whose inputs are complete and that only wait for their
+    /// stable age (from the assembler): their imaging starts now.
+    pub prepare_hints: Option<mpsc::Receiver<String>>,
+    pub speculation: Speculation,
+}
+
+/// Imaging started while a complete case waits for its stable age, so that
+/// when it becomes ready only inference and reporting remain. Imaging is a
+/// pure function of the case's files (the spool never rewrites a stored
+/// instance) and the settings, so the result serves the run when the files
+/// are exactly the same; any instance added since makes the run prepare
+/// afresh. One case at a time: a hint while one is being prepared waits
+/// for the next round, which bounds the memory to one preparation.
+#[derive(Default)]
+pub struct Speculation(std::sync::Mutex<Option<Speculative>>);
+
+struct Speculative {
+    files: Vec<PathBuf>,
+    started: Instant,
+    handle: tokio::task::JoinHandle<Vec<PreparedCase>>,
 }
 
 fn modality_name(m: usize) -> &'static str {
@@ -93,15 +113,105 @@ fn modality_name(m: usize) -> &'static str {
 }
 
 impl Pipeline {
-    /// Take cases from the queue until shutdown.
-    pub async fn run(self, mut jobs: mpsc::Receiver<CaseJob>, shutdown: CancellationToken) {
+    /// Take cases from the queue (and preparation hints) until shutdown.
+    pub async fn run(mut self, mut jobs: mpsc::Receiver<CaseJob>, shutdown: CancellationToken) {
+        let mut hints = self.prepare_hints.take();
         loop {
-            let job = tokio::select! {
-                j = jobs.recv() => match j { Some(j) => j, None => return },
+            tokio::select! {
+                j = jobs.recv() => match j {
+                    Some(job) => self.process(&job).await,
+                    None => return,
+                },
+                Some(case_id) = async {
+                    match hints.as_mut() {
+                        Some(h) => h.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => self.speculate(&case_id).await,
                 _ = shutdown.cancelled() => return,
-            };
-            self.process(&job).await;
+            }
         }
+    }
+
+    /// The files imaging reads for a case: every member, in received order.
+    fn member_files(&self, members: &[crate::db::CaseMember]) -> Vec<PathBuf> {
+        let spool = self.data_dir.join("spool");
+        members.iter().map(|m| spool.join(&m.path)).collect()
+    }
+
+    fn grid(&self) -> InputGrid {
+        let cfg = self.engine.config();
+        InputGrid {
+            mri: cfg.mri.img_size,
+            image: cfg.us.img_size,
+        }
+    }
+
+    fn imaging_job(&self, files: Vec<PathBuf>) -> tokio::task::JoinHandle<Vec<PreparedCase>> {
+        let (settings, grid) = (self.imaging.clone(), self.grid());
+        tokio::task::spawn_blocking(move || imaging::prepare_case_sides(&files, &settings, grid))
+    }
+
+    /// Start preparing a complete case's inputs (see [`Speculation`]).
+    async fn speculate(&self, case_id: &str) {
+        let files = match self.db.case_members(case_id).await {
+            Ok(members) => self.member_files(&members),
+            Err(e) => {
+                warn!(case = %case_id, error = %e, "inputs could not be prepared early");
+                return;
+            }
+        };
+        let mut slot = self.speculation.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(current) = slot.as_ref()
+            && (current.files == files || !current.handle.is_finished())
+        {
+            return;
+        }
+        debug!(case = %case_id, "preparing inputs during the stable age");
+        *slot = Some(Speculative {
+            handle: self.imaging_job(files.clone()),
+            started: Instant::now(),
+            files,
+        });
+    }
+
+    /// The prepared inputs of `files`: the early preparation when it was of
+    /// exactly these files (waiting for it if it still runs), else a fresh
+    /// one. Returns the inputs, the milliseconds this call waited, and the
+    /// milliseconds the preparation took in all.
+    async fn prepared(
+        &self,
+        files: Vec<PathBuf>,
+    ) -> Result<(Vec<PreparedCase>, f64, f64, bool), PipelineError> {
+        let t = Instant::now();
+        let taken = self
+            .speculation
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let (handle, started, early) = match taken {
+            Some(s) if s.files == files => (s.handle, s.started, true),
+            other => {
+                // An early preparation of other files (the case changed, or
+                // another case went first) is let finish and dropped: one
+                // preparation at a time keeps the memory bound.
+                if let Some(s) = other {
+                    let _ = s.handle.await;
+                }
+                (self.imaging_job(files), Instant::now(), false)
+            }
+        };
+        let prepared = handle
+            .await
+            .map_err(|e| PipelineError::Other(e.to_string()))?;
+        let now = Instant::now();
+        Ok((
+            prepared,
+            (now - t).as_secs_f64() * 1e3,
+            (now - started).as_secs_f64() * 1e3,
+            early,
+        ))
     }
 
     /// Run one case; failures end the case in `failed` with the reason.
@@ -168,7 +278,7 @@ impl Pipeline {
         let seen_last = case.last_instance_at.clone();
         let members = self.db.case_members(&case.id).await?;
         let spool = self.data_dir.join("spool");
-        let files: Vec<PathBuf> = members.iter().map(|m| spool.join(&m.path)).collect();
+        let files = self.member_files(&members);
         // Where each member lies, for the reporting step: one query for the
         // case instead of one per selected instance (an MRI phase is
         // hundreds).
@@ -178,20 +288,12 @@ impl Pipeline {
             .collect();
         let mut times = StageTimes::default();
 
-        // Imaging, off the async workers.
-        let cfg = self.engine.config();
-        let grid = InputGrid {
-            mri: cfg.mri.img_size,
-            image: cfg.us.img_size,
-        };
-        let settings = self.imaging.clone();
-        let t = Instant::now();
-        let prepared = tokio::task::spawn_blocking(move || {
-            imaging::prepare_case_sides(&files, &settings, grid)
-        })
-        .await
-        .map_err(|e| PipelineError::Other(e.to_string()))?;
-        times.imaging_ms = t.elapsed().as_secs_f64() * 1e3;
+        // Imaging, off the async workers (perhaps already done during the
+        // stable age).
+        let grid = self.grid();
+        let instances = files.len();
+        let (prepared, waited_ms, imaging_compute_ms, early) = self.prepared(files).await?;
+        times.imaging_ms = waited_ms;
         let errors: Vec<String> = prepared
             .iter()
             .flat_map(|p| p.errors.iter())
@@ -208,6 +310,9 @@ impl Pipeline {
             event::CASE_IMAGING_DONE,
             serde_json::json!({
                 "ms": times.imaging_ms,
+                "compute_ms": imaging_compute_ms,
+                "prepared_during_stable_age": early,
+                "instances": instances,
                 "sides": prepared.len(),
                 "flags": prepared.iter().map(|p| p.modality_flags()).collect::<Vec<_>>(),
                 "errors": errors,

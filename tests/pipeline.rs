@@ -155,3 +155,44 @@ fn her2map_study_uid(path: &std::path::Path) -> String {
         .trim_end_matches('\0')
         .to_string()
 }
+
+/// Imaging starts while a complete case waits for its stable age; an
+/// instance that arrives meanwhile makes the run use inputs prepared from
+/// every file, never the early ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inputs_prepared_during_the_stable_age_follow_late_instances() {
+    let data = tempfile::tempdir().unwrap();
+    let mut s = test_settings(data.path());
+    s.cases.stable_age_secs = 3;
+    let node = spawn_app_with(s).await;
+    let mut files: Vec<PathBuf> = ["MG", "US", "MR"].iter().flat_map(|p| study(p)).collect();
+    let last = files.pop().unwrap();
+    let results = send_files(&node.address(), &scu(), &files, |_| {})
+        .await
+        .unwrap();
+    assert!(results.iter().all(|r| r.ok()), "{results:?}");
+    // Complete already (every MRI series is there): the early preparation
+    // of these files starts and, for this small patient, ends.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let cases = node.db.all_cases().await.unwrap();
+    assert_eq!(cases[0].state, "collecting", "{:?}", cases[0]);
+    assert!(cases[0].reason.starts_with("complete"), "{:?}", cases[0]);
+    let results = send_files(&node.address(), &scu(), &[last], |_| {})
+        .await
+        .unwrap();
+    assert!(results[0].ok());
+    wait_until("the case to finish", 120, || async {
+        node.db.all_cases().await.unwrap()[0].state == "done"
+    })
+    .await;
+    let imaging = node
+        .db
+        .events(0, Some("case_imaging_done"), 10)
+        .await
+        .unwrap();
+    assert_eq!(imaging.len(), 1, "{imaging:?}");
+    let detail = imaging[0].detail.as_ref().unwrap();
+    assert_eq!(detail["instances"], files.len() + 1, "{detail}");
+    assert_eq!(detail["prepared_during_stable_age"], true, "{detail}");
+    node.stop().await;
+}

@@ -93,6 +93,9 @@ pub struct Assembler {
     key: PatientKeyMode,
     window_days: i64,
     clock: Clock,
+    /// Told the id of each complete case that waits for its stable age, so
+    /// that its imaging can start before it is ready.
+    prepare_hints: Option<mpsc::Sender<String>>,
 }
 
 /// The longest the task sleeps without looking at the database, so that
@@ -143,7 +146,16 @@ impl Assembler {
             key,
             window_days,
             clock,
+            prepare_hints: None,
         }
+    }
+
+    /// Send the id of every complete case waiting for its stable age to
+    /// `hints` (never blocking: a full channel drops the hint, the next
+    /// round sends it again).
+    pub fn with_prepare_hints(mut self, hints: mpsc::Sender<String>) -> Self {
+        self.prepare_hints = Some(hints);
+        self
     }
 
     pub fn rules(&self) -> &CaseRules {
@@ -249,6 +261,11 @@ impl Assembler {
             let last = parse_time(&case.last_instance_at).unwrap_or(now);
             match rules::decide(&c, first, last, now, &self.rules) {
                 Decision::Wait { until, reason } => {
+                    if c.missing.is_empty()
+                        && let Some(hints) = &self.prepare_hints
+                    {
+                        let _ = hints.try_send(case.id.clone());
+                    }
                     if reason != case.reason {
                         // Keep the waiting reason current for `her2map cases`.
                         self.db
