@@ -108,6 +108,9 @@ const POLL: Duration = Duration::from_secs(2);
 /// database's write lock (it halved ingest throughput).
 const QUIET: Duration = Duration::from_millis(50);
 const COALESCE_MAX: Duration = Duration::from_secs(1);
+/// A complete case's imaging starts early (see `Assembler::with_prepare_hints`)
+/// once no instance of it arrived for this long.
+const PREPARE_QUIET: Duration = Duration::from_secs(1);
 
 fn study_day(date: &str) -> Option<time::Date> {
     let fmt = time::macros::format_description!("[year][month][day]");
@@ -150,7 +153,8 @@ impl Assembler {
         }
     }
 
-    /// Send the id of every complete case waiting for its stable age to
+    /// Send the id of every complete case waiting for its stable age (once
+    /// no instance of it arrived for `PREPARE_QUIET`) to
     /// `hints` (never blocking: a full channel drops the hint, the next
     /// round sends it again).
     pub fn with_prepare_hints(mut self, hints: mpsc::Sender<String>) -> Self {
@@ -264,7 +268,14 @@ impl Assembler {
                     if c.missing.is_empty()
                         && let Some(hints) = &self.prepare_hints
                     {
-                        let _ = hints.try_send(case.id.clone());
+                        // Not while the patient's instances still stream in:
+                        // each would make the preparation stale.
+                        let quiet_at = last + PREPARE_QUIET;
+                        if now >= quiet_at {
+                            let _ = hints.try_send(case.id.clone());
+                        } else if quiet_at < until {
+                            next = Some(next.map_or(quiet_at, |n: OffsetDateTime| n.min(quiet_at)));
+                        }
                     }
                     if reason != case.reason {
                         // Keep the waiting reason current for `her2map cases`.
