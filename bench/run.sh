@@ -189,6 +189,10 @@ for s in res["sides"]:
     print(f"  side {s['lesion_side']}: P(HER2+) {s['prob']:.4f}, modalities {s['modalities_used']}, outputs {s['outputs']}")
 print(f"  last instance -> last object at the destination, minus stable age {stable:.0f} s: {total:.2f} s")
 print(f"    imaging {img*1e3:.0f} ms | inference {inf*1e3:.0f} ms | reporting {rep*1e3:.0f} ms | delivery + timers {rest*1e3:.0f} ms")
+im = [e for e in ev if e["event"] == "case_imaging_done"][-1]["detail"]
+if im.get("prepared_during_stable_age"):
+    print(f"    (imaging of {im['instances']} files ran during the stable age and took {im['compute_ms']:.0f} ms there;"
+          f" the case waited {im['ms']:.0f} ms for it)")
 print(f"  overhead besides inference: {total - inf:.2f} s (target < 1 s)")
 print(f"  node peak RSS {rss:.0f} MiB; target 1.5 x {wmb:.0f} + 256 = {1.5*wmb+256:.0f} MiB")
 PY

@@ -104,8 +104,7 @@ pub struct Speculation(std::sync::Mutex<Option<Speculative>>);
 
 struct Speculative {
     files: Vec<PathBuf>,
-    started: Instant,
-    handle: tokio::task::JoinHandle<Vec<PreparedCase>>,
+    handle: tokio::task::JoinHandle<(Vec<PreparedCase>, f64)>,
 }
 
 fn modality_name(m: usize) -> &'static str {
@@ -147,9 +146,17 @@ impl Pipeline {
         }
     }
 
-    fn imaging_job(&self, files: Vec<PathBuf>) -> tokio::task::JoinHandle<Vec<PreparedCase>> {
+    /// Imaging on the blocking pool; the output carries its own duration.
+    fn imaging_job(
+        &self,
+        files: Vec<PathBuf>,
+    ) -> tokio::task::JoinHandle<(Vec<PreparedCase>, f64)> {
         let (settings, grid) = (self.imaging.clone(), self.grid());
-        tokio::task::spawn_blocking(move || imaging::prepare_case_sides(&files, &settings, grid))
+        tokio::task::spawn_blocking(move || {
+            let t = Instant::now();
+            let prepared = imaging::prepare_case_sides(&files, &settings, grid);
+            (prepared, t.elapsed().as_secs_f64() * 1e3)
+        })
     }
 
     /// Start preparing a complete case's inputs (see [`Speculation`]).
@@ -170,15 +177,14 @@ impl Pipeline {
         debug!(case = %case_id, "preparing inputs during the stable age");
         *slot = Some(Speculative {
             handle: self.imaging_job(files.clone()),
-            started: Instant::now(),
             files,
         });
     }
 
     /// The prepared inputs of `files`: the early preparation when it was of
     /// exactly these files (waiting for it if it still runs), else a fresh
-    /// one. Returns the inputs, the milliseconds this call waited, and the
-    /// milliseconds the preparation took in all.
+    /// one. Returns the inputs, the milliseconds this call waited, the
+    /// milliseconds the preparation itself took, and whether it was early.
     async fn prepared(
         &self,
         files: Vec<PathBuf>,
@@ -190,8 +196,8 @@ impl Pipeline {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
-        let (handle, started, early) = match taken {
-            Some(s) if s.files == files => (s.handle, s.started, true),
+        let (handle, early) = match taken {
+            Some(s) if s.files == files => (s.handle, true),
             other => {
                 // An early preparation of other files (the case changed, or
                 // another case went first) is let finish and dropped: one
@@ -199,19 +205,13 @@ impl Pipeline {
                 if let Some(s) = other {
                     let _ = s.handle.await;
                 }
-                (self.imaging_job(files), Instant::now(), false)
+                (self.imaging_job(files), false)
             }
         };
-        let prepared = handle
+        let (prepared, compute_ms) = handle
             .await
             .map_err(|e| PipelineError::Other(e.to_string()))?;
-        let now = Instant::now();
-        Ok((
-            prepared,
-            (now - t).as_secs_f64() * 1e3,
-            (now - started).as_secs_f64() * 1e3,
-            early,
-        ))
+        Ok((prepared, t.elapsed().as_secs_f64() * 1e3, compute_ms, early))
     }
 
     /// Run one case; failures end the case in `failed` with the reason.
