@@ -63,24 +63,33 @@ for d in storescp node-ingest floor storescp-par node-par dest node-e2e; do
 done
 trap 'rm -rf "$TRASH" "$WORK"/share.*' EXIT
 
-# --- 1a. DCMTK storescp baseline -------------------------------------------
-mkdir -p "$WORK/storescp"
-P=$(free_port)
-TCP_NODELAY=1 storescp -aet STORESCP +xa -od "$WORK/storescp" "$P" & SCP=$!
-sleep 0.5
-sync; t0=$(now); send "$P" STORESCP; t1=$(now)
-SCP_RSS=$(hwm_mib $SCP); kill $SCP; wait $SCP 2>/dev/null || true
-SCP_S=$(python3 -c "print($t1-$t0)")
+# One timed ingest into each kind of receiver; they set T_S (seconds), RSS
+# (the receiver's peak, MiB) and, for the node, STORED (instances indexed).
+time_storescp() { # OUTDIR SENDER
+    mkdir -p "$WORK/$1"
+    local p pid t0 t1
+    p=$(free_port)
+    TCP_NODELAY=1 storescp -aet STORESCP +xa -od "$WORK/$1" "$p" & pid=$!
+    sleep 0.5
+    sync; t0=$(now); "$2" "$p" STORESCP; t1=$(now)
+    RSS=$(hwm_mib $pid); kill $pid; wait $pid 2>/dev/null || true
+    T_S=$(python3 -c "print($t1-$t0)")
+}
+time_node() { # OUTDIR SENDER  (demo weights: ingest only; stable age long)
+    local p pid t0 t1
+    p=$(free_port)
+    HER2MAP__DICOM__PORT=$p HER2MAP__STORAGE__DATA_DIR="$WORK/$1" HER2MAP__MODEL__DEMO=true \
+    HER2MAP__CASES__STABLE_AGE_SECS=3600 HER2MAP__STORAGE__MIN_FREE_MB=0 RUST_LOG=warn "$BIN" serve & pid=$!
+    sleep 1
+    sync; t0=$(now); "$2" "$p" HER2MAP; t1=$(now)
+    RSS=$(hwm_mib $pid); kill $pid; wait $pid 2>/dev/null || true
+    T_S=$(python3 -c "print($t1-$t0)")
+    STORED=$(HER2MAP__STORAGE__DATA_DIR="$WORK/$1" "$BIN" audit --json --event instance_stored | wc -l)
+}
 
-# --- 1b. her2map serve (demo weights: ingest only; stable age long) --------
-P=$(free_port)
-HER2MAP__DICOM__PORT=$P HER2MAP__STORAGE__DATA_DIR="$WORK/node-ingest" HER2MAP__MODEL__DEMO=true \
-HER2MAP__CASES__STABLE_AGE_SECS=3600 HER2MAP__STORAGE__MIN_FREE_MB=0 RUST_LOG=warn "$BIN" serve & NODE=$!
-sleep 1
-sync; t0=$(now); send "$P" HER2MAP; t1=$(now)
-NODE_RSS=$(hwm_mib $NODE); kill $NODE; wait $NODE 2>/dev/null || true
-NODE_S=$(python3 -c "print($t1-$t0)")
-STORED=$(HER2MAP__STORAGE__DATA_DIR="$WORK/node-ingest" "$BIN" audit --json --event instance_stored | wc -l)
+# --- 1a. DCMTK storescp baseline, then 1b. her2map serve --------------------
+time_storescp storescp send; SCP_S=$T_S; SCP_RSS=$RSS
+time_node node-ingest send; NODE_S=$T_S; NODE_RSS=$RSS; NODE_STORED=$STORED
 
 # --- 1b'. the disk's share: what the flushes alone cost ---------------------
 # The node's durability steps without network or parsing: copy each file of
@@ -109,22 +118,9 @@ mv "$WORK/floor" "$TRASH/"
 # --- 1c. the same with SENDERS associations at once ------------------------
 # storescp (without --fork) serves one association at a time; the node
 # serves them concurrently, each instance still fsync'd and indexed.
-mkdir -p "$WORK/storescp-par"
-P=$(free_port)
-TCP_NODELAY=1 storescp -aet STORESCP +xa -od "$WORK/storescp-par" "$P" & SCP=$!
-sleep 0.5
-sync; t0=$(now); send_parallel "$P" STORESCP; t1=$(now)
-kill $SCP; wait $SCP 2>/dev/null || true
-SCP_PAR_S=$(python3 -c "print($t1-$t0)")
-P=$(free_port)
-HER2MAP__DICOM__PORT=$P HER2MAP__STORAGE__DATA_DIR="$WORK/node-par" HER2MAP__MODEL__DEMO=true \
-HER2MAP__CASES__STABLE_AGE_SECS=3600 HER2MAP__STORAGE__MIN_FREE_MB=0 RUST_LOG=warn "$BIN" serve & NODE=$!
-sleep 1
-sync; t0=$(now); send_parallel "$P" HER2MAP; t1=$(now)
-NODE_PAR_RSS=$(hwm_mib $NODE); kill $NODE; wait $NODE 2>/dev/null || true
-NODE_PAR_S=$(python3 -c "print($t1-$t0)")
-STORED_PAR=$(HER2MAP__STORAGE__DATA_DIR="$WORK/node-par" "$BIN" audit --json --event instance_stored | wc -l)
-python3 - "$N" "$BYTES" "$SCP_S" "$NODE_S" "$SCP_RSS" "$NODE_RSS" "$STORED" "$FLOOR_S" \
+time_storescp storescp-par send_parallel; SCP_PAR_S=$T_S
+time_node node-par send_parallel; NODE_PAR_S=$T_S; NODE_PAR_RSS=$RSS; STORED_PAR=$STORED
+python3 - "$N" "$BYTES" "$SCP_S" "$NODE_S" "$SCP_RSS" "$NODE_RSS" "$NODE_STORED" "$FLOOR_S" \
     "$SENDERS" "$SCP_PAR_S" "$NODE_PAR_S" "$NODE_PAR_RSS" "$STORED_PAR" <<'PY'
 import sys
 (n, b, scp, node, scp_rss, node_rss, stored, floor,
