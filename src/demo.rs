@@ -189,6 +189,21 @@ pub async fn run(mut settings: Settings, out: &Path) -> anyhow::Result<String> {
         ));
     }
     let t = &result["times"];
+    let imaging = events
+        .iter()
+        .rev()
+        .find(|e| e.event == crate::pipeline::event::CASE_IMAGING_DONE)
+        .and_then(|e| e.detail.clone())
+        .unwrap_or_default();
+    let imaging_text = if imaging["prepared_during_stable_age"].as_bool() == Some(true) {
+        format!(
+            "imaging {:.0} ms during the stable age, {:.0} ms waited",
+            imaging["compute_ms"].as_f64().unwrap_or(0.0),
+            t["imaging_ms"].as_f64().unwrap_or(0.0),
+        )
+    } else {
+        format!("imaging {:.0} ms", t["imaging_ms"].as_f64().unwrap_or(0.0))
+    };
     s.push_str(&format!(
         "  objects delivered to {RECEIVER_AE}: {} ({} SR, {} heatmaps); received there: {received}\n",
         rows.iter().filter(|r| r.state == "sent").count(),
@@ -196,11 +211,10 @@ pub async fn run(mut settings: Settings, out: &Path) -> anyhow::Result<String> {
         rows.iter().filter(|r| r.kind == "sc").count(),
     ));
     s.push_str(&format!(
-        "  time: send {} instances {:.1} s | stable age {} s | imaging {:.0} ms | inference {:.0} ms | reporting {:.0} ms | last instance to delivered {:.1} s | total {:.1} s\n",
+        "  time: send {} instances {:.1} s | stable age {} s | {imaging_text} | inference {:.0} ms | reporting {:.0} ms | last instance to delivered {:.1} s | total {:.1} s\n",
         sent,
         (last_sent - send_started).as_secs_f64(),
         settings.cases.stable_age_secs,
-        t["imaging_ms"].as_f64().unwrap_or(0.0),
         t["inference_ms"].as_f64().unwrap_or(0.0),
         t["reporting_ms"].as_f64().unwrap_or(0.0),
         (delivered_at - last_sent).as_secs_f64(),
