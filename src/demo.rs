@@ -144,17 +144,16 @@ pub async fn run(mut settings: Settings, out: &Path) -> anyhow::Result<String> {
     }
     std::fs::write(out.join("audit.jsonl"), audit)?;
 
-    let result = events
-        .iter()
-        .rev()
-        .find(|e| e.event == crate::pipeline::event::CASE_RESULT)
+    let last = |name: &str| events.iter().rev().find(|e| e.event == name);
+    let result_event = last(crate::pipeline::event::CASE_RESULT);
+    let result = result_event
         .and_then(|e| e.detail.clone())
         .unwrap_or_default();
-    let case_id = events
-        .iter()
-        .rev()
-        .find(|e| e.event == crate::pipeline::event::CASE_RESULT)
+    let case_id = result_event
         .and_then(|e| e.case_id.clone())
+        .unwrap_or_default();
+    let imaging = last(crate::pipeline::event::CASE_IMAGING_DONE)
+        .and_then(|e| e.detail.clone())
         .unwrap_or_default();
     let received = recv_db.instance_count().await?;
     stop_node.cancel();
@@ -189,12 +188,6 @@ pub async fn run(mut settings: Settings, out: &Path) -> anyhow::Result<String> {
         ));
     }
     let t = &result["times"];
-    let imaging = events
-        .iter()
-        .rev()
-        .find(|e| e.event == crate::pipeline::event::CASE_IMAGING_DONE)
-        .and_then(|e| e.detail.clone())
-        .unwrap_or_default();
     let imaging_text = if imaging["prepared_during_stable_age"].as_bool() == Some(true) {
         format!(
             "imaging {:.0} ms during the stable age, {:.0} ms waited",
