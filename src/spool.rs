@@ -189,6 +189,11 @@ impl TempInstance {
         let mut batch = Batch::take(self);
         let result = tokio::task::spawn_blocking(move || {
             let r = batch.write();
+            if r.is_err() {
+                // The partial file goes with the failed batch.
+                batch.file = None;
+                let _ = std::fs::remove_file(&batch.path);
+            }
             (batch, r)
         })
         .await;
@@ -233,18 +238,18 @@ impl TempInstance {
         }
     }
 
+    /// After a failed batch (which removed its file): every later call
+    /// fails. A batch lost to a panic leaves its temporary file to the
+    /// clean-up at the next start.
     fn fail(&mut self) {
         self.failed = true;
         self.pending = Vec::new();
         self.pending_len = 0;
-        // The batch (and its file handle) is gone; the name may remain.
-        let _ = std::fs::remove_file(&self.path);
     }
 
     /// Drop the partial instance (and its file, when a batch was written).
     pub async fn discard(mut self) {
-        let created = self.file.take().is_some() || self.failed;
-        if created {
+        if self.file.take().is_some() {
             let path = std::mem::take(&mut self.path);
             let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(path)).await;
         }
