@@ -58,7 +58,7 @@ send_parallel() { # port called_ae
 # allocates new ones, and a receiver that ran right after an rm -rf of ~1000
 # files paid for it.
 TRASH=$WORK/trash.$$; mkdir -p "$TRASH"
-for d in storescp node-ingest floor storescp-par node-par dest node-e2e; do
+for d in storescp node-ingest node-nosync floor storescp-par node-par dest node-e2e; do
     [ -e "$WORK/$d" ] && mv "$WORK/$d" "$TRASH/"
 done
 trap 'rm -rf "$TRASH" "$WORK"/share.*' EXIT
@@ -79,7 +79,8 @@ time_node() { # OUTDIR SENDER  (demo weights: ingest only; stable age long)
     local p pid t0 t1
     p=$(free_port)
     HER2MAP__DICOM__PORT=$p HER2MAP__STORAGE__DATA_DIR="$WORK/$1" HER2MAP__MODEL__DEMO=true \
-    HER2MAP__CASES__STABLE_AGE_SECS=3600 HER2MAP__STORAGE__MIN_FREE_MB=0 RUST_LOG=warn "$BIN" serve & pid=$!
+    HER2MAP__CASES__STABLE_AGE_SECS=3600 HER2MAP__STORAGE__MIN_FREE_MB=0 RUST_LOG=warn \
+    LD_PRELOAD=${NODE_PRELOAD:-} "$BIN" serve & pid=$!
     sleep 1
     sync; t0=$(now); "$2" "$p" HER2MAP; t1=$(now)
     RSS=$(hwm_mib $pid); kill $pid; wait $pid 2>/dev/null || true
@@ -90,6 +91,16 @@ time_node() { # OUTDIR SENDER  (demo weights: ingest only; stable age long)
 # --- 1a. DCMTK storescp baseline, then 1b. her2map serve --------------------
 time_storescp storescp send; SCP_S=$T_S; SCP_RSS=$RSS
 time_node node-ingest send; NODE_S=$T_S; NODE_RSS=$RSS; NODE_STORED=$STORED
+
+# --- 1b''. the node with its flushes turned into no-ops (bench/nosync.c) ----
+# Everything the node does but wait for the disk: how it compares with
+# storescp when durability is taken out, which tells what the flushes cost
+# inside the node (with a sender that waits for each answer they are paid
+# one after another) from what its own work costs.
+NOSYNC_S=0
+if cc -shared -fPIC -O2 -o "$WORK/libnosync.so" bench/nosync.c 2>/dev/null; then
+    NODE_PRELOAD=$WORK/libnosync.so time_node node-nosync send; NOSYNC_S=$T_S
+fi
 
 # --- 1b'. the disk's share: what the flushes alone cost ---------------------
 # The node's durability steps without network or parsing: copy each file of
@@ -121,15 +132,17 @@ mv "$WORK/floor" "$TRASH/"
 time_storescp storescp-par send_parallel; SCP_PAR_S=$T_S
 time_node node-par send_parallel; NODE_PAR_S=$T_S; NODE_PAR_RSS=$RSS; STORED_PAR=$STORED
 python3 - "$N" "$BYTES" "$SCP_S" "$NODE_S" "$SCP_RSS" "$NODE_RSS" "$NODE_STORED" "$FLOOR_S" \
-    "$SENDERS" "$SCP_PAR_S" "$NODE_PAR_S" "$NODE_PAR_RSS" "$STORED_PAR" <<'PY'
+    "$SENDERS" "$SCP_PAR_S" "$NODE_PAR_S" "$NODE_PAR_RSS" "$STORED_PAR" "$NOSYNC_S" <<'PY'
 import sys
 (n, b, scp, node, scp_rss, node_rss, stored, floor,
- senders, scp_par, node_par, node_par_rss, stored_par) = (float(x) for x in sys.argv[1:])
+ senders, scp_par, node_par, node_par_rss, stored_par, nosync) = (float(x) for x in sys.argv[1:])
 print("ingest, one association (storescu -> receiver, TCP_NODELAY=1, same disk):")
 print(f"  storescp (no fsync)       {n/scp:7.1f} inst/s {b/1e6/scp:7.1f} MB/s  {scp:6.2f} s  peak RSS {scp_rss:.0f} MiB")
 print(f"  her2map serve (fsync+db)  {n/node:7.1f} inst/s {b/1e6/node:7.1f} MB/s  {node:6.2f} s  peak RSS {node_rss:.0f} MiB  ({stored:.0f} stored)")
 print(f"  ratio her2map/storescp    {scp/node:.2f}")
 print(f"  the flushes alone (a loop: write, fdatasync, link, fsync folder; no network) {floor:6.2f} s  ratio {scp/floor:.2f}")
+if nosync > 0:
+    print(f"  her2map serve, flushes made no-ops (bench/nosync.c)  {nosync:6.2f} s  ratio {scp/nosync:.2f}  (durability costs {node-nosync:.2f} s)")
 print(f"ingest, {senders:.0f} associations at once:")
 print(f"  storescp (no fsync)       {n/scp_par:7.1f} inst/s {b/1e6/scp_par:7.1f} MB/s  {scp_par:6.2f} s")
 print(f"  her2map serve (fsync+db)  {n/node_par:7.1f} inst/s {b/1e6/node_par:7.1f} MB/s  {node_par:6.2f} s  peak RSS {node_par_rss:.0f} MiB  ({stored_par:.0f} stored)")

@@ -7,6 +7,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{AssertSqlSafe, Row, SqlitePool};
 
@@ -28,6 +29,8 @@ pub enum DbError {
     Sql(#[from] sqlx::Error),
     #[error("database migration: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("database: the instance writer has stopped")]
+    WriterGone,
 }
 
 /// The current time as the audit log stores it: RFC 3339 UTC with
@@ -121,6 +124,8 @@ pub struct NewEvent<'a> {
 #[derive(Clone, Debug)]
 pub struct Db {
     pool: SqlitePool,
+    /// The queue of [`group_commit`], the one writer of instance rows.
+    inserts: mpsc::Sender<PendingInsert>,
 }
 
 const INSERT_EVENT: &str = "INSERT INTO events (time, event, association_id, sop_instance_uid, \
@@ -161,7 +166,9 @@ impl Db {
                 let _ = std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o600));
             }
         }
-        Ok(Db { pool })
+        let (inserts, queue) = mpsc::channel(GROUP_COMMIT_MAX);
+        tokio::spawn(group_commit(pool.clone(), queue));
+        Ok(Db { pool, inserts })
     }
 
     pub async fn close(&self) {
@@ -242,70 +249,23 @@ impl Db {
         Ok(())
     }
 
-    /// Index a stored instance and log `instance_stored` in one transaction;
-    /// a SOP Instance UID already indexed is reported, not overwritten.
+    /// Index a stored instance and log `instance_stored`, committed (and,
+    /// with synchronous=FULL, flushed) before this returns; a SOP Instance
+    /// UID already indexed is reported, not overwritten.
+    ///
+    /// Rows from concurrent associations are committed together (see
+    /// [`group_commit`]): one transaction and one WAL flush for all the
+    /// instances waiting at that moment instead of one each.
     pub async fn insert_instance(&self, row: &InstanceRow) -> Result<Inserted, DbError> {
-        // Insert first (ON CONFLICT DO NOTHING, SQLite >= 3.24 and
-        // PostgreSQL alike): a transaction that starts by writing takes the
-        // write lock at once, where a read-then-write one can fail with
-        // SQLITE_BUSY under concurrent associations.
-        let mut tx = self.pool.begin().await?;
-        let inserted = sqlx::query(
-            "INSERT INTO instances (sop_instance_uid, sop_class_uid, study_instance_uid, \
-             series_instance_uid, patient_key, modality, study_date, transfer_syntax, size_bytes, \
-             path, received_at, association_id, calling_ae, patient_id_key, laterality, view, \
-             series_description, image_type) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18) \
-             ON CONFLICT (sop_instance_uid) DO NOTHING",
-        )
-        .bind(&row.sop_instance_uid)
-        .bind(&row.sop_class_uid)
-        .bind(&row.study_instance_uid)
-        .bind(&row.series_instance_uid)
-        .bind(&row.patient_key)
-        .bind(&row.modality)
-        .bind(&row.study_date)
-        .bind(&row.transfer_syntax)
-        .bind(row.size_bytes as i64)
-        .bind(&row.path)
-        .bind(now())
-        .bind(&row.association_id)
-        .bind(&row.calling_ae)
-        .bind(&row.patient_id_key)
-        .bind(&row.laterality)
-        .bind(&row.view)
-        .bind(&row.series_description)
-        .bind(&row.image_type)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if inserted == 0 {
-            drop(tx);
-            let existing_path = self
-                .instance_path(&row.sop_instance_uid)
-                .await?
-                .unwrap_or_default();
-            return Ok(Inserted::Duplicate { existing_path });
-        }
-        let e = NewEvent {
-            event: event::INSTANCE_STORED,
-            association_id: Some(&row.association_id),
-            sop_instance_uid: Some(&row.sop_instance_uid),
-            study_instance_uid: Some(&row.study_instance_uid),
-            patient_key: Some(&row.patient_key),
-            status: Some(0),
-            detail: Some(serde_json::json!({
-                "sop_class_uid": row.sop_class_uid,
-                "modality": row.modality,
-                "transfer_syntax": row.transfer_syntax,
-                "size_bytes": row.size_bytes,
-                "path": row.path,
-            })),
-            ..Default::default()
+        let (done, result) = oneshot::channel();
+        let pending = PendingInsert {
+            row: row.clone(),
+            done,
         };
-        insert_event(&mut tx, &e).await?;
-        tx.commit().await?;
-        Ok(Inserted::New)
+        if self.inserts.send(pending).await.is_err() {
+            return Err(DbError::WriterGone);
+        }
+        result.await.unwrap_or(Err(DbError::WriterGone))
     }
 
     /// The spool path of an indexed instance.
@@ -374,6 +334,125 @@ impl Db {
 
 /// Append an audit event inside the caller's transaction, so the event
 /// and the change it records commit together.
+/// An instance row waiting for the group commit, and whom to answer.
+struct PendingInsert {
+    row: InstanceRow,
+    done: oneshot::Sender<Result<Inserted, DbError>>,
+}
+
+/// Most rows in one group commit: bounds the transaction (and so how long
+/// it holds the write lock) whatever the number of associations.
+const GROUP_COMMIT_MAX: usize = 64;
+
+/// The instance writer: takes every row waiting, commits them in one
+/// transaction, answers each. With one association this is one row per
+/// commit, as before; with several, the rows that arrived while the last
+/// commit was flushing share the next flush (group commit, as PostgreSQL's
+/// WAL writer and InnoDB do), and the associations stop taking turns at
+/// SQLite's write lock. A failed batch of several rows is retried row by
+/// row, so one bad row fails only its own C-STORE.
+async fn group_commit(pool: SqlitePool, mut queue: mpsc::Receiver<PendingInsert>) {
+    let mut batch = Vec::with_capacity(GROUP_COMMIT_MAX);
+    while queue.recv_many(&mut batch, GROUP_COMMIT_MAX).await > 0 {
+        let rows: Vec<&InstanceRow> = batch.iter().map(|p| &p.row).collect();
+        match insert_instances(&pool, &rows).await {
+            Ok(results) => {
+                for (p, r) in batch.drain(..).zip(results) {
+                    let _ = p.done.send(Ok(r));
+                }
+            }
+            Err(e) if batch.len() == 1 => {
+                let p = batch.remove(0);
+                let _ = p.done.send(Err(e));
+            }
+            Err(_) => {
+                for p in batch.drain(..) {
+                    let r = insert_instances(&pool, &[&p.row])
+                        .await
+                        .map(|mut one| one.remove(0));
+                    let _ = p.done.send(r);
+                }
+            }
+        }
+    }
+}
+
+/// Insert rows and their `instance_stored` events in one transaction.
+async fn insert_instances(
+    pool: &SqlitePool,
+    rows: &[&InstanceRow],
+) -> Result<Vec<Inserted>, DbError> {
+    // Insert first (ON CONFLICT DO NOTHING, SQLite >= 3.24 and PostgreSQL
+    // alike): a transaction that starts by writing takes the write lock at
+    // once, where a read-then-write one can fail with SQLITE_BUSY when
+    // another process writes.
+    let mut tx = pool.begin().await?;
+    let mut results = Vec::with_capacity(rows.len());
+    for row in rows {
+        let inserted = sqlx::query(
+            "INSERT INTO instances (sop_instance_uid, sop_class_uid, study_instance_uid, \
+             series_instance_uid, patient_key, modality, study_date, transfer_syntax, size_bytes, \
+             path, received_at, association_id, calling_ae, patient_id_key, laterality, view, \
+             series_description, image_type) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18) \
+             ON CONFLICT (sop_instance_uid) DO NOTHING",
+        )
+        .bind(&row.sop_instance_uid)
+        .bind(&row.sop_class_uid)
+        .bind(&row.study_instance_uid)
+        .bind(&row.series_instance_uid)
+        .bind(&row.patient_key)
+        .bind(&row.modality)
+        .bind(&row.study_date)
+        .bind(&row.transfer_syntax)
+        .bind(row.size_bytes as i64)
+        .bind(&row.path)
+        .bind(now())
+        .bind(&row.association_id)
+        .bind(&row.calling_ae)
+        .bind(&row.patient_id_key)
+        .bind(&row.laterality)
+        .bind(&row.view)
+        .bind(&row.series_description)
+        .bind(&row.image_type)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if inserted == 0 {
+            // Indexed before, or earlier in this very batch.
+            let existing_path: Option<String> =
+                sqlx::query_scalar("SELECT path FROM instances WHERE sop_instance_uid = $1")
+                    .bind(&row.sop_instance_uid)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            results.push(Inserted::Duplicate {
+                existing_path: existing_path.unwrap_or_default(),
+            });
+            continue;
+        }
+        let e = NewEvent {
+            event: event::INSTANCE_STORED,
+            association_id: Some(&row.association_id),
+            sop_instance_uid: Some(&row.sop_instance_uid),
+            study_instance_uid: Some(&row.study_instance_uid),
+            patient_key: Some(&row.patient_key),
+            status: Some(0),
+            detail: Some(serde_json::json!({
+                "sop_class_uid": row.sop_class_uid,
+                "modality": row.modality,
+                "transfer_syntax": row.transfer_syntax,
+                "size_bytes": row.size_bytes,
+                "path": row.path,
+            })),
+            ..Default::default()
+        };
+        insert_event(&mut tx, &e).await?;
+        results.push(Inserted::New);
+    }
+    tx.commit().await?;
+    Ok(results)
+}
+
 async fn insert_event(
     tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
     e: &NewEvent<'_>,

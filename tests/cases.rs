@@ -377,3 +377,52 @@ async fn the_run_loop_dispatches_once_after_the_deadline() {
     stop.cancel();
     task.await.unwrap();
 }
+
+/// Rows of many associations at once go through the group commit: every
+/// distinct instance is indexed once with its event, and of two copies of
+/// one SOP Instance UID racing each other, whichever committed first is
+/// kept and the other is told its path, even when both share a transaction.
+#[tokio::test]
+async fn concurrent_inserts_each_get_their_own_answer() {
+    let (_dir, db) = db().await;
+    let mut p = Patient { key: "RACE", n: 0 };
+    let mut rows: Vec<InstanceRow> = (0..150)
+        .map(|i| {
+            let mut r = p.row("MR", "race", "", "", "20260101");
+            r.path = format!("first-{i}");
+            r
+        })
+        .collect();
+    for i in 0..50 {
+        let mut copy = rows[i * 3].clone();
+        copy.path = format!("second-{i}");
+        rows.push(copy);
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for r in rows.clone() {
+        let db = db.clone();
+        tasks.spawn(async move { (r.clone(), db.insert_instance(&r).await.unwrap()) });
+    }
+    let mut kept = std::collections::HashMap::new();
+    let mut duplicates = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        let (row, inserted) = done.unwrap();
+        match inserted {
+            her2map::db::Inserted::New => {
+                assert!(kept.insert(row.sop_instance_uid, row.path).is_none());
+            }
+            her2map::db::Inserted::Duplicate { existing_path } => {
+                duplicates.push((row.sop_instance_uid, row.path, existing_path))
+            }
+        }
+    }
+    assert_eq!((kept.len(), duplicates.len()), (150, 50));
+    for (uid, path, existing) in duplicates {
+        assert_ne!(path, existing, "{uid}: told its own path");
+        assert_eq!(kept[&uid], existing, "{uid}: not the kept copy's path");
+        assert_eq!(db.instance_path(&uid).await.unwrap(), Some(existing));
+    }
+    assert_eq!(db.instance_count().await.unwrap(), 150);
+    let stored = db.events(0, Some("instance_stored"), 1000).await.unwrap();
+    assert_eq!(stored.len(), 150);
+}
