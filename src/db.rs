@@ -7,9 +7,9 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{AssertSqlSafe, Row, SqlitePool};
+use tokio::sync::{mpsc, oneshot};
 
 /// Audit event names: stable, snake_case, documented in the README.
 pub mod event {
@@ -31,6 +31,9 @@ pub enum DbError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("database: the instance writer has stopped")]
     WriterGone,
+    /// A group commit failed for a reason not of one row's making.
+    #[error("{0}")]
+    Batch(String),
 }
 
 /// The current time as the audit log stores it: RFC 3339 UTC with
@@ -350,7 +353,8 @@ const GROUP_COMMIT_MAX: usize = 64;
 /// commit was flushing share the next flush (group commit, as PostgreSQL's
 /// WAL writer and InnoDB do), and the associations stop taking turns at
 /// SQLite's write lock. A failed batch of several rows is retried row by
-/// row, so one bad row fails only its own C-STORE.
+/// row when a row broke a constraint, so one bad row fails only its own
+/// C-STORE.
 async fn group_commit(pool: SqlitePool, mut queue: mpsc::Receiver<PendingInsert>) {
     let mut batch = Vec::with_capacity(GROUP_COMMIT_MAX);
     while queue.recv_many(&mut batch, GROUP_COMMIT_MAX).await > 0 {
@@ -365,7 +369,8 @@ async fn group_commit(pool: SqlitePool, mut queue: mpsc::Receiver<PendingInsert>
                 let p = batch.remove(0);
                 let _ = p.done.send(Err(e));
             }
-            Err(_) => {
+            Err(e) if violates_constraint(&e) => {
+                // One row's own fault: isolate it.
                 for p in batch.drain(..) {
                     let r = insert_instances(&pool, &[&p.row])
                         .await
@@ -373,8 +378,22 @@ async fn group_commit(pool: SqlitePool, mut queue: mpsc::Receiver<PendingInsert>
                     let _ = p.done.send(r);
                 }
             }
+            Err(e) => {
+                // The database's fault (locked, full, gone): every row of the
+                // batch fails now, rather than each waiting out its own
+                // busy timeout, and each peer will resend.
+                let message = e.to_string();
+                for p in batch.drain(..) {
+                    let _ = p.done.send(Err(DbError::Batch(message.clone())));
+                }
+            }
         }
     }
+}
+
+/// A constraint violation is the fault of the row that broke it.
+fn violates_constraint(e: &DbError) -> bool {
+    matches!(e, DbError::Sql(sqlx::Error::Database(d)) if d.kind() != sqlx::error::ErrorKind::Other)
 }
 
 /// Insert rows and their `instance_stored` events in one transaction.
