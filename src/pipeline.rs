@@ -4,13 +4,13 @@
 //! the blocking pool (rayon inside), inference on the engine's own thread.
 //! Every step is an audit event carrying the case id.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
 use dicom_dictionary_std::tags;
-use dicom_object::{DefaultDicomObject, OpenFileOptions};
+use dicom_object::DefaultDicomObject;
 use rayon::prelude::*;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -277,15 +277,7 @@ impl Pipeline {
             .ok_or_else(|| PipelineError::Other("case vanished".into()))?;
         let seen_last = case.last_instance_at.clone();
         let members = self.db.case_members(&case.id).await?;
-        let spool = self.data_dir.join("spool");
         let files = self.member_files(&members);
-        // Where each member lies, for the reporting step: one query for the
-        // case instead of one per selected instance (an MRI phase is
-        // hundreds).
-        let member_paths: HashMap<&str, PathBuf> = members
-            .iter()
-            .map(|m| (m.sop_instance_uid.as_str(), spool.join(&m.path)))
-            .collect();
         let mut times = StageTimes::default();
 
         // Imaging, off the async workers (perhaps already done during the
@@ -370,30 +362,12 @@ impl Pipeline {
         // blocking pool), written durably, queued.
         let t = Instant::now();
         let predecessors = self.predecessors(&case.id, case.revision).await?;
-        let mut paths = HashMap::new();
-        for uid in prepared
-            .iter()
-            .flat_map(|p| p.selections.iter())
-            .flat_map(|s| s.sop_instance_uids.iter())
-        {
-            if paths.contains_key(uid) {
-                continue;
-            }
-            if let Some(path) = member_paths.get(uid.as_str()) {
-                paths.insert(uid.clone(), path.clone());
-            } else if let Some(rel) = self.db.instance_path(uid).await? {
-                // A file whose header names another SOP Instance UID than
-                // the one it was indexed under.
-                paths.insert(uid.clone(), spool.join(rel));
-            }
-        }
         let job = ReportJob {
             case_id: case.id.clone(),
             revision: case.revision,
             identity: self.identity.clone(),
             settings: self.report.clone(),
             predecessors,
-            paths,
         };
         let (results, written) =
             tokio::task::spawn_blocking(move || job.build(&prepared, &response))
@@ -540,8 +514,6 @@ struct ReportJob {
     identity: ModelIdentity,
     settings: ReportSettings,
     predecessors: Vec<report::PriorOutput>,
-    /// Spool paths of the selected instances.
-    paths: HashMap<String, PathBuf>,
 }
 
 type Built = (Vec<SideResult>, Vec<(OutputKind, DefaultDicomObject)>);
@@ -619,22 +591,21 @@ impl ReportJob {
             notes,
         };
 
-        // Evidence: every instance the inputs came from.
-        // Headers of every instance used, read in parallel (an MRI phase is
-        // hundreds of files), in selection order.
-        let mut uids: Vec<&String> = Vec::new();
-        for uid in p.selections.iter().flat_map(|s| s.sop_instance_uids.iter()) {
-            if !uids.contains(&uid) && self.paths.contains_key(uid) {
-                uids.push(uid);
-            }
-        }
-        let read: Vec<Header> = uids
-            .par_iter()
-            .map(|uid| read_header(&self.paths[*uid]))
-            .collect::<Result<_, _>>()
-            .map_err(PipelineError::Other)?;
-        let evidence: Vec<report::SourceInstance> = read.iter().map(|h| h.source(None)).collect();
-        let headers: HashMap<String, Header> = uids.into_iter().cloned().zip(read).collect();
+        // Evidence: every instance the inputs came from, in selection
+        // order, from the headers imaging read.
+        let mut seen = HashSet::new();
+        let uids: Vec<&String> = p
+            .selections
+            .iter()
+            .flat_map(|s| s.sop_instance_uids.iter())
+            .filter(|uid| p.sources.contains_key(*uid) && seen.insert(*uid))
+            .collect();
+        let headers: HashMap<String, Header> = uids
+            .iter()
+            .map(|uid| ((*uid).clone(), Header::of(&p.sources[*uid])))
+            .collect();
+        let evidence: Vec<report::SourceInstance> =
+            uids.iter().map(|uid| headers[*uid].source(None)).collect();
         let heatmaps = self.heatmaps(p, response, sample, &headers);
         let settings = &self.settings;
         let input = report::ReportInput {
@@ -806,6 +777,37 @@ struct Header {
 }
 
 impl Header {
+    /// What the outputs cite of an instance, from the header imaging read
+    /// (its laterality and view are the ones imaging used).
+    fn of(m: &imaging::InstanceMeta) -> Header {
+        let o = &m.header;
+        let text = |tag| imaging::attrs::text(o, tag).unwrap_or_default();
+        let opt = |tag| imaging::attrs::text(o, tag);
+        Header {
+            path: m.path.clone(),
+            sop_class_uid: m.sop_class.clone(),
+            sop_instance_uid: m.sop_instance.clone(),
+            study_instance_uid: m.study_uid.clone(),
+            series_instance_uid: m.series_uid.clone(),
+            modality: m.modality.clone(),
+            laterality: m.laterality.map(|l| l.code().to_string()),
+            view: m.view.map(|v| v.code().to_string()),
+            study: report::StudyAttributes {
+                patient_name: text(tags::PATIENT_NAME),
+                patient_id: text(tags::PATIENT_ID),
+                issuer_of_patient_id: opt(tags::ISSUER_OF_PATIENT_ID),
+                patient_birth_date: text(tags::PATIENT_BIRTH_DATE),
+                patient_sex: text(tags::PATIENT_SEX),
+                study_date: text(tags::STUDY_DATE),
+                study_time: text(tags::STUDY_TIME),
+                accession_number: text(tags::ACCESSION_NUMBER),
+                referring_physician_name: text(tags::REFERRING_PHYSICIAN_NAME),
+                study_id: text(tags::STUDY_ID),
+                study_description: opt(tags::STUDY_DESCRIPTION),
+            },
+        }
+    }
+
     fn source(&self, frame: Option<u32>) -> report::SourceInstance {
         report::SourceInstance {
             sop_class_uid: self.sop_class_uid.clone(),
@@ -819,45 +821,6 @@ impl Header {
             study: self.study.clone(),
         }
     }
-}
-
-fn read_header(path: &Path) -> Result<Header, String> {
-    let obj: DefaultDicomObject = OpenFileOptions::new()
-        .read_until(tags::PIXEL_DATA)
-        .open_file(path)
-        .map_err(|e| format!("reading a source instance: {e}"))?;
-    let text = |tag| -> String {
-        obj.get(tag)
-            .and_then(|e| e.to_str().ok())
-            .map(|s| s.trim_end_matches(['\0', ' ']).trim().to_string())
-            .unwrap_or_default()
-    };
-    let opt = |s: String| (!s.is_empty()).then_some(s);
-    let laterality = opt(text(tags::IMAGE_LATERALITY)).or_else(|| opt(text(tags::LATERALITY)));
-    let view = opt(text(tags::VIEW_POSITION));
-    Ok(Header {
-        path: path.to_path_buf(),
-        sop_class_uid: text(tags::SOP_CLASS_UID),
-        sop_instance_uid: text(tags::SOP_INSTANCE_UID),
-        study_instance_uid: text(tags::STUDY_INSTANCE_UID),
-        series_instance_uid: text(tags::SERIES_INSTANCE_UID),
-        modality: text(tags::MODALITY),
-        laterality,
-        view,
-        study: report::StudyAttributes {
-            patient_name: text(tags::PATIENT_NAME),
-            patient_id: text(tags::PATIENT_ID),
-            issuer_of_patient_id: opt(text(tags::ISSUER_OF_PATIENT_ID)),
-            patient_birth_date: text(tags::PATIENT_BIRTH_DATE),
-            patient_sex: text(tags::PATIENT_SEX),
-            study_date: text(tags::STUDY_DATE),
-            study_time: text(tags::STUDY_TIME),
-            accession_number: text(tags::ACCESSION_NUMBER),
-            referring_physician_name: text(tags::REFERRING_PHYSICIAN_NAME),
-            study_id: text(tags::STUDY_ID),
-            study_description: opt(text(tags::STUDY_DESCRIPTION)),
-        },
-    })
 }
 
 /// The heatmap background of a source frame: the one imaging kept from its

@@ -3,6 +3,7 @@
 
 mod common;
 
+use dicom_dictionary_std::tags;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -119,12 +120,21 @@ async fn one_patient_in_pieces_across_restarts_gives_one_result() {
         let pictures =
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/heatmaps/synth-patient");
         std::fs::create_dir_all(&pictures).unwrap();
+        let mut mg_views = 0;
         for o in outputs.iter().filter(|o| o.kind == "sc") {
             let obj = dicom_object::open_file(data.path().join(&o.path)).unwrap();
             let png = pictures.join(format!("{}.png", o.sop_instance_uid));
             her2map::report::sc::write_png(&obj, &png).unwrap();
             assert!(std::fs::metadata(&png).unwrap().len() > 1000);
+            // The mammography heatmaps carry the view and side imaging
+            // read from their sources (the synthetic lesion is right).
+            if obj.get(tags::VIEW_CODE_SEQUENCE).is_some() {
+                mg_views += 1;
+                let side = obj.get(tags::IMAGE_LATERALITY).map(|e| e.to_str().unwrap());
+                assert_eq!(side.as_deref().map(str::trim), Some("R"));
+            }
         }
+        assert_eq!(mg_views, 2, "CC and MLO of the lesion side");
         eprintln!("heatmaps of the synthetic patient: {}", pictures.display());
         for o in &outputs {
             assert!(

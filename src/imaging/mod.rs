@@ -14,6 +14,7 @@ pub mod resize;
 pub mod roi;
 pub mod select;
 
+use std::collections::HashMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -350,6 +351,10 @@ pub struct PreparedCase {
     pub clinical_missing: [bool; 5],
     pub lesion_side: LesionSide,
     pub selections: Vec<Selection>,
+    /// The header of every instance a selection names, by SOP Instance UID,
+    /// as read here: reporting cites and draws on them without opening the
+    /// files again, and with the laterality and view imaging decided.
+    pub sources: HashMap<String, Arc<InstanceMeta>>,
     pub errors: Vec<InstanceError>,
     pub notes: Vec<String>,
 }
@@ -582,6 +587,15 @@ fn prepare_from_index(
         errors.extend(err);
         notes.extend(n);
     }
+    let mut by_uid: HashMap<&str, &InstanceMeta> = HashMap::new();
+    for m in &index.metas {
+        by_uid.entry(m.sop_instance.as_str()).or_insert(m);
+    }
+    let sources = selections
+        .iter()
+        .flat_map(|s| &s.sop_instance_uids)
+        .filter_map(|uid| Some((uid.clone(), Arc::new((*by_uid.get(uid.as_str())?).clone()))))
+        .collect();
     PreparedCase {
         mri,
         us,
@@ -590,6 +604,7 @@ fn prepare_from_index(
         clinical_missing,
         lesion_side,
         selections,
+        sources,
         errors,
         notes,
     }

@@ -58,6 +58,16 @@ pub enum MgView {
     Mlo,
 }
 
+impl MgView {
+    /// The View Position (0018,5101) term of the view.
+    pub fn code(self) -> &'static str {
+        match self {
+            MgView::Cc => "CC",
+            MgView::Mlo => "MLO",
+        }
+    }
+}
+
 /// What kind of object an instance is, for the purpose of this module.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
