@@ -223,7 +223,9 @@ fn parse_header<R: std::io::Read>(source: R) -> Result<Header, String> {
     Ok(Header {
         patient_id_key: patient_key(&text(tags::PATIENT_ID), ""),
         laterality,
-        view: mammography_view(&obj, text(tags::VIEW_POSITION)),
+        view: crate::imaging::select::view_term(&obj)
+            .map(|(term, _)| term)
+            .unwrap_or_default(),
         series_description: text(tags::SERIES_DESCRIPTION),
         image_type: text(tags::IMAGE_TYPE),
         sop_class_uid: text(tags::SOP_CLASS_UID),
@@ -234,26 +236,6 @@ fn parse_header<R: std::io::Read>(source: R) -> Result<Header, String> {
         modality: text(tags::MODALITY),
         study_date: text(tags::STUDY_DATE),
     })
-}
-
-/// The mammographic view: View Code Sequence first (PS3.16 CID 4014, SNOMED
-/// or the legacy SRT codes), else View Position (0018,5101).
-fn mammography_view(obj: &DefaultDicomObject, view_position: String) -> String {
-    let code = obj
-        .get(tags::VIEW_CODE_SEQUENCE)
-        .and_then(|e| e.items().and_then(|items| items.first().cloned()))
-        .and_then(|item| {
-            item.get(tags::CODE_VALUE)
-                .and_then(|e| e.to_str().ok())
-                .map(|s| s.trim().to_string())
-        });
-    match code.as_deref() {
-        Some("399162004") | Some("R-10242") => "CC".into(),
-        Some("399368009") | Some("R-10226") => "MLO".into(),
-        Some("399260004") | Some("R-10224") => "ML".into(),
-        Some("399352003") | Some("R-10228") => "LM".into(),
-        _ => view_position.trim().to_ascii_uppercase(),
-    }
 }
 
 pub struct IngestSink {

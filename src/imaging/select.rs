@@ -280,33 +280,37 @@ fn classify(sop_class: &str, modality: &str) -> Kind {
     }
 }
 
-/// View from the View Code Sequence (SNOMED-CT 399162004 / SRT R-10242 =
-/// cranio-caudal, 399368009 / R-10226 = medio-lateral oblique), falling back
-/// to View Position ("CC", "MLO").
-fn mg_view(o: &Obj) -> (Option<MgView>, bool) {
+/// The mammographic view as a View Position (0018,5101) term, and whether it
+/// came from the View Code Sequence (0054,0220): that sequence first (PS3.16
+/// CID 4014, SNOMED CT or the legacy SNOMED RT codes, else the code meaning),
+/// then View Position itself, upper-cased. Ingest indexes this term and
+/// imaging selects on it, so that a case is complete by the same views the
+/// model will be given.
+pub fn view_term(o: &Obj) -> Option<(String, bool)> {
     if let Some(code) = attrs::item(o, tags::VIEW_CODE_SEQUENCE) {
         let value = attrs::text(code, tags::CODE_VALUE).unwrap_or_default();
         let meaning = attrs::text(code, tags::CODE_MEANING)
             .unwrap_or_default()
             .to_ascii_lowercase();
-        match value.as_str() {
-            "399162004" | "R-10242" => return (Some(MgView::Cc), true),
-            "399368009" | "R-10226" => return (Some(MgView::Mlo), true),
-            _ => {}
-        }
-        if meaning == "cranio-caudal" {
-            return (Some(MgView::Cc), true);
-        }
-        if meaning == "medio-lateral oblique" {
-            return (Some(MgView::Mlo), true);
+        let term = match (value.as_str(), meaning.as_str()) {
+            ("399162004" | "R-10242", _) | (_, "cranio-caudal") => Some("CC"),
+            ("399368009" | "R-10226", _) | (_, "medio-lateral oblique") => Some("MLO"),
+            ("399260004" | "R-10224", _) | (_, "medio-lateral") => Some("ML"),
+            ("399352003" | "R-10228", _) | (_, "latero-medial") => Some("LM"),
+            _ => None,
+        };
+        if let Some(t) = term {
+            return Some((t.to_string(), true));
         }
     }
-    match attrs::text(o, tags::VIEW_POSITION)
-        .map(|s| s.to_ascii_uppercase())
-        .as_deref()
-    {
-        Some("CC") => (Some(MgView::Cc), false),
-        Some("MLO") => (Some(MgView::Mlo), false),
+    attrs::text(o, tags::VIEW_POSITION).map(|s| (s.to_ascii_uppercase(), false))
+}
+
+/// The view, when it is one the model takes (CC or MLO).
+fn mg_view(o: &Obj) -> (Option<MgView>, bool) {
+    match view_term(o) {
+        Some((t, from_code)) if t == "CC" => (Some(MgView::Cc), from_code),
+        Some((t, from_code)) if t == "MLO" => (Some(MgView::Mlo), from_code),
         _ => (None, false),
     }
 }
@@ -788,4 +792,47 @@ pub fn stack_phase(phase: &Phase) -> Option<Stack> {
         slices,
         notes,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dicom_core::value::DataSetSequence;
+    use dicom_core::{DataElement, PrimitiveValue, VR};
+
+    fn with_view(code: Option<(&str, &str)>, position: &str) -> Obj {
+        let mut o = Obj::new_empty();
+        if let Some((value, meaning)) = code {
+            let item = Obj::from_element_iter([
+                DataElement::new(tags::CODE_VALUE, VR::SH, PrimitiveValue::from(value)),
+                DataElement::new(tags::CODE_MEANING, VR::LO, PrimitiveValue::from(meaning)),
+            ]);
+            o.put(DataElement::new(
+                tags::VIEW_CODE_SEQUENCE,
+                VR::SQ,
+                DataSetSequence::from(vec![item]),
+            ));
+        }
+        if !position.is_empty() {
+            o.put_str(tags::VIEW_POSITION, VR::CS, position);
+        }
+        o
+    }
+
+    #[test]
+    fn the_view_code_wins_over_view_position() {
+        let term = |code, position| view_term(&with_view(code, position));
+        let owned = |t: &str, c| Some((t.to_string(), c));
+        assert_eq!(term(Some(("399162004", "")), "MLO"), owned("CC", true));
+        assert_eq!(term(Some(("R-10226", "")), ""), owned("MLO", true));
+        assert_eq!(term(Some(("X", "cranio-caudal")), ""), owned("CC", true));
+        assert_eq!(term(Some(("399260004", "")), "CC"), owned("ML", true));
+        // An unknown code leaves View Position to say it.
+        assert_eq!(term(Some(("X", "other")), "mlo "), owned("MLO", false));
+        assert_eq!(term(None, ""), None);
+        assert_eq!(
+            mg_view(&with_view(Some(("R-10224", "")), "")),
+            (None, false)
+        );
+    }
 }
