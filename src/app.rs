@@ -138,7 +138,7 @@ impl App {
             settings.destinations.clone(),
             settings.outbox.clone(),
             settings.dicom.ae_title.trim().to_string(),
-        );
+        )?;
         let bind = format!("{}:{}", d.host, d.port);
         let mut server = Server::bind(&bind, config, ingest)
             .await

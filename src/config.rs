@@ -136,6 +136,26 @@ pub struct TlsSettings {
     pub client_ca: PathBuf,
 }
 
+/// The TLS of the node's SCU towards one peer (`[destinations.tls]`, and
+/// the `--tls-*` options of `send` and `echo`).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ClientTlsSettings {
+    /// PEM: the CA certificates the peer's certificate must chain to. A
+    /// hospital PKI, not the web's roots: required.
+    pub ca: PathBuf,
+    /// PEM: the node's certificate and chain, for peers that require one.
+    #[serde(default)]
+    pub certificate: PathBuf,
+    /// PEM: that certificate's private key.
+    #[serde(default)]
+    pub private_key: PathBuf,
+    /// The name the peer's certificate must carry (DNS name or IP address);
+    /// the destination's host when empty.
+    #[serde(default)]
+    pub server_name: String,
+}
+
 /// `[[dicom.peers]]`: one allowed calling AE title, optionally bound to a host.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]

@@ -76,6 +76,7 @@ pub async fn run(mut settings: Settings, out: &Path) -> anyhow::Result<String> {
         host: "127.0.0.1".into(),
         port: receiver_port,
         outputs: None,
+        tls: None,
     }];
     let app = App::build(settings.clone()).await?;
     let node_addr = format!("127.0.0.1:{}", app.local_addr().port());

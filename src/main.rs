@@ -25,6 +25,44 @@ struct Cli {
     command: Command,
 }
 
+/// DICOM TLS (PS3.15 B.9) for `send` and `echo`: given `--tls-ca`, the
+/// association runs over TLS.
+#[derive(clap::Args)]
+struct TlsArgs {
+    /// Use DICOM TLS, trusting the CA certificates in this PEM file.
+    #[arg(long, value_name = "PEM")]
+    tls_ca: Option<PathBuf>,
+    /// The node's own certificate (PEM), for peers that require one.
+    #[arg(long, value_name = "PEM", requires_all = ["tls_ca", "tls_private_key"])]
+    tls_certificate: Option<PathBuf>,
+    /// The private key (PEM) of --tls-certificate.
+    #[arg(long, value_name = "PEM", requires = "tls_certificate")]
+    tls_private_key: Option<PathBuf>,
+    /// The name the peer's certificate must carry; default: HOST.
+    #[arg(long, value_name = "NAME", requires = "tls_ca")]
+    tls_server_name: Option<String>,
+}
+
+impl TlsArgs {
+    fn client_tls(
+        self,
+        address: &str,
+    ) -> Result<Option<her2map::dimse::client::ClientTls>, her2map::config::ConfigError> {
+        let Some(ca) = self.tls_ca else {
+            return Ok(None);
+        };
+        let settings = her2map::config::ClientTlsSettings {
+            ca,
+            certificate: self.tls_certificate.unwrap_or_default(),
+            private_key: self.tls_private_key.unwrap_or_default(),
+            server_name: self.tls_server_name.unwrap_or_default(),
+        };
+        let host = address.rsplit_once(':').map_or(address, |(h, _)| h);
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        her2map::tls::client_tls(&settings, host, &her2map::tls::COMMAND_LINE_KEYS).map(Some)
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the node: DICOM storage SCP, spool and audit log, case assembly,
@@ -70,6 +108,8 @@ enum Command {
         calling_ae: String,
         #[arg(long, default_value = "ANY-SCP")]
         called_ae: String,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
     /// C-ECHO a peer.
     Echo {
@@ -78,6 +118,8 @@ enum Command {
         calling_ae: String,
         #[arg(long, default_value = "ANY-SCP")]
         called_ae: String,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
     /// Write a synthetic patient (MG, US and DCE-MRI studies) for tests and demos.
     Synth {
@@ -247,10 +289,12 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
             address,
             calling_ae,
             called_ae,
+            tls,
         } => {
             let options = ClientOptions {
                 calling_ae,
                 called_ae,
+                tls: tls.client_tls(&address)?,
                 ..Default::default()
             };
             let status = echo(&address, &options).await?;
@@ -266,10 +310,12 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
             paths,
             calling_ae,
             called_ae,
+            tls,
         } => {
             let options = ClientOptions {
                 calling_ae,
                 called_ae,
+                tls: tls.client_tls(&address)?,
                 ..Default::default()
             };
             send(&address, &options, &paths).await

@@ -13,8 +13,9 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::config::{ClientTlsSettings, ConfigError};
 use crate::db::{Db, DbError, OutboxRow, format_time, parse_time};
-use crate::dimse::client::ClientOptions;
+use crate::dimse::client::{ClientOptions, ClientTls};
 use crate::send::send_files;
 
 /// `[[destinations]]`: where results go.
@@ -27,6 +28,9 @@ pub struct DestinationSettings {
     /// Output kinds this destination receives ("sr", "sc"); all when absent.
     #[serde(default)]
     pub outputs: Option<Vec<String>>,
+    /// DICOM TLS to this destination; plain TCP when absent.
+    #[serde(default)]
+    pub tls: Option<ClientTlsSettings>,
 }
 
 impl DestinationSettings {
@@ -84,26 +88,40 @@ fn classify_status(code: u16) -> Verdict {
 pub struct Outbox {
     db: Db,
     data_dir: PathBuf,
-    destinations: Vec<DestinationSettings>,
+    /// Each destination with its TLS, built once at start.
+    destinations: Vec<(DestinationSettings, Option<ClientTls>)>,
     settings: OutboxSettings,
     calling_ae: String,
 }
 
 impl Outbox {
+    /// Fails on a destination's unusable TLS files, naming the key, so that
+    /// the node does not start to find out at its first result.
     pub fn new(
         db: Db,
         data_dir: PathBuf,
         destinations: Vec<DestinationSettings>,
         settings: OutboxSettings,
         calling_ae: String,
-    ) -> Self {
-        Outbox {
+    ) -> Result<Self, ConfigError> {
+        let destinations = destinations
+            .into_iter()
+            .map(|d| {
+                let tls = d
+                    .tls
+                    .as_ref()
+                    .map(|t| crate::tls::client_tls(t, &d.host, &crate::tls::DESTINATION_KEYS))
+                    .transpose()?;
+                Ok((d, tls))
+            })
+            .collect::<Result<_, ConfigError>>()?;
+        Ok(Outbox {
             db,
             data_dir,
             destinations,
             settings,
             calling_ae,
-        }
+        })
     }
 
     fn backoff(&self, attempts_so_far: i64) -> Duration {
@@ -152,7 +170,7 @@ impl Outbox {
         let mut attempted = 0;
         for (name, rows) in by_dest {
             attempted += rows.len();
-            let Some(dest) = self.destinations.iter().find(|d| d.name() == name) else {
+            let Some((dest, tls)) = self.destinations.iter().find(|(d, _)| d.name() == name) else {
                 for row in &rows {
                     self.record(row, Verdict::Dead, "destination no longer configured")
                         .await?;
@@ -163,6 +181,7 @@ impl Outbox {
                 calling_ae: self.calling_ae.clone(),
                 called_ae: dest.ae_title.trim().to_string(),
                 timeout: Duration::from_secs(self.settings.timeout_secs),
+                tls: tls.clone(),
                 ..Default::default()
             };
             let paths: Vec<PathBuf> = rows.iter().map(|r| self.data_dir.join(&r.path)).collect();

@@ -1,7 +1,9 @@
-//! DICOM TLS (PS3.15 B.9): the rustls server configuration from the PEM
-//! files named in `[dicom.tls]`. TLS 1.2 and 1.3 only (rustls' safe
-//! defaults, ring provider); client certificates are required and verified
-//! against `client_ca` when it is set. Every error names its key.
+//! DICOM TLS (PS3.15 B.9): the rustls configurations from PEM files, for the
+//! node's TLS port (`[dicom.tls]`; client certificates required and verified
+//! against `client_ca` when it is set) and for its SCU (`[destinations.tls]`,
+//! `send`/`echo --tls-*`; the peer verified against a configured CA, the
+//! node's own certificate offered when configured). TLS 1.2 and 1.3 only
+//! (rustls' safe defaults, ring provider). Every error names its key.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -10,7 +12,8 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 
-use crate::config::{ConfigError, TlsSettings};
+use crate::config::{ClientTlsSettings, ConfigError, TlsSettings};
+use crate::dimse::client::ClientTls;
 
 fn invalid(key: &'static str, path: &Path, message: impl std::fmt::Display) -> ConfigError {
     ConfigError::Invalid {
@@ -74,4 +77,93 @@ pub fn server_config(settings: &TlsSettings) -> Result<Arc<rustls::ServerConfig>
         )
     })?;
     Ok(Arc::new(config))
+}
+
+/// What the settings of a client TLS are called where they were given: the
+/// keys of a destination, or the options of the command line.
+pub struct ClientTlsKeys {
+    pub ca: &'static str,
+    pub certificate: &'static str,
+    pub private_key: &'static str,
+}
+
+pub const DESTINATION_KEYS: ClientTlsKeys = ClientTlsKeys {
+    ca: "destinations.tls.ca",
+    certificate: "destinations.tls.certificate",
+    private_key: "destinations.tls.private_key",
+};
+
+pub const COMMAND_LINE_KEYS: ClientTlsKeys = ClientTlsKeys {
+    ca: "--tls-ca",
+    certificate: "--tls-certificate",
+    private_key: "--tls-private-key",
+};
+
+/// Build the TLS of an association the node requests to `host`.
+pub fn client_tls(
+    settings: &ClientTlsSettings,
+    host: &str,
+    keys: &ClientTlsKeys,
+) -> Result<ClientTls, ConfigError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    if settings.ca.as_os_str().is_empty() {
+        return Err(ConfigError::Invalid {
+            key: keys.ca,
+            message: "required: the CA certificates that sign the peer's certificate".into(),
+        });
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in certificates(keys.ca, &settings.ca)? {
+        roots
+            .add(cert)
+            .map_err(|e| invalid(keys.ca, &settings.ca, e))?;
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ConfigError::Invalid {
+            key: keys.ca,
+            message: e.to_string(),
+        })?
+        .with_root_certificates(roots);
+    let (cert, key) = (&settings.certificate, &settings.private_key);
+    let config = match (cert.as_os_str().is_empty(), key.as_os_str().is_empty()) {
+        (true, true) => builder.with_no_client_auth(),
+        (false, false) => {
+            let chain = certificates(keys.certificate, cert)?;
+            let private = PrivateKeyDer::from_pem_file(key).map_err(|e| {
+                invalid(
+                    keys.private_key,
+                    key,
+                    format!("no usable PEM private key ({e})"),
+                )
+            })?;
+            builder.with_client_auth_cert(chain, private).map_err(|e| {
+                invalid(
+                    keys.private_key,
+                    key,
+                    format!("does not fit the certificate ({e})"),
+                )
+            })?
+        }
+        (false, true) => {
+            return Err(ConfigError::Invalid {
+                key: keys.private_key,
+                message: "required with a certificate".into(),
+            });
+        }
+        (true, false) => {
+            return Err(ConfigError::Invalid {
+                key: keys.certificate,
+                message: "required with a private key".into(),
+            });
+        }
+    };
+    let server_name = match settings.server_name.trim() {
+        "" => host.trim().to_string(),
+        name => name.to_string(),
+    };
+    Ok(ClientTls {
+        config: Arc::new(config),
+        server_name,
+    })
 }

@@ -305,6 +305,7 @@ async fn orthanc_routes_the_patient_to_the_node_and_stores_its_results() {
         host: "127.0.0.1".into(),
         port: orthanc_dicom,
         outputs: None,
+        tls: None,
     }];
     let node = spawn_app_with(settings).await;
     let orthanc = tokio::task::block_in_place(|| {

@@ -34,6 +34,7 @@ fn dest(ae: &str, port: u16) -> DestinationSettings {
         host: "127.0.0.1".into(),
         port,
         outputs: None,
+        tls: None,
     }
 }
 
@@ -78,9 +79,14 @@ struct StoreScp {
 
 impl StoreScp {
     fn start(port: u16) -> Self {
+        Self::start_with(port, &[])
+    }
+    /// With extra options first (TLS).
+    fn start_with(port: u16, options: &[String]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         // +uf: a unique file per received copy, so a duplicate would show.
         let child = Command::new("storescp")
+            .args(options)
             .args(["-aet", "DEST", "+xa", "+uf", "-od"])
             .arg(dir.path())
             .arg(port.to_string())
@@ -123,7 +129,8 @@ async fn a_destination_down_at_first_receives_everything_once_it_is_up() {
         vec![d],
         settings(50, 5),
         "HER2MAP".into(),
-    );
+    )
+    .unwrap();
 
     assert_eq!(outbox.deliver_due().await.unwrap(), 5);
     let rows = db.outbox().await.unwrap();
@@ -167,7 +174,8 @@ async fn a_permanent_rejection_is_dead_lettered_after_one_try() {
         vec![d],
         settings(10, 5),
         "HER2MAP".into(),
-    );
+    )
+    .unwrap();
     assert_eq!(outbox.deliver_due().await.unwrap(), 2);
     let rows = db.outbox().await.unwrap();
     assert!(
@@ -206,7 +214,8 @@ async fn a_destination_that_never_answers_times_out_and_retries() {
         vec![d],
         settings(10, 1),
         "HER2MAP".into(),
-    );
+    )
+    .unwrap();
     let started = std::time::Instant::now();
     tokio::time::timeout(Duration::from_secs(10), outbox.deliver_due())
         .await
@@ -245,7 +254,8 @@ async fn a_restart_in_the_middle_of_delivery_loses_and_duplicates_nothing() {
         vec![d.clone()],
         settings(10, 5),
         "HER2MAP".into(),
-    );
+    )
+    .unwrap();
     let stop = tokio_util::sync::CancellationToken::new();
     let task = tokio::spawn(first.run(
         std::sync::Arc::new(tokio::sync::Notify::new()),
@@ -268,7 +278,8 @@ async fn a_restart_in_the_middle_of_delivery_loses_and_duplicates_nothing() {
         vec![d],
         settings(10, 5),
         "HER2MAP".into(),
-    );
+    )
+    .unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while states(&db).await.iter().any(|s| s != "sent") {
         assert!(std::time::Instant::now() < deadline);
@@ -287,4 +298,59 @@ async fn a_restart_in_the_middle_of_delivery_loses_and_duplicates_nothing() {
     expected.sort();
     assert_eq!(at_destination, expected, "exactly our objects, each once");
     destination.stop().await;
+}
+
+/// A destination over DICOM TLS: DCMTK storescp with its own certificate,
+/// requiring the node's (storescp's default `--require-peer-cert`). The
+/// node delivers once its certificate is configured; before that, each
+/// attempt fails the handshake and stays pending.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tls_destination_gets_everything_once_the_node_has_its_certificate() {
+    let pki = common::pki::make_pki();
+    let data = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let arg = |p: &Path| p.display().to_string();
+    let scp = StoreScp::start_with(
+        port,
+        &[
+            "+tls".into(),
+            arg(&pki.server_key),
+            arg(&pki.server_cert),
+            "+cf".into(),
+            arg(&pki.ca),
+        ],
+    );
+    let mut d = dest("DEST", port);
+    d.tls = Some(her2map::config::ClientTlsSettings {
+        ca: pki.ca.clone(),
+        ..Default::default()
+    });
+    let db = queued_outputs(data.path(), 3, "tls", &[d.name()]).await;
+    let outbox = |d: DestinationSettings| {
+        Outbox::new(
+            db.clone(),
+            data.path().to_path_buf(),
+            vec![d],
+            settings(10, 5),
+            "HER2MAP".into(),
+        )
+        .unwrap()
+    };
+
+    // No client certificate: storescp refuses the handshake.
+    assert_eq!(outbox(d.clone()).deliver_due().await.unwrap(), 3);
+    assert_eq!(states(&db).await, vec!["pending"; 3]);
+    assert_eq!(scp.files(), 0);
+
+    let tls = d.tls.as_mut().unwrap();
+    tls.certificate = pki.client_cert.clone();
+    tls.private_key = pki.client_key.clone();
+    let outbox = outbox(d);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while states(&db).await.iter().any(|s| s != "sent") {
+        assert!(std::time::Instant::now() < deadline, "not delivered");
+        outbox.deliver_due().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(scp.files(), 3, "each object exactly once, over TLS");
 }

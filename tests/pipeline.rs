@@ -58,6 +58,7 @@ async fn one_patient_in_pieces_across_restarts_gives_one_result() {
             host: "127.0.0.1".into(),
             port: destination.port(),
             outputs: None,
+            tls: None,
         }];
         s
     };

@@ -3,99 +3,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
+use common::pki::{Pki, make_pki};
 use common::*;
 use her2map::config::{PeerSettings, Settings};
 use her2map::dimse::client::{ClientOptions, ScuAssociation};
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
-
-/// PEM files of a test PKI: one CA, a server certificate for
-/// 127.0.0.1/localhost, a client certificate, and a client certificate from
-/// another CA that the node does not trust.
-struct Pki {
-    _dir: tempfile::TempDir,
-    ca: PathBuf,
-    server_cert: PathBuf,
-    server_key: PathBuf,
-    client_cert: PathBuf,
-    client_key: PathBuf,
-    rogue_cert: PathBuf,
-    rogue_key: PathBuf,
-}
-
-fn ca(name: &str) -> (CertificateParams, KeyPair, String) {
-    let key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    params.distinguished_name.push(DnType::CommonName, name);
-    let pem = params.self_signed(&key).unwrap().pem();
-    (params, key, pem)
-}
-
-/// A leaf certificate signed by `issuer`: (certificate PEM, key PEM).
-fn leaf(
-    issuer: &Issuer<'_, KeyPair>,
-    name: &str,
-    sans: &[&str],
-    usage: ExtendedKeyUsagePurpose,
-) -> (String, String) {
-    let key = KeyPair::generate().unwrap();
-    let mut params =
-        CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
-    params.distinguished_name.push(DnType::CommonName, name);
-    params.key_usages = vec![
-        KeyUsagePurpose::DigitalSignature,
-        KeyUsagePurpose::KeyAgreement,
-    ];
-    params.extended_key_usages = vec![usage];
-    let cert = params.signed_by(&key, issuer).unwrap();
-    (cert.pem(), key.serialize_pem())
-}
-
-fn make_pki() -> Pki {
-    let dir = tempfile::tempdir().unwrap();
-    let write = |name: &str, pem: &str| {
-        let path = dir.path().join(name);
-        std::fs::write(&path, pem).unwrap();
-        path
-    };
-    let (ca_params, ca_key, ca_pem) = ca("her2map test CA");
-    let issuer = Issuer::new(ca_params, ca_key);
-    let (server_cert, server_key) = leaf(
-        &issuer,
-        "HER2MAP",
-        &["127.0.0.1", "localhost"],
-        ExtendedKeyUsagePurpose::ServerAuth,
-    );
-    let (client_cert, client_key) = leaf(&issuer, "PACS", &[], ExtendedKeyUsagePurpose::ClientAuth);
-    let (rogue_params, rogue_key, _) = ca("someone else's CA");
-    let rogue_issuer = Issuer::new(rogue_params, rogue_key);
-    let (rogue_cert, rogue_key) = leaf(
-        &rogue_issuer,
-        "ROGUE",
-        &[],
-        ExtendedKeyUsagePurpose::ClientAuth,
-    );
-    Pki {
-        ca: write("ca.pem", &ca_pem),
-        server_cert: write("server.pem", &server_cert),
-        server_key: write("server.key", &server_key),
-        client_cert: write("client.pem", &client_cert),
-        client_key: write("client.key", &client_key),
-        rogue_cert: write("rogue.pem", &rogue_cert),
-        rogue_key: write("rogue.key", &rogue_key),
-        _dir: dir,
-    }
-}
 
 /// Test settings with TLS on port 0; `client_ca` makes client certificates
 /// mandatory.
@@ -375,4 +288,121 @@ async fn bad_certificate_files_are_startup_errors_naming_the_key() {
     s.dicom.tls.client_ca = pki.server_key.clone();
     let err = build(s).await;
     assert!(err.contains("dicom.tls.client_ca"), "{err}");
+}
+
+/// `her2map send` / `echo` with `--tls-*`, as an administrator runs them.
+fn her2map_scu(args: &[String]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_her2map"))
+        .args(args)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn scu_args(command: &str, port: u16, tls: &[(&str, &Path)]) -> Vec<String> {
+    let mut args = vec![
+        command.to_string(),
+        format!("127.0.0.1:{port}"),
+        "--calling-ae".into(),
+        "PACS".into(),
+        "--called-ae".into(),
+        "HER2MAP".into(),
+    ];
+    for (flag, file) in tls {
+        args.push(flag.to_string());
+        args.push(path(file));
+    }
+    args
+}
+
+/// (6) The node's own SCU over DICOM TLS: it verifies the peer's
+/// certificate against the given CA and name, presents its certificate when
+/// the peer requires one, and each failure is a clear error.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_node_scu_speaks_tls_and_verifies_its_peer() {
+    let pki = make_pki();
+    let dir = tempfile::tempdir().unwrap();
+    let app = spawn_app_with(tls_settings(dir.path(), &pki, true)).await;
+    let port = app.tls_addr.unwrap().port();
+    let with_cert = [
+        ("--tls-ca", pki.ca.as_path()),
+        ("--tls-certificate", pki.client_cert.as_path()),
+        ("--tls-private-key", pki.client_key.as_path()),
+    ];
+
+    let mut args = scu_args("send", port, &with_cert);
+    args.push(path(&test_data("dicom/MR_small.dcm")));
+    let (ok, out) = her2map_scu(&args);
+    assert!(ok, "send over TLS: {out}");
+    assert_eq!(app.db.instance_count().await.unwrap(), 1);
+    let (ok, out) = her2map_scu(&scu_args("echo", port, &with_cert));
+    assert!(ok && out.contains("0x0000"), "echo over TLS: {out}");
+
+    // The node requires a client certificate: without one, no association.
+    let (ok, out) = her2map_scu(&scu_args("echo", port, &[("--tls-ca", &pki.ca)]));
+    assert!(!ok, "no client certificate: {out}");
+    // A peer whose certificate the given CA did not sign.
+    let mut untrusted = with_cert;
+    untrusted[0].1 = pki.rogue_cert.as_path();
+    let (ok, out) = her2map_scu(&scu_args("echo", port, &untrusted));
+    assert!(!ok, "untrusted server: {out}");
+    assert!(out.to_lowercase().contains("certificate"), "{out}");
+    // A certificate for 127.0.0.1/localhost is not one for another name.
+    let mut args = scu_args("echo", port, &with_cert);
+    args.extend(["--tls-server-name".into(), "pacs.example.org".into()]);
+    let (ok, out) = her2map_scu(&args);
+    assert!(!ok, "wrong server name: {out}");
+    // Unusable files are named by their option, before any connection.
+    let (ok, out) = her2map_scu(&scu_args("echo", port, &[("--tls-ca", &pki.client_key)]));
+    assert!(!ok && out.contains("--tls-ca"), "{out}");
+    let mut mismatched = with_cert;
+    mismatched[2].1 = pki.server_key.as_path();
+    let (ok, out) = her2map_scu(&scu_args("echo", port, &mismatched));
+    assert!(!ok && out.contains("--tls-private-key"), "{out}");
+
+    // A plain SCU on the TLS port, or a TLS one on the plain port, fails.
+    let (ok, out) = her2map_scu(&scu_args("echo", app.port(), &with_cert));
+    assert!(!ok, "TLS to the plain port: {out}");
+
+    // Only the two good associations were opened.
+    let opened = wait_events(&app.db, "association_opened", 2).await;
+    assert_eq!(opened.len(), 2, "{opened:?}");
+    app.stop().await;
+}
+
+/// A destination's unusable TLS files stop the node at start-up, naming
+/// the key.
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_destination_tls_files_are_startup_errors_naming_the_key() {
+    let pki = make_pki();
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = test_settings(dir.path());
+    s.destinations = vec![her2map::outbox::DestinationSettings {
+        ae_title: "PACS".into(),
+        host: "127.0.0.1".into(),
+        port: 104,
+        outputs: None,
+        tls: Some(her2map::config::ClientTlsSettings {
+            ca: dir.path().join("missing.pem"),
+            ..Default::default()
+        }),
+    }];
+    let err = match her2map::app::App::build(s.clone()).await {
+        Ok(_) => panic!("must not start"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("destinations.tls.ca"), "{err}");
+    let tls = s.destinations[0].tls.as_mut().unwrap();
+    tls.ca = pki.ca.clone();
+    tls.certificate = pki.client_cert.clone();
+    let err = match her2map::app::App::build(s).await {
+        Ok(_) => panic!("must not start"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("destinations.tls.private_key"), "{err}");
 }

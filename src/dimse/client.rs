@@ -1,14 +1,18 @@
 //! The node's own C-STORE / C-ECHO SCU (PS3.4 B.2, A.4), used by
-//! `her2map send`, `her2map echo` and, later, the outbox. Data sets are
-//! streamed from any `AsyncRead` as encoded, never re-encoded.
+//! `her2map send`, `her2map echo` and the outbox, over TCP or DICOM TLS
+//! (PS3.15 B.9). Data sets are streamed from any `AsyncRead` as encoded,
+//! never re-encoded.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use dicom_ul::association::client::{AsyncClientAssociation, ClientAssociationOptions};
+use dicom_ul::association::client::{
+    AsyncClientAssociation, AsyncTlsStream, ClientAssociationOptions,
+};
 use dicom_ul::pdu::{
     AssociationRJResult, PDataValue, PDataValueType, Pdu, PresentationContextResultReason,
 };
-use tokio::io::AsyncRead;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use super::command;
@@ -22,6 +26,17 @@ pub struct ClientOptions {
     pub called_ae: String,
     pub max_pdu: u32,
     pub timeout: Duration,
+    /// DICOM TLS instead of plain TCP.
+    pub tls: Option<ClientTls>,
+}
+
+/// The TLS side of an association: the rustls configuration (whom to trust,
+/// the node's certificate if any) and the name the peer's certificate must
+/// carry.
+#[derive(Debug, Clone)]
+pub struct ClientTls {
+    pub config: Arc<rustls::ClientConfig>,
+    pub server_name: String,
 }
 
 impl Default for ClientOptions {
@@ -31,6 +46,7 @@ impl Default for ClientOptions {
             called_ae: "ANY-SCP".into(),
             max_pdu: 65536,
             timeout: Duration::from_secs(30),
+            tls: None,
         }
     }
 }
@@ -63,9 +79,26 @@ impl ClientError {
 
 /// An open association to a Storage SCP.
 pub struct ScuAssociation {
-    assoc: AsyncClientAssociation<TcpStream>,
+    assoc: Link,
     next_message_id: u16,
     timeout: Duration,
+}
+
+/// The association over either transport; every use goes through
+/// [`on_link!`], so the DIMSE code below is written once.
+enum Link {
+    Plain(AsyncClientAssociation<TcpStream>),
+    Tls(AsyncClientAssociation<AsyncTlsStream>),
+}
+
+/// Run the same code on the association whatever its transport.
+macro_rules! on_link {
+    ($link:expr, $a:ident => $body:expr) => {
+        match $link {
+            Link::Plain($a) => $body,
+            Link::Tls($a) => $body,
+        }
+    };
 }
 
 fn map_establish_error(e: dicom_ul::association::Error) -> ClientError {
@@ -101,12 +134,29 @@ impl ScuAssociation {
         for (abstract_syntax, ts) in contexts {
             builder = builder.with_presentation_context(abstract_syntax.clone(), vec![ts.clone()]);
         }
-        let mut assoc = tokio::time::timeout(options.timeout, builder.establish_async(addr))
+        let establish = async {
+            Ok(match &options.tls {
+                None => {
+                    let mut a = builder.establish_async(addr).await?;
+                    // Nagle's algorithm would stall each small command by ~40 ms.
+                    let _ = a.inner_stream().set_nodelay(true);
+                    Link::Plain(a)
+                }
+                Some(tls) => {
+                    let mut a = builder
+                        .tls_config(tls.config.clone())
+                        .server_name(&tls.server_name)
+                        .establish_tls_async(addr)
+                        .await?;
+                    let _ = a.inner_stream().get_ref().0.set_nodelay(true);
+                    Link::Tls(a)
+                }
+            })
+        };
+        let assoc = tokio::time::timeout(options.timeout, establish)
             .await
             .map_err(|_| ClientError::Timeout("association request".into()))?
             .map_err(map_establish_error)?;
-        // Nagle's algorithm would stall each small command by ~40 ms.
-        let _ = assoc.inner_stream().set_nodelay(true);
         Ok(ScuAssociation {
             assoc,
             next_message_id: 1,
@@ -116,8 +166,7 @@ impl ScuAssociation {
 
     /// The accepted presentation context for this SOP class and transfer syntax.
     pub fn context_for(&self, sop_class: &str, transfer_syntax: &str) -> Option<u8> {
-        self.assoc
-            .presentation_contexts()
+        on_link!(&self.assoc, a => a.presentation_contexts())
             .iter()
             .find(|pc| {
                 pc.reason == PresentationContextResultReason::Acceptance
@@ -157,12 +206,7 @@ impl ScuAssociation {
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
         self.send_command(pc_id, cmd).await?;
         let timeout = self.timeout;
-        let send = async {
-            let mut writer = self.assoc.send_pdata(pc_id);
-            tokio::io::copy(dataset, &mut writer).await?;
-            // Always finish explicitly: the writer's Drop would block.
-            writer.finish().await
-        };
+        let send = async { on_link!(&mut self.assoc, a => send_dataset(a, pc_id, dataset).await) };
         tokio::time::timeout(timeout * 10, send)
             .await
             .map_err(|_| ClientError::Timeout("sending data set".into()))?
@@ -171,23 +215,23 @@ impl ScuAssociation {
     }
 
     async fn send_command(&mut self, pc_id: u8, data: Vec<u8>) -> Result<(), ClientError> {
-        self.assoc
-            .send(&Pdu::PData {
-                data: vec![PDataValue {
-                    presentation_context_id: pc_id,
-                    value_type: PDataValueType::Command,
-                    is_last: true,
-                    data,
-                }],
-            })
-            .await
+        let pdu = Pdu::PData {
+            data: vec![PDataValue {
+                presentation_context_id: pc_id,
+                value_type: PDataValueType::Command,
+                is_last: true,
+                data,
+            }],
+        };
+        on_link!(&mut self.assoc, a => a.send(&pdu).await)
             .map_err(|e| ClientError::Protocol(e.to_string()))
     }
 
     async fn read_response(&mut self) -> Result<DimseStatus, ClientError> {
         let mut bytes = Vec::new();
         loop {
-            let pdu = tokio::time::timeout(self.timeout, self.assoc.receive())
+            let receive = async { on_link!(&mut self.assoc, a => a.receive().await) };
+            let pdu = tokio::time::timeout(self.timeout, receive)
                 .await
                 .map_err(|_| ClientError::Timeout("waiting for the response".into()))?
                 .map_err(|e| ClientError::Protocol(e.to_string()))?;
@@ -221,13 +265,30 @@ impl ScuAssociation {
 
     /// A-RELEASE (PS3.8 7.2); errors are ignored: the work is done.
     pub async fn release(self) {
-        let _ = tokio::time::timeout(self.timeout, self.assoc.release()).await;
+        let release = async { on_link!(self.assoc, a => a.release().await) };
+        let _ = tokio::time::timeout(self.timeout, release).await;
     }
 
     /// A-ABORT.
     pub async fn abort(self) {
-        let _ = self.assoc.abort().await;
+        let _ = on_link!(self.assoc, a => a.abort().await);
     }
+}
+
+/// Stream one data set as P-DATA fragments of the peer's maximum PDU size.
+async fn send_dataset<S, R>(
+    assoc: &mut AsyncClientAssociation<S>,
+    pc_id: u8,
+    dataset: &mut R,
+) -> std::io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+    R: AsyncRead + Unpin,
+{
+    let mut writer = assoc.send_pdata(pc_id);
+    tokio::io::copy(dataset, &mut writer).await?;
+    // Always finish explicitly: the writer's Drop would block.
+    writer.finish().await
 }
 
 /// C-ECHO a peer on a fresh association.

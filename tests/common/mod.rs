@@ -2,6 +2,8 @@
 //! data folder, and small helpers around DCMTK and test files.
 #![allow(dead_code)]
 
+pub mod pki;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
