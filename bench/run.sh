@@ -3,13 +3,16 @@
 #  1. ingest of the full-size synthetic patient with DCMTK storescu
 #     (TCP_NODELAY=1) into DCMTK storescp (baseline, no fsync) and into
 #     `her2map serve` (fsync + index), same disk: instances/s, MB/s, ratio,
-#     the node's peak RSS; then the same files over $SENDERS (default 4)
-#     associations at once into each;
+#     the node's peak RSS, the node with its flushes made no-ops, the
+#     flushes alone; then the same files over $SENDERS (default 4)
+#     associations at once into each; $ROUNDS (default 3) rounds, and the
+#     median of each ratio;
 #  2. end to end with full-size random weights: last instance -> SR at the
 #     destination, minus the stable age, split into imaging, inference and
 #     reporting/delivery; the node's peak RSS against 1.5 x weights + 256 MB.
-# Usage: bench/run.sh [WORKDIR]   (needs dcmtk; builds the release binary,
-#        or runs HER2MAP_BIN when set)
+# Usage: bench/run.sh [WORKDIR]   (needs dcmtk and a C compiler; builds the
+#        release binary, or runs HER2MAP_BIN when set; INGEST_ONLY=1 stops
+#        after part 1)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${1:-target/bench-work}
@@ -58,8 +61,8 @@ send_parallel() { # port called_ae
 # allocates new ones, and a receiver that ran right after an rm -rf of ~1000
 # files paid for it.
 TRASH=$WORK/trash.$$; mkdir -p "$TRASH"
-for d in storescp node-ingest node-nosync floor storescp-par node-par dest node-e2e; do
-    [ -e "$WORK/$d" ] && mv "$WORK/$d" "$TRASH/"
+for d in "$WORK"/storescp* "$WORK"/node-* "$WORK"/floor* "$WORK"/dest; do
+    [ -e "$d" ] && mv "$d" "$TRASH/"
 done
 trap 'rm -rf "$TRASH" "$WORK"/share.*' EXIT
 
@@ -88,28 +91,36 @@ time_node() { # OUTDIR SENDER  (demo weights: ingest only; stable age long)
     STORED=$(HER2MAP__STORAGE__DATA_DIR="$WORK/$1" "$BIN" audit --json --event instance_stored | wc -l)
 }
 
-# --- 1a. DCMTK storescp baseline, then 1b. her2map serve --------------------
-time_storescp storescp send; SCP_S=$T_S; SCP_RSS=$RSS
-time_node node-ingest send; NODE_S=$T_S; NODE_RSS=$RSS; NODE_STORED=$STORED
-
-# --- 1b''. the node with its flushes turned into no-ops (bench/nosync.c) ----
-# Everything the node does but wait for the disk: how it compares with
-# storescp when durability is taken out, which tells what the flushes cost
-# inside the node (with a sender that waits for each answer they are paid
-# one after another) from what its own work costs.
-NOSYNC_S=0
+# ROUNDS rounds (default 3) of every ingest measurement, alternating the
+# receivers: this VM's noise moves a single run by a factor of two, so the
+# figures are each round's ratios and their median.
+ROUNDS=${ROUNDS:-3}
+RESULTS=$WORK/ingest-results.tsv; : > "$RESULTS"
+NOSYNC_LIB=""
 if cc -shared -fPIC -O2 -o "$WORK/libnosync.so" bench/nosync.c 2>/dev/null; then
-    NODE_PRELOAD=$WORK/libnosync.so time_node node-nosync send; NOSYNC_S=$T_S
+    NOSYNC_LIB=$WORK/libnosync.so
 fi
+for r in $(seq "$ROUNDS"); do
+    # --- 1a. DCMTK storescp baseline, then 1b. her2map serve ----------------
+    time_storescp "storescp-$r" send; SCP_S=$T_S; SCP_RSS=$RSS
+    time_node "node-ingest-$r" send; NODE_S=$T_S; NODE_RSS=$RSS; NODE_STORED=$STORED
 
-# --- 1b'. the disk's share: what the flushes alone cost ---------------------
-# The node's durability steps without network or parsing: copy each file of
-# the patient to a temporary name, fdatasync, link into a folder, fsync the
-# folder (the SQLite commit adds a third flush, not counted here): what a
-# receiver that answers only once each instance is durable pays the disk,
-# with a sender that waits for each answer, before any network or parsing.
-sync
-FLOOR_S=$(python3 - "$WORK/files.txt" "$WORK/floor" <<'PY'
+    # --- 1b'. the node with its flushes made no-ops (bench/nosync.c) -------
+    # Everything the node does but wait for the disk: how it compares with
+    # storescp when durability is taken out tells what the flushes cost
+    # inside the node (a sender that waits for each answer pays them one
+    # after another) from what its own work costs.
+    NOSYNC_S=0
+    if [ -n "$NOSYNC_LIB" ]; then
+        NODE_PRELOAD=$NOSYNC_LIB time_node "node-nosync-$r" send; NOSYNC_S=$T_S
+    fi
+
+    # --- 1b''. the disk's share: what the flushes alone cost ---------------
+    # The node's durability steps without network or parsing: copy each file
+    # to a temporary name, fdatasync, link into a folder, fsync the folder
+    # (the SQLite commit adds a third flush, not counted here).
+    sync
+    FLOOR_S=$(python3 - "$WORK/files.txt" "$WORK/floor-$r" <<'PY'
 import os, sys, time
 files = open(sys.argv[1]).read().split()
 out = sys.argv[2]; os.makedirs(out + "/tmp"); os.makedirs(out + "/s")
@@ -123,30 +134,42 @@ for i, b in enumerate(data):
     os.link(tmp, f"{out}/s/{i}.dcm"); os.fsync(d); os.unlink(tmp)
 print(time.time() - t)
 PY
-)
-mv "$WORK/floor" "$TRASH/"
+    )
 
-# --- 1c. the same with SENDERS associations at once ------------------------
-# storescp (without --fork) serves one association at a time; the node
-# serves them concurrently, each instance still fsync'd and indexed.
-time_storescp storescp-par send_parallel; SCP_PAR_S=$T_S
-time_node node-par send_parallel; NODE_PAR_S=$T_S; NODE_PAR_RSS=$RSS; STORED_PAR=$STORED
-python3 - "$N" "$BYTES" "$SCP_S" "$NODE_S" "$SCP_RSS" "$NODE_RSS" "$NODE_STORED" "$FLOOR_S" \
-    "$SENDERS" "$SCP_PAR_S" "$NODE_PAR_S" "$NODE_PAR_RSS" "$STORED_PAR" "$NOSYNC_S" <<'PY'
-import sys
-(n, b, scp, node, scp_rss, node_rss, stored, floor,
- senders, scp_par, node_par, node_par_rss, stored_par, nosync) = (float(x) for x in sys.argv[1:])
-print("ingest, one association (storescu -> receiver, TCP_NODELAY=1, same disk):")
-print(f"  storescp (no fsync)       {n/scp:7.1f} inst/s {b/1e6/scp:7.1f} MB/s  {scp:6.2f} s  peak RSS {scp_rss:.0f} MiB")
-print(f"  her2map serve (fsync+db)  {n/node:7.1f} inst/s {b/1e6/node:7.1f} MB/s  {node:6.2f} s  peak RSS {node_rss:.0f} MiB  ({stored:.0f} stored)")
-print(f"  ratio her2map/storescp    {scp/node:.2f}")
-print(f"  the flushes alone (a loop: write, fdatasync, link, fsync folder; no network) {floor:6.2f} s  ratio {scp/floor:.2f}")
-if nosync > 0:
-    print(f"  her2map serve, flushes made no-ops (bench/nosync.c)  {nosync:6.2f} s  ratio {scp/nosync:.2f}  (durability costs {node-nosync:.2f} s)")
-print(f"ingest, {senders:.0f} associations at once:")
-print(f"  storescp (no fsync)       {n/scp_par:7.1f} inst/s {b/1e6/scp_par:7.1f} MB/s  {scp_par:6.2f} s")
-print(f"  her2map serve (fsync+db)  {n/node_par:7.1f} inst/s {b/1e6/node_par:7.1f} MB/s  {node_par:6.2f} s  peak RSS {node_par_rss:.0f} MiB  ({stored_par:.0f} stored)")
-print(f"  ratio her2map/storescp    {scp_par/node_par:.2f}")
+    # --- 1c. the same with SENDERS associations at once --------------------
+    # storescp (without --fork) serves one association at a time; the node
+    # serves them concurrently, each instance still fsync'd and indexed.
+    time_storescp "storescp-par-$r" send_parallel; SCP_PAR_S=$T_S
+    time_node "node-par-$r" send_parallel; NODE_PAR_S=$T_S; NODE_PAR_RSS=$RSS; STORED_PAR=$STORED
+    echo "$SCP_S $NODE_S $SCP_RSS $NODE_RSS $NODE_STORED $FLOOR_S $SCP_PAR_S $NODE_PAR_S $NODE_PAR_RSS $STORED_PAR $NOSYNC_S" >> "$RESULTS"
+    for d in "storescp-$r" "node-ingest-$r" "node-nosync-$r" "floor-$r" "storescp-par-$r" "node-par-$r"; do
+        [ -e "$WORK/$d" ] && mv "$WORK/$d" "$TRASH/"
+    done
+done
+python3 - "$N" "$BYTES" "$SENDERS" "$RESULTS" <<'PY'
+import statistics, sys
+n, b, senders = (float(x) for x in sys.argv[1:4])
+rounds = [[float(x) for x in line.split()] for line in open(sys.argv[4]) if line.strip()]
+med = lambda xs: statistics.median(xs)
+span = lambda xs: f"{min(xs):.2f}-{max(xs):.2f}"
+print(f"ingest, one association (storescu -> receiver, TCP_NODELAY=1, same disk), {len(rounds)} rounds:")
+one, nos, par = [], [], []
+for i, (scp, node, scp_rss, node_rss, stored, floor, scp_par, node_par, par_rss, stored_par, nosync) in enumerate(rounds, 1):
+    print(f" round {i}:")
+    print(f"  storescp (no fsync)       {n/scp:7.1f} inst/s {b/1e6/scp:7.1f} MB/s  {scp:6.2f} s  peak RSS {scp_rss:.0f} MiB")
+    print(f"  her2map serve (fsync+db)  {n/node:7.1f} inst/s {b/1e6/node:7.1f} MB/s  {node:6.2f} s  peak RSS {node_rss:.0f} MiB  ({stored:.0f} stored)")
+    print(f"  ratio her2map/storescp    {scp/node:.2f}")
+    print(f"  the flushes alone (a loop: write, fdatasync, link, fsync folder; no network) {floor:6.2f} s")
+    if nosync > 0:
+        print(f"  her2map serve, flushes made no-ops (bench/nosync.c)  {nosync:6.2f} s  ratio {scp/nosync:.2f}  (durability costs {node-nosync:.2f} s)")
+        nos.append(scp / nosync)
+    print(f"  {senders:.0f} associations at once: storescp {scp_par:6.2f} s, her2map {node_par:6.2f} s"
+          f" ({b/1e6/node_par:.1f} MB/s, peak RSS {par_rss:.0f} MiB, {stored_par:.0f} stored), ratio {scp_par/node_par:.2f}")
+    one.append(scp / node); par.append(scp_par / node_par)
+print(f"ratio her2map/storescp, one association: median {med(one):.2f} (range {span(one)})")
+if nos:
+    print(f"  the same with the node's flushes made no-ops: median {med(nos):.2f} (range {span(nos)})")
+print(f"ratio her2map/storescp, {senders:.0f} associations: median {med(par):.2f} (range {span(par)})")
 PY
 
 # --- 2. end to end with full-size random weights ----------------------------
