@@ -137,7 +137,7 @@ async fn a_full_disk_answers_out_of_resources_and_recovers() {
         .await
         .unwrap();
     assert!(r.iter().all(|r| r.ok()), "{r:?}");
-    assert_eq!(app.db.instance_count().await.unwrap(), 2);
+    assert_eq!(app.db.instance_count().await.unwrap(), 5);
     app.stop().await;
 }
 
@@ -271,8 +271,9 @@ async fn kill_9_during_inference_and_delivery_resumes_without_duplicates() {
     }
 }
 
-/// The database locked by another process: 0xA700, no file left in the
-/// spool, no row; accepted again once the lock goes.
+/// The database locked by another process: 0xA700 (for one association and
+/// for several at once), no file left in the spool, no row; accepted again
+/// once the lock goes.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_locked_database_answers_out_of_resources_and_recovers() {
     use sqlx::Connection;
@@ -281,7 +282,7 @@ async fn a_locked_database_answers_out_of_resources_and_recovers() {
     let mut s = test_settings(data.path());
     s.database.busy_timeout_ms = 200;
     let app = spawn_app_with(s).await;
-    let files = mr_variants(files_dir.path(), 2, "locked");
+    let files = mr_variants(files_dir.path(), 5, "locked");
 
     let url = format!("sqlite://{}", data.path().join("her2map.db").display());
     let mut other = sqlx::SqliteConnection::connect(&url).await.unwrap();
@@ -293,6 +294,19 @@ async fn a_locked_database_answers_out_of_resources_and_recovers() {
         .await
         .unwrap();
     assert_eq!(r[0].status, Some(status::OUT_OF_RESOURCES), "{r:?}");
+    // Four associations at once: their rows wait together behind the
+    // first, so the group commit fails a batch of several, each answered.
+    let sends: Vec<_> = files[1..]
+        .iter()
+        .map(|f| {
+            let (addr, f) = (app.address(), f.clone());
+            tokio::spawn(async move { send_files(&addr, &scu(), &[f], |_| {}).await.unwrap() })
+        })
+        .collect();
+    for send in sends {
+        let r = send.await.unwrap();
+        assert_eq!(r[0].status, Some(status::OUT_OF_RESOURCES), "{r:?}");
+    }
     sqlx::query("ROLLBACK").execute(&mut other).await.unwrap();
     drop(other);
 
@@ -308,6 +322,6 @@ async fn a_locked_database_answers_out_of_resources_and_recovers() {
         .await
         .unwrap();
     assert!(r.iter().all(|r| r.ok()), "{r:?}");
-    assert_eq!(app.db.instance_count().await.unwrap(), 2);
+    assert_eq!(app.db.instance_count().await.unwrap(), 5);
     app.stop().await;
 }
