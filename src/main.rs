@@ -47,7 +47,7 @@ impl TlsArgs {
     fn client_tls(
         self,
         address: &str,
-    ) -> Result<Option<her2map::dimse::client::ClientTls>, her2map::config::ConfigError> {
+    ) -> anyhow::Result<Option<her2map::dimse::client::ClientTls>> {
         let Some(ca) = self.tls_ca else {
             return Ok(None);
         };
@@ -59,7 +59,14 @@ impl TlsArgs {
         };
         let host = address.rsplit_once(':').map_or(address, |(h, _)| h);
         let host = host.trim_start_matches('[').trim_end_matches(']');
-        her2map::tls::client_tls(&settings, host, &her2map::tls::COMMAND_LINE_KEYS).map(Some)
+        her2map::tls::client_tls(&settings, host, &her2map::tls::COMMAND_LINE_KEYS)
+            .map(Some)
+            .map_err(|e| match e {
+                her2map::config::ConfigError::Invalid { key, message } => {
+                    anyhow::anyhow!("{key}: {message}")
+                }
+                other => other.into(),
+            })
     }
 }
 
