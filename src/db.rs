@@ -335,8 +335,6 @@ impl Db {
     }
 }
 
-/// Append an audit event inside the caller's transaction, so the event
-/// and the change it records commit together.
 /// An instance row waiting for the group commit, and whom to answer.
 struct PendingInsert {
     row: InstanceRow,
@@ -472,6 +470,8 @@ async fn insert_instances(
     Ok(results)
 }
 
+/// Append an audit event inside the caller's transaction, so the event
+/// and the change it records commit together.
 async fn insert_event(
     tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
     e: &NewEvent<'_>,
