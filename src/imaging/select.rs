@@ -292,12 +292,19 @@ pub fn view_term(o: &Obj) -> Option<(String, bool)> {
         let meaning = attrs::text(code, tags::CODE_MEANING)
             .unwrap_or_default()
             .to_ascii_lowercase();
-        let term = match (value.as_str(), meaning.as_str()) {
-            ("399162004" | "R-10242", _) | (_, "cranio-caudal") => Some("CC"),
-            ("399368009" | "R-10226", _) | (_, "medio-lateral oblique") => Some("MLO"),
-            ("399260004" | "R-10224", _) | (_, "medio-lateral") => Some("ML"),
-            ("399352003" | "R-10228", _) | (_, "latero-medial") => Some("LM"),
-            _ => None,
+        // The code value decides; the meaning only when the value is unknown.
+        let term = match value.as_str() {
+            "399162004" | "R-10242" => Some("CC"),
+            "399368009" | "R-10226" => Some("MLO"),
+            "399260004" | "R-10224" => Some("ML"),
+            "399352003" | "R-10228" => Some("LM"),
+            _ => match meaning.as_str() {
+                "cranio-caudal" => Some("CC"),
+                "medio-lateral oblique" => Some("MLO"),
+                "medio-lateral" => Some("ML"),
+                "latero-medial" => Some("LM"),
+                _ => None,
+            },
         };
         if let Some(t) = term {
             return Some((t.to_string(), true));
@@ -826,6 +833,10 @@ mod tests {
         assert_eq!(term(Some(("399162004", "")), "MLO"), owned("CC", true));
         assert_eq!(term(Some(("R-10226", "")), ""), owned("MLO", true));
         assert_eq!(term(Some(("X", "cranio-caudal")), ""), owned("CC", true));
+        assert_eq!(
+            term(Some(("399368009", "cranio-caudal")), ""),
+            owned("MLO", true)
+        );
         assert_eq!(term(Some(("399260004", "")), "CC"), owned("ML", true));
         // An unknown code leaves View Position to say it.
         assert_eq!(term(Some(("X", "other")), "mlo "), owned("MLO", false));
