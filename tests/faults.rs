@@ -137,7 +137,7 @@ async fn a_full_disk_answers_out_of_resources_and_recovers() {
         .await
         .unwrap();
     assert!(r.iter().all(|r| r.ok()), "{r:?}");
-    assert_eq!(app.db.instance_count().await.unwrap(), 5);
+    assert_eq!(app.db.instance_count().await.unwrap(), 2);
     app.stop().await;
 }
 
