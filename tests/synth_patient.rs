@@ -4,8 +4,8 @@ use std::path::PathBuf;
 mod common;
 
 use her2map::imaging::{
-    ClinicalSource, ImagingSettings, InputGrid, Laterality, SelModality, SideBasis, SourceGeometry,
-    prepare_case, prepare_case_sides,
+    ClinicalSource, ImagingSettings, InputGrid, Laterality, SelModality, SideBasis, SideSetting,
+    SourceGeometry, prepare_case, prepare_case_sides,
 };
 use her2map::synth::{SynthOptions, SynthSummary, write_synthetic_patient};
 
@@ -183,6 +183,21 @@ fn gsps_annotation_is_used_and_side_unknown_runs_both() {
     assert!(
         both.iter()
             .all(|c| c.lesion_side.basis == SideBasis::BothSidesRun && c.mg.is_some())
+    );
+    // The two runs share one MRI decode: each side's volume is still the
+    // one a run with that side configured gets, and the sides differ.
+    for (case, side) in both.iter().zip([SideSetting::Left, SideSetting::Right]) {
+        let configured = ImagingSettings {
+            lesion_side: side,
+            ..Default::default()
+        };
+        let alone = prepare_case(&files, &configured, grid);
+        let volume = case.mri.as_ref().expect("MRI prepared");
+        assert_eq!(Some(&volume.data), alone.mri.as_ref().map(|v| &v.data));
+    }
+    assert_ne!(
+        both[0].mri.as_ref().unwrap().data,
+        both[1].mri.as_ref().unwrap().data
     );
     // Left run: the CC crop comes from the GSPS circle.
     let cc = both[0]

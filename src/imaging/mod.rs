@@ -376,12 +376,13 @@ pub fn prepare_case(
     grid: InputGrid,
 ) -> PreparedCase {
     let index = build_index(files);
-    prepare_from_index(&index, settings, grid, None)
+    prepare_from_index(&index, settings, grid, None, None)
 }
 
 /// Like [`prepare_case`], but when the lesion side is unknown returns two
 /// cases, left then right, each with `basis = BothSidesRun` and a note; with a
-/// known side returns one case. Headers are read once.
+/// known side returns one case. Headers are read once, and the MRI phases
+/// decoded once.
 pub fn prepare_case_sides(
     files: &[PathBuf],
     settings: &ImagingSettings,
@@ -390,8 +391,16 @@ pub fn prepare_case_sides(
     let index = build_index(files);
     let decided = decide_side(&index.metas, settings);
     if decided.side.is_some() {
-        return vec![prepare_from_index(&index, settings, grid, Some(decided))];
+        return vec![prepare_from_index(
+            &index,
+            settings,
+            grid,
+            Some(decided),
+            None,
+        )];
     }
+    // The MRI decode is the same for both runs: done once.
+    let mr_cache = MrDecodeCache::default();
     [Laterality::Left, Laterality::Right]
         .into_iter()
         .map(|s| {
@@ -403,7 +412,7 @@ pub fn prepare_case_sides(
                     decided.detail
                 ),
             };
-            prepare_from_index(&index, settings, grid, Some(side))
+            prepare_from_index(&index, settings, grid, Some(side), Some(&mr_cache))
         })
         .collect()
 }
@@ -533,6 +542,7 @@ fn prepare_from_index(
     settings: &ImagingSettings,
     grid: InputGrid,
     forced: Option<LesionSide>,
+    mr_cache: Option<&MrDecodeCache>,
 ) -> PreparedCase {
     let mut notes = index.notes.clone();
     let mut errors = index.errors.clone();
@@ -569,7 +579,10 @@ fn prepare_from_index(
         (mri, mri_sel, mri_err, mri_notes),
         ((mg, mg_sel, mg_err, mg_notes), (us, us_sel, us_err, us_notes)),
     ) = rayon::join(
-        || prepare_mri(&index.metas, settings, grid, side, annotations.as_ref()),
+        || {
+            let ann = annotations.as_ref();
+            prepare_mri(&index.metas, settings, grid, side, ann, mr_cache)
+        },
         || {
             rayon::join(
                 || prepare_mg(&index.metas, settings, grid, side, annotations.as_ref()),
@@ -947,6 +960,46 @@ fn decode_stack<T: Send>(
 
 /// Decode the slices of a stack into a (slice, row, col) grid of modality
 /// values, in parallel, writing straight into the grid buffer.
+/// The decoded MR phases of a case, kept between the two runs of an
+/// unknown lesion side: the decode does not depend on the side, only the
+/// ROI does. Used only for those two runs, so that a known side never holds
+/// the decode longer than its own MRI preparation.
+#[derive(Default)]
+struct MrDecodeCache(std::sync::Mutex<Option<MrDecoded>>);
+
+#[derive(Clone)]
+struct MrDecoded {
+    /// The stacks decoded: the paths of their slices.
+    key: (Vec<PathBuf>, Option<Vec<PathBuf>>),
+    post: Arc<Grid3>,
+    pre: Option<Result<Arc<Grid3>, InstanceError>>,
+}
+
+/// Decode the chosen phase and pool the pre-contrast one against it, or
+/// take both from `cache` when an earlier run decoded the same stacks.
+fn decode_mr(
+    stack: &Stack,
+    pre_stack: Option<&Stack>,
+    cache: Option<&MrDecodeCache>,
+) -> Result<MrDecoded, InstanceError> {
+    let paths = |st: &Stack| st.slices.iter().map(|s| s.path.clone()).collect::<Vec<_>>();
+    let key = (paths(stack), pre_stack.map(paths));
+    // The second run takes the decode out: nothing holds it after that.
+    let cached = cache
+        .and_then(|c| c.0.lock().ok())
+        .and_then(|mut held| held.take_if(|d| d.key == key));
+    if let Some(d) = cached {
+        return Ok(d);
+    }
+    let post = Arc::new(load_stack(stack)?);
+    let pre = pre_stack.map(|p| load_pooled_subtraction(p, &post).map(Arc::new));
+    let decoded = MrDecoded { key, post, pre };
+    if let Some(mut held) = cache.and_then(|c| c.0.lock().ok()) {
+        *held = Some(decoded.clone());
+    }
+    Ok(decoded)
+}
+
 fn load_stack(st: &Stack) -> Result<Grid3, InstanceError> {
     let (nz, ny, nx) = (st.slices.len(), st.rows, st.cols);
     let mut data = vec![0f32; nz * ny * nx];
@@ -985,6 +1038,7 @@ fn prepare_mri(
     grid: InputGrid,
     side: Option<Laterality>,
     ann: Option<&DicomAnnotationRoi>,
+    cache: Option<&MrDecodeCache>,
 ) -> Part<Volume> {
     let (mut errors, mut notes) = (Vec::new(), Vec::new());
     let no_geom = metas
@@ -1059,18 +1113,14 @@ fn prepare_mri(
     // Only two phases are ever decoded, and only the chosen one is held at
     // full resolution (memory: see docs/imaging.md); the pre phase is pooled
     // against it as it is decoded, so it comes second.
-    let post = load_stack(&stack);
-    let post = match post {
-        Ok(g) => g,
+    let (post, pre) = match decode_mr(&stack, pre_stack.as_ref(), cache) {
+        Ok(d) => (d.post, d.pre),
         Err(e) => {
             errors.push(e);
             notes.push("MR: chosen phase could not be decoded; MRI input left out".into());
             return (None, vec![], errors, notes);
         }
     };
-    let pre = pre_stack
-        .as_ref()
-        .map(|p| load_pooled_subtraction(p, &post));
     let pre = match pre {
         Some(Ok(g)) => Some(g),
         Some(Err(e)) => {
@@ -1083,7 +1133,7 @@ fn prepare_mri(
     let target = VolumeTarget {
         stack: &stack,
         post: &post,
-        pooled_subtraction: pre.as_ref(),
+        pooled_subtraction: pre.as_deref(),
         side,
     };
     let mut providers: Vec<&dyn RoiProvider> = Vec::new();
@@ -1128,6 +1178,7 @@ fn prepare_mri(
                 }
             }
         });
+    // Freed here unless the other side's run will take them from the cache.
     drop(pre);
     drop(post);
     scale_percentiles(&mut data, s.mri_percentile_low, s.mri_percentile_high);
