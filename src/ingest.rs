@@ -216,13 +216,9 @@ fn parse_header<R: std::io::Read>(source: R) -> Result<Header, String> {
             .map(|s| trim_uid(s.trim()).to_string())
             .unwrap_or_default()
     };
-    let laterality = match text(tags::IMAGE_LATERALITY) {
-        l if l.is_empty() => text(tags::LATERALITY),
-        l => l,
-    };
     Ok(Header {
         patient_id_key: patient_key(&text(tags::PATIENT_ID), ""),
-        laterality,
+        laterality: crate::imaging::select::laterality_term(&obj).unwrap_or_default(),
         view: crate::imaging::select::view_term(&obj)
             .map(|(term, _)| term)
             .unwrap_or_default(),

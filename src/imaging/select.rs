@@ -178,15 +178,7 @@ pub fn read_instance_meta(path: &Path) -> Result<InstanceMeta, String> {
     let header: Obj = obj.into_inner();
     let o = &header;
 
-    let laterality = attrs::text(o, tags::IMAGE_LATERALITY)
-        .and_then(|s| Laterality::from_code(&s))
-        .or_else(|| attrs::text(o, tags::LATERALITY).and_then(|s| Laterality::from_code(&s)))
-        .or_else(|| {
-            // Enhanced objects: Frame Anatomy functional group (C.7.6.16.2.8).
-            attrs::functional_group(o, 0, tags::FRAME_ANATOMY_SEQUENCE)
-                .and_then(|fa| attrs::text(fa, tags::FRAME_LATERALITY))
-                .and_then(|s| Laterality::from_code(&s))
-        });
+    let laterality = laterality_term(o).and_then(|s| Laterality::from_code(&s));
     let (view, view_from_code) = mg_view(o);
     let intent = attrs::text(o, tags::PRESENTATION_INTENT_TYPE).unwrap_or_default();
     let for_presentation = sop_class == SOP_MG_PRESENTATION
@@ -311,6 +303,21 @@ pub fn view_term(o: &Obj) -> Option<(String, bool)> {
         }
     }
     attrs::text(o, tags::VIEW_POSITION).map(|s| (s.to_ascii_uppercase(), false))
+}
+
+/// The side an image shows, as its code (upper-cased): Image Laterality
+/// (0020,0062), else Laterality (0020,0060), else the Frame Laterality
+/// (0020,9072) of the first frame's Frame Anatomy (PS3.3 C.7.6.16.2.8, for
+/// enhanced objects). Ingest indexes this code and imaging reads L and R
+/// from it, so the case assembler and the model see the same side.
+pub fn laterality_term(o: &Obj) -> Option<String> {
+    attrs::text(o, tags::IMAGE_LATERALITY)
+        .or_else(|| attrs::text(o, tags::LATERALITY))
+        .or_else(|| {
+            attrs::functional_group(o, 0, tags::FRAME_ANATOMY_SEQUENCE)
+                .and_then(|fa| attrs::text(fa, tags::FRAME_LATERALITY))
+        })
+        .map(|s| s.to_ascii_uppercase())
 }
 
 /// The view, when it is one the model takes (CC or MLO).
@@ -824,6 +831,25 @@ mod tests {
             o.put_str(tags::VIEW_POSITION, VR::CS, position);
         }
         o
+    }
+
+    #[test]
+    fn laterality_from_the_image_else_the_series_else_the_frame() {
+        let seq = |tag, item: Obj| DataElement::new(tag, VR::SQ, DataSetSequence::from(vec![item]));
+        let mut enhanced = Obj::new_empty();
+        let anatomy = Obj::from_element_iter([DataElement::new(
+            tags::FRAME_LATERALITY,
+            VR::CS,
+            PrimitiveValue::from("R"),
+        )]);
+        let frame = Obj::from_element_iter([seq(tags::FRAME_ANATOMY_SEQUENCE, anatomy)]);
+        enhanced.put(seq(tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE, frame));
+        assert_eq!(laterality_term(&enhanced).as_deref(), Some("R"));
+        enhanced.put_str(tags::LATERALITY, VR::CS, "l");
+        assert_eq!(laterality_term(&enhanced).as_deref(), Some("L"));
+        enhanced.put_str(tags::IMAGE_LATERALITY, VR::CS, "B");
+        assert_eq!(laterality_term(&enhanced).as_deref(), Some("B"));
+        assert_eq!(laterality_term(&Obj::new_empty()), None);
     }
 
     #[test]
