@@ -10,7 +10,8 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::model::{Branch, MapConfig, MapInputs, MapModel, MapOutput, ModelError};
+use crate::modality::Modality;
+use crate::model::{MapConfig, MapInputs, MapModel, MapOutput, ModelError};
 
 /// A dense f32 tensor as plain data (row-major).
 #[derive(Debug, Clone, PartialEq)]
@@ -391,21 +392,21 @@ pub fn infer_tensors_file(
         .ok_or_else(|| ModelError::Input("inputs file has no `input.clinical`".into()))?;
     let batch = clinical.dim(0)?;
     let flags = parse_flags(flags, batch)?;
-    let mut take = |branch: Branch| -> Result<Option<Tensor>, ModelError> {
-        let key = format!("input.{}", branch.name());
+    let mut take = |branch: Modality| -> Result<Option<Tensor>, ModelError> {
+        let key = format!("input.{}", branch.key());
         let t = tensors.remove(&key);
-        if t.is_none() && flags.iter().any(|f| f[branch.index()]) {
+        if t.is_none() && flags.iter().any(|f| f[branch.branch()]) {
             return Err(ModelError::Input(format!(
                 "a {} flag is set but the inputs file has no `{key}`",
-                branch.name()
+                branch.key()
             )));
         }
         Ok(t)
     };
     let inputs = MapInputs {
-        mri: take(Branch::Mri)?,
-        us: take(Branch::Us)?,
-        mg: take(Branch::Mg)?,
+        mri: take(Modality::MR)?,
+        us: take(Modality::US)?,
+        mg: take(Modality::MG)?,
         clinical,
         flags: flags.clone(),
     };
@@ -418,9 +419,9 @@ pub fn infer_tensors_file(
                 "prob": s.prob,
                 "logits": s.logits,
                 "branch_probs": {
-                    "us": s.branch_probs[Branch::Us.index()],
-                    "mri": s.branch_probs[Branch::Mri.index()],
-                    "mg": s.branch_probs[Branch::Mg.index()],
+                    "us": s.branch_probs[Modality::US.branch()],
+                    "mri": s.branch_probs[Modality::MR.branch()],
+                    "mg": s.branch_probs[Modality::MG.branch()],
                 },
             })
         })

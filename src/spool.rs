@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
+use crate::durable::{sync_dir, sync_dir_and_parents};
+
 /// The spool folder: `tmp/` for instances being received, and
 /// `<study>/<series>/<instance>.dcm` for stored ones.
 #[derive(Debug, Clone)]
@@ -112,16 +114,8 @@ impl Spool {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(Placement::Exists),
             Err(e) => return Err(e),
         }
-        sync_dir(&parent)?;
-        if created {
-            // New study/series folders must be durable too.
-            if let Some(series_parent) = parent.parent() {
-                sync_dir(series_parent)?;
-                if let Some(study_parent) = series_parent.parent() {
-                    sync_dir(study_parent)?;
-                }
-            }
-        }
+        // New study/series folders must be durable in their parents too.
+        sync_dir_and_parents(&parent, if created { 2 } else { 0 })?;
         std::fs::remove_file(&sealed.path)?;
         Ok(Placement::Placed)
     }
@@ -356,10 +350,6 @@ fn create_private_dir(path: &Path) -> io::Result<()> {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))?;
     }
     Ok(())
-}
-
-fn sync_dir(path: &Path) -> io::Result<()> {
-    std::fs::File::open(path)?.sync_all()
 }
 
 #[cfg(test)]

@@ -9,7 +9,8 @@ use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Tensor};
 use her2map::inference::{infer_tensors_file, parse_flags};
-use her2map::model::{Branch, MapConfig, MapInputs, MapModel, MapOutput, ModelError};
+use her2map::modality::Modality;
+use her2map::model::{MapConfig, MapInputs, MapModel, MapOutput, ModelError};
 
 const CASES: [&str; 6] = ["all", "no_mri", "no_us", "mg_only", "no_mg", "mixed"];
 /// Outputs: logits, probabilities, embeddings, CAMs.
@@ -76,12 +77,12 @@ fn flags_of(case: &str) -> Vec<[bool; 3]> {
 /// a branch absent from every sample is passed as `None` (skipped).
 fn case_inputs(case: &str) -> MapInputs {
     let flags = flags_of(case);
-    let pick = |branch: Branch| -> Option<Tensor> {
-        let k = branch.index();
+    let pick = |branch: Modality| -> Option<Tensor> {
+        let k = branch.branch();
         if !flags.iter().any(|f| f[k]) {
             return None;
         }
-        let x = fx(&format!("input.{}", branch.name()));
+        let x = fx(&format!("input.{}", branch.key()));
         let mask: Vec<f32> = flags.iter().map(|f| if f[k] { 1.0 } else { 0.0 }).collect();
         let mut shape = vec![1usize; x.rank()];
         shape[0] = mask.len();
@@ -89,9 +90,9 @@ fn case_inputs(case: &str) -> MapInputs {
         Some(x.broadcast_mul(&m).unwrap())
     };
     MapInputs {
-        mri: pick(Branch::Mri),
-        us: pick(Branch::Us),
-        mg: pick(Branch::Mg),
+        mri: pick(Modality::MR),
+        us: pick(Modality::US),
+        mg: pick(Modality::MG),
         clinical: fx("input.clinical").clone(),
         flags,
     }
@@ -125,19 +126,19 @@ fn check_outputs(case: &str, out: &MapOutput, worst: &mut HashMap<&'static str, 
         format!("{p}.fused"),
     );
     let flags = flags_of(case);
-    for b in Branch::ALL {
-        let k = b.index();
+    for b in Modality::MODEL_ORDER {
+        let k = b.branch();
         let ran = flags.iter().any(|f| f[k]);
         assert_eq!(
             out.embeddings[k].is_some(),
             ran,
             "{p}: branch {} run",
-            b.name()
+            b.key()
         );
         if let Some(e) = &out.embeddings[k] {
-            let name = format!("{p}.emb_{}", b.name());
+            let name = format!("{p}.emb_{}", b.key());
             upd("embeddings", max_diff(e, fx(&name), &name), name);
-            let name = format!("{p}.logits_{}", b.name());
+            let name = format!("{p}.logits_{}", b.key());
             let l = out.branch_logits[k].as_ref().unwrap();
             upd("branch_logits", max_diff(l, fx(&name), &name), name);
         }
@@ -163,11 +164,11 @@ fn cases_match_reference_from_both_formats() {
 fn cams_match_reference_from_both_formats() {
     for ext in ["safetensors", "pth"] {
         let out = model(ext).forward(&case_inputs("all")).unwrap();
-        for b in Branch::ALL {
-            let k = b.index();
+        for b in Modality::MODEL_ORDER {
+            let k = b.branch();
             for (got, name) in [
-                (&out.cams_grid[k], format!("cam_{}", b.name())),
-                (&out.cams_raw[k], format!("cam_{}_raw", b.name())),
+                (&out.cams_grid[k], format!("cam_{}", b.key())),
+                (&out.cams_raw[k], format!("cam_{}_raw", b.key())),
             ] {
                 let d = max_diff(got.as_ref().unwrap(), fx(&name), &name);
                 println!("[{ext}] {name}: max abs diff {d:e}");
@@ -176,9 +177,9 @@ fn cams_match_reference_from_both_formats() {
             // The upsampled CAM keeps the input grid and is non-negative.
             let up = out.cams[k].as_ref().unwrap();
             let side = match b {
-                Branch::Us => m_side(ext, |c| c.us.img_size),
-                Branch::Mri => m_side(ext, |c| c.mri.img_size),
-                Branch::Mg => m_side(ext, |c| c.mg.img_size),
+                Modality::US => m_side(ext, |c| c.us.img_size),
+                Modality::MR => m_side(ext, |c| c.mri.img_size),
+                Modality::MG => m_side(ext, |c| c.mg.img_size),
             };
             assert!(up.dims()[1..].iter().all(|&s| s == side), "{:?}", up.dims());
             assert!(
@@ -407,7 +408,7 @@ fn skipping_a_branch_equals_running_it_on_zeros_with_flag_0() {
     let m = model("safetensors");
     // no_mri skips the MRI branch entirely.
     let skipped = m.forward(&case_inputs("no_mri")).unwrap();
-    assert!(skipped.embeddings[Branch::Mri.index()].is_none());
+    assert!(skipped.embeddings[Modality::MR.branch()].is_none());
     // Same samples, but sample 1 has MRI present, so the branch runs and
     // sample 0 goes through it on zeros with flag 0.
     let mut run = case_inputs("all");
@@ -423,7 +424,7 @@ fn skipping_a_branch_equals_running_it_on_zeros_with_flag_0() {
     run.mri = Some(zero0);
     run.flags = vec![[true, false, true], [true, true, true]];
     let ran = m.forward(&run).unwrap();
-    assert!(ran.embeddings[Branch::Mri.index()].is_some());
+    assert!(ran.embeddings[Modality::MR.branch()].is_some());
     let a = skipped.logits.narrow(0, 0, 1).unwrap();
     let b = ran.logits.narrow(0, 0, 1).unwrap();
     let d = max_diff(&a, &b, "logits sample 0");
@@ -469,13 +470,13 @@ fn infer_tensors_file_gives_reference_probs() {
         }
         let fl = parse_flags(flags, 2).unwrap();
         for (i, s) in samples.iter().enumerate() {
-            for b in Branch::ALL {
-                let v = &s["branch_probs"][b.name()];
+            for b in Modality::MODEL_ORDER {
+                let v = &s["branch_probs"][b.key()];
                 assert_eq!(
                     v.is_null(),
-                    !fl[i][b.index()],
+                    !fl[i][b.branch()],
                     "{case} sample {i} {}",
-                    b.name()
+                    b.key()
                 );
             }
         }

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 mod common;
 
 use her2map::imaging::{
-    ClinicalSource, ImagingSettings, InputGrid, Laterality, SelModality, SideBasis, SideSetting,
+    ClinicalSource, ImagingSettings, InputGrid, Laterality, Modality, SideBasis, SideSetting,
     SourceGeometry, prepare_case, prepare_case_sides,
 };
 use her2map::synth::{SynthOptions, SynthSummary, write_synthetic_patient};
@@ -48,13 +48,13 @@ fn synthetic_patient_is_prepared() {
     let mg = case.mg.as_ref().expect("mg");
     assert_eq!(mg.data.len(), 4 * 64 * 64);
     assert!(mg.data.iter().all(|v| (0.0..=1.0).contains(v)));
-    assert_eq!(case.modality_flags(), [true, true, true]);
+    assert_eq!(case.modalities().model_flags(), [true, true, true]);
 
     // MG: R CC then R MLO, crops by the image-derived provider.
     let roles: Vec<&str> = case
         .selections
         .iter()
-        .filter(|s| s.modality == SelModality::Mg)
+        .filter(|s| s.modality == Modality::MG)
         .map(|s| s.role.as_str())
         .collect();
     assert_eq!(roles, ["CC", "CC crop", "MLO", "MLO crop"]);
@@ -87,7 +87,7 @@ fn synthetic_patient_is_prepared() {
     let us_sel = case
         .selections
         .iter()
-        .find(|s| s.modality == SelModality::Us)
+        .find(|s| s.modality == Modality::US)
         .unwrap();
     assert_eq!(us_sel.roi_provider, "us-region");
     assert!(

@@ -8,32 +8,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use crate::db::CaseMember;
-
-/// Modalities the model reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub enum Modality {
-    MR,
-    US,
-    MG,
-}
-
-impl Modality {
-    pub fn from_dicom(modality: &str) -> Option<Self> {
-        match modality.trim() {
-            "MR" => Some(Modality::MR),
-            "US" => Some(Modality::US),
-            "MG" => Some(Modality::MG),
-            _ => None,
-        }
-    }
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Modality::MR => "MR",
-            Modality::US => "US",
-            Modality::MG => "MG",
-        }
-    }
-}
+pub use crate::modality::Modality;
 
 /// What happens when `max_wait` passes with required modalities missing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]

@@ -24,6 +24,7 @@ use rayon::prelude::*;
 use regex::Regex;
 use serde::Deserialize;
 
+pub use crate::modality::{Modality, ModalitySet};
 pub use clinical::ClinicalSource;
 pub use decode::{DecodeError, GrayImage, VoiWindowChoice};
 pub use roi::{PatientBox, PixelBox, RoiProvider};
@@ -215,14 +216,6 @@ pub struct LesionSide {
     pub detail: String,
 }
 
-/// Modality of a selection.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SelModality {
-    Mg,
-    Us,
-    Mr,
-}
-
 /// Where an input came from, enough to map a CAM on the input grid back
 /// onto the source image(s).
 #[derive(Clone, Debug)]
@@ -314,7 +307,7 @@ fn shared_base(img: &GrayImage, s: &ImagingSettings) -> Option<Arc<HeatmapBase>>
 /// One chosen input and its provenance.
 #[derive(Clone, Debug)]
 pub struct Selection {
-    pub modality: SelModality,
+    pub modality: Modality,
     /// "CC", "MLO", "CC crop", "MLO crop", "US", "MR post-contrast 2",
     /// "MR pre-contrast (subtraction)".
     pub role: String,
@@ -360,9 +353,12 @@ pub struct PreparedCase {
 }
 
 impl PreparedCase {
-    /// Availability flags in the model's order mi = [US, MRI, MG].
-    pub fn modality_flags(&self) -> [bool; 3] {
-        [self.us.is_some(), self.mri.is_some(), self.mg.is_some()]
+    /// The modalities this side has an input of.
+    pub fn modalities(&self) -> ModalitySet {
+        ModalitySet::default()
+            .with(Modality::US, self.us.is_some())
+            .with(Modality::MR, self.mri.is_some())
+            .with(Modality::MG, self.mg.is_some())
     }
 }
 
@@ -467,7 +463,7 @@ fn build_index(files: &[PathBuf]) -> Index {
 fn decide_side(metas: &[InstanceMeta], settings: &ImagingSettings) -> LesionSide {
     let lats: Vec<Laterality> = metas
         .iter()
-        .filter(|m| m.kind == Kind::Us && !select::us_flagged_doppler(m))
+        .filter(|m| m.kind == Kind::Image(Modality::US) && !select::us_flagged_doppler(m))
         .filter_map(|m| m.laterality)
         .collect();
     let has_l = lats.contains(&Laterality::Left);
@@ -555,9 +551,9 @@ fn prepare_from_index(
     }
     let headers = || {
         let order = |k: Kind| match k {
-            Kind::Mg => 0,
-            Kind::Us => 1,
-            Kind::Mr => 2,
+            Kind::Image(Modality::MG) => 0,
+            Kind::Image(Modality::US) => 1,
+            Kind::Image(Modality::MR) => 2,
             _ => 3,
         };
         let mut v: Vec<&InstanceMeta> = index.metas.iter().collect();
@@ -649,7 +645,7 @@ fn prepare_us(
     let (mut errors, mut notes) = (Vec::new(), Vec::new());
     let flagged = metas
         .iter()
-        .filter(|m| m.kind == Kind::Us && select::us_flagged_doppler(m))
+        .filter(|m| m.kind == Kind::Image(Modality::US) && select::us_flagged_doppler(m))
         .count();
     if flagged > 0 {
         notes.push(format!(
@@ -658,7 +654,7 @@ fn prepare_us(
     }
     let cands = select::us_candidates(metas, side);
     if cands.is_empty() {
-        if metas.iter().any(|m| m.kind == Kind::Us) {
+        if metas.iter().any(|m| m.kind == Kind::Image(Modality::US)) {
             notes.push("US: no B-mode image of the lesion side".into());
         }
         return (None, vec![], errors, notes);
@@ -720,7 +716,7 @@ fn prepare_us(
             ));
         }
         let sel = Selection {
-            modality: SelModality::Us,
+            modality: Modality::US,
             role: "US".into(),
             study_instance_uid: m.study_uid.clone(),
             series_instance_uid: m.series_uid.clone(),
@@ -772,7 +768,7 @@ fn prepare_mg(
     let Some(side) = side else {
         return (None, vec![], errors, notes);
     };
-    if !metas.iter().any(|m| m.kind == Kind::Mg) {
+    if !metas.iter().any(|m| m.kind == Kind::Image(Modality::MG)) {
         return (None, vec![], errors, notes);
     }
     let picks = select::select_mg(metas, side);
@@ -811,7 +807,7 @@ fn prepare_mg(
     let per_view = |(name, m, img): &(&str, &InstanceMeta, GrayImage)| {
         let whole = clamp01(resize::resize_bilinear(img, n, n).data);
         let whole_sel = Selection {
-            modality: SelModality::Mg,
+            modality: Modality::MG,
             role: name.to_string(),
             study_instance_uid: m.study_uid.clone(),
             series_instance_uid: m.series_uid.clone(),
@@ -867,7 +863,7 @@ fn prepare_mg(
         };
         let out = resize::resize_box(img, (crop[0], crop[1], crop[2], crop[3]), n, n);
         let crop_sel = Selection {
-            modality: SelModality::Mg,
+            modality: Modality::MG,
             role: format!("{name} crop"),
             study_instance_uid: m.study_uid.clone(),
             series_instance_uid: m.series_uid.clone(),
@@ -1044,7 +1040,9 @@ fn prepare_mri(
     let no_geom = metas
         .iter()
         .filter(|m| {
-            m.kind == Kind::Mr && m.geom.is_none() && !m.frame_geoms.iter().any(|g| g.0.is_some())
+            m.kind == Kind::Image(Modality::MR)
+                && m.geom.is_none()
+                && !m.frame_geoms.iter().any(|g| g.0.is_some())
         })
         .count();
     if no_geom > 0 {
@@ -1183,7 +1181,7 @@ fn prepare_mri(
     drop(post);
     scale_percentiles(&mut data, s.mri_percentile_low, s.mri_percentile_high);
     let mut sels = vec![Selection {
-        modality: SelModality::Mr,
+        modality: Modality::MR,
         role: format!("MR post-contrast {}", idx + 1),
         study_instance_uid: post_phase.study_uid.clone(),
         series_instance_uid: post_phase.series_uid.clone(),
@@ -1210,7 +1208,7 @@ fn prepare_mri(
     }];
     if let (Some(p), Some(pst)) = (&dce.pre, &pre_stack) {
         sels.push(Selection {
-            modality: SelModality::Mr,
+            modality: Modality::MR,
             role: "MR pre-contrast (subtraction)".into(),
             study_instance_uid: p.study_uid.clone(),
             series_instance_uid: p.series_uid.clone(),

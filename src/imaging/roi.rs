@@ -20,6 +20,7 @@ use super::attrs::{self, Obj};
 use super::decode::GrayImage;
 use super::resize::Grid3;
 use super::select::{InstanceMeta, Kind, Laterality, SOP_GSPS, SOP_SEG, SliceGeom, Stack};
+use crate::modality::Modality;
 
 /// Axis-aligned box in source pixels (x0, y0, x1, y1), exclusive ends.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -132,7 +133,7 @@ impl DicomAnnotationRoi {
                     seg_annotations(&m.path, &mut annotations)
                 }
                 Kind::RoiObject => sr_annotations(&m.header, &mut annotations, None),
-                Kind::Mr => {
+                Kind::Image(Modality::MR) => {
                     if let Some(g) = m.geom {
                         mr_geoms.insert((m.sop_instance.clone(), 0), g);
                     }

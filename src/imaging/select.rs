@@ -17,6 +17,7 @@ use dicom_object::OpenFileOptions;
 use regex::Regex;
 
 use super::attrs::{self, Obj};
+use crate::modality::Modality;
 
 pub const SOP_MG_PRESENTATION: &str = "1.2.840.10008.5.1.4.1.1.1.2";
 pub const SOP_MG_PROCESSING: &str = "1.2.840.10008.5.1.4.1.1.1.2.1";
@@ -71,9 +72,8 @@ impl MgView {
 /// What kind of object an instance is, for the purpose of this module.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
-    Mg,
-    Us,
-    Mr,
+    /// An image of a modality the model reads.
+    Image(Modality),
     /// Grayscale Softcopy Presentation State, Structured Report or
     /// Segmentation: may carry an ROI.
     RoiObject,
@@ -256,17 +256,17 @@ pub fn read_instance_meta(path: &Path) -> Result<InstanceMeta, String> {
 
 fn classify(sop_class: &str, modality: &str) -> Kind {
     match sop_class {
-        SOP_MG_PRESENTATION | SOP_MG_PROCESSING => return Kind::Mg,
-        SOP_US | SOP_US_MULTIFRAME => return Kind::Us,
-        SOP_MR | SOP_ENHANCED_MR => return Kind::Mr,
+        SOP_MG_PRESENTATION | SOP_MG_PROCESSING => return Kind::Image(Modality::MG),
+        SOP_US | SOP_US_MULTIFRAME => return Kind::Image(Modality::US),
+        SOP_MR | SOP_ENHANCED_MR => return Kind::Image(Modality::MR),
         SOP_GSPS | SOP_SEG => return Kind::RoiObject,
         s if s.starts_with("1.2.840.10008.5.1.4.1.1.88.") => return Kind::RoiObject,
         _ => {}
     }
     match modality {
-        "MG" => Kind::Mg,
-        "US" => Kind::Us,
-        "MR" => Kind::Mr,
+        "MG" => Kind::Image(Modality::MG),
+        "US" => Kind::Image(Modality::US),
+        "MR" => Kind::Image(Modality::MR),
         "SR" | "PR" | "SEG" => Kind::RoiObject,
         _ => Kind::Other,
     }
@@ -410,7 +410,11 @@ pub fn select_mg(index: &[InstanceMeta], side: Laterality) -> [Option<MgPick<'_>
     [MgView::Cc, MgView::Mlo].map(|view| {
         let mut c: Vec<&InstanceMeta> = index
             .iter()
-            .filter(|m| m.kind == Kind::Mg && m.laterality == Some(side) && m.view == Some(view))
+            .filter(|m| {
+                m.kind == Kind::Image(Modality::MG)
+                    && m.laterality == Some(side)
+                    && m.view == Some(view)
+            })
             .collect();
         c.sort_by(|a, b| {
             (b.for_presentation, !b.has_view_modifier)
@@ -455,7 +459,10 @@ pub fn us_flagged_doppler(m: &InstanceMeta) -> bool {
 /// flagged as Doppler, single-frame before multi-frame, then by Series
 /// Number, Instance Number, SOP Instance UID.
 pub fn us_candidates(index: &[InstanceMeta], side: Option<Laterality>) -> Vec<&InstanceMeta> {
-    let us: Vec<&InstanceMeta> = index.iter().filter(|m| m.kind == Kind::Us).collect();
+    let us: Vec<&InstanceMeta> = index
+        .iter()
+        .filter(|m| m.kind == Kind::Image(Modality::US))
+        .collect();
     let any_lat = us.iter().any(|m| m.laterality.is_some());
     let mut c: Vec<&InstanceMeta> = us
         .into_iter()
@@ -540,7 +547,7 @@ pub struct DcePhases {
 /// (enhanced, per frame) when a series holds several time points.
 pub fn mr_phases(index: &[InstanceMeta]) -> Vec<Phase> {
     let mut groups: BTreeMap<(String, i64), Phase> = BTreeMap::new();
-    for m in index.iter().filter(|m| m.kind == Kind::Mr) {
+    for m in index.iter().filter(|m| m.kind == Kind::Image(Modality::MR)) {
         let mut push = |frame: u32, geom: SliceGeom, tp: Option<i64>| {
             let key = (m.series_uid.clone(), tp.unwrap_or(i64::MIN));
             let ph = groups.entry(key).or_insert_with(|| Phase {

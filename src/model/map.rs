@@ -15,30 +15,7 @@ use super::swin3d::SwinTransformerV2_3d;
 use super::trace::Trace;
 use super::weights::{Checkpoint, get};
 use super::{ModelError, Result};
-
-/// The three branches, in the order of the reference's modality flags.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Branch {
-    Us = 0,
-    Mri = 1,
-    Mg = 2,
-}
-
-impl Branch {
-    pub const ALL: [Branch; 3] = [Branch::Us, Branch::Mri, Branch::Mg];
-
-    pub fn index(self) -> usize {
-        self as usize
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Branch::Us => "us",
-            Branch::Mri => "mri",
-            Branch::Mg => "mg",
-        }
-    }
-}
+use crate::modality::Modality;
 
 /// One batch of model inputs. Per-sample flags are `[US, MRI, MG]`; a branch
 /// whose flag is 0 for every sample is not run and its tensor may be `None`.
@@ -59,7 +36,7 @@ pub struct MapInputs {
 }
 
 /// Everything one forward pass produces. Arrays are indexed by
-/// [`Branch::index`] (US, MRI, MG); `None` where the branch was skipped.
+/// [`Modality::branch`] (US, MRI, MG); `None` where the branch was skipped.
 #[derive(Debug, Clone)]
 pub struct MapOutput {
     /// (B, num_classes) head(cat(fused, clinical)).
@@ -199,29 +176,29 @@ impl MapModel {
 
         // Validate and collect the branches to run (absent in every sample:
         // skipped, not run on zeros).
-        let mut jobs: Vec<(Branch, Tensor)> = Vec::with_capacity(3);
-        for branch in Branch::ALL {
-            if !inputs.flags.iter().any(|f| f[branch.index()]) {
+        let mut jobs: Vec<(Modality, Tensor)> = Vec::with_capacity(3);
+        for branch in Modality::MODEL_ORDER {
+            if !inputs.flags.iter().any(|f| f[branch.branch()]) {
                 continue;
             }
             let x = match branch {
-                Branch::Us => &inputs.us,
-                Branch::Mri => &inputs.mri,
-                Branch::Mg => &inputs.mg,
+                Modality::US => &inputs.us,
+                Modality::MR => &inputs.mri,
+                Modality::MG => &inputs.mg,
             }
             .as_ref()
             .ok_or_else(|| {
                 ModelError::Input(format!(
                     "{} flag is set but no {} tensor was given",
-                    branch.name(),
-                    branch.name()
+                    branch.key(),
+                    branch.key()
                 ))
             })?
             .to_dtype(DType::F32)?;
             if x.dim(0)? != b {
                 return Err(ModelError::Input(format!(
                     "{} batch is {}, clinical batch is {b}",
-                    branch.name(),
+                    branch.key(),
                     x.dim(0)?
                 )));
             }
@@ -235,8 +212,8 @@ impl MapModel {
         for (branch, x) in &jobs {
             let run = self.run_branch(*branch, x, trace.is_enabled())?;
             trace.absorb(run.trace);
-            embeddings[branch.index()] = Some(run.embedding);
-            cams_raw[branch.index()] = Some(run.cam);
+            embeddings[branch.branch()] = Some(run.embedding);
+            cams_raw[branch.branch()] = Some(run.cam);
         }
 
         // Masked mean with per-sample weights.
@@ -298,15 +275,15 @@ impl MapModel {
     }
 
     /// One branch: embedding and raw class-1 CAM on its feature grid.
-    fn run_branch(&self, branch: Branch, x: &Tensor, traced: bool) -> Result<BranchRun> {
+    fn run_branch(&self, branch: Modality, x: &Tensor, traced: bool) -> Result<BranchRun> {
         let b = x.dim(0)?;
         let mut trace = if traced {
-            Trace::enabled(&format!("{}.", branch.name()))
+            Trace::enabled(&format!("{}.", branch.key()))
         } else {
             Trace::disabled()
         };
         let (embedding, cam) = match branch {
-            Branch::Mri => {
+            Modality::MR => {
                 let out = self.mri.forward(x, &mut trace)?;
                 let g = self.mri.final_grid();
                 // (B, L, F) @ (F, 1) -> (B, g, g, g) in (g0, g1, g2) order.
@@ -316,8 +293,8 @@ impl MapModel {
                     .reshape((b, g, g, g))?;
                 (out.embedding, cam)
             }
-            Branch::Us | Branch::Mg => {
-                let net = if branch == Branch::Us {
+            Modality::US | Modality::MG => {
+                let net = if branch == Modality::US {
                     &self.us
                 } else {
                     &self.mg

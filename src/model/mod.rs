@@ -44,7 +44,7 @@ mod weights;
 
 pub use config::{HoverConfig, MapConfig, SwinConfig};
 pub use hovertrans::HoverTrans;
-pub use map::{Branch, MapInputs, MapModel, MapOutput};
+pub use map::{MapInputs, MapModel, MapOutput};
 pub use swin3d::SwinTransformerV2_3d;
 pub use trace::Trace;
 pub use weights::{Checkpoint, WeightsFormat, sha256_file};

@@ -1,0 +1,254 @@
+//! Heatmap geometry: the class-1 CAM of each input mapped back onto its
+//! source frame (a crop resized for planar inputs; the patient-aligned cube
+//! sampled at each source pixel for MRI), over the frame as the model saw it.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use rayon::prelude::*;
+use tracing::warn;
+
+use super::reporting::Header;
+use crate::imaging::{self, PreparedCase, SourceGeometry};
+use crate::inference::{InferResponse, TensorData};
+use crate::report;
+
+/// The heatmap images of one side: MG CC and MLO whole views, the US
+/// image, and the MRI axial slices through the CAM peak.
+pub(super) fn heatmaps(
+    p: &PreparedCase,
+    response: &InferResponse,
+    sample: usize,
+    headers: &HashMap<String, Header>,
+) -> Vec<report::Heatmap> {
+    // One heatmap job per selection, decoded and blended in parallel.
+    let made: Vec<Vec<report::Heatmap>> = p
+        .selections
+        .par_iter()
+        .map(|s| {
+            let branch = s.modality.branch();
+            // The crops share the CAM of their whole views; the
+            // pre-contrast phase only served the subtraction.
+            if s.role.contains("crop") || s.role.contains("pre-contrast") {
+                return Vec::new();
+            }
+            let Some(cams) = &response.cams[branch] else {
+                return Vec::new();
+            };
+            let made = match &s.geometry {
+                SourceGeometry::Planar { frame, crop, .. } => s
+                    .sop_instance_uids
+                    .first()
+                    .and_then(|uid| headers.get(uid))
+                    .map(|h| {
+                        planar_heatmap(h, s, *frame, *crop, &cams.input, sample).map(|hm| vec![hm])
+                    })
+                    .unwrap_or_else(|| Ok(Vec::new())),
+                SourceGeometry::Volume { .. } => mri_heatmaps(s, headers, &cams.input, sample),
+            };
+            made.unwrap_or_else(|e| {
+                warn!(role = %s.role, error = %e, "heatmap skipped");
+                Vec::new()
+            })
+        })
+        .collect();
+    made.into_iter().flatten().collect()
+}
+
+/// The heatmap background of a source frame: the one imaging kept from its
+/// own decode when there is one, else the frame decoded here (first window,
+/// shrunk the same way: `imaging::heatmap_base`).
+fn base_image<'a>(
+    path: &Path,
+    frame: u32,
+    kept: Option<&'a imaging::HeatmapBase>,
+) -> Result<std::borrow::Cow<'a, imaging::HeatmapBase>, String> {
+    if let Some(b) = kept {
+        return Ok(std::borrow::Cow::Borrowed(b));
+    }
+    let obj = dicom_object::open_file(path).map_err(|e| e.to_string())?;
+    let g = imaging::decode::decode_gray(&obj, frame, imaging::VoiWindowChoice::First)
+        .map_err(|e| e.to_string())?;
+    Ok(std::borrow::Cow::Owned(imaging::heatmap_base(&g)))
+}
+
+fn to_u8(g: &imaging::decode::GrayImage) -> Vec<u8> {
+    g.data
+        .iter()
+        .map(|v| (v.clamp(0.0, 1.0) * 255.0).round() as u8)
+        .collect()
+}
+
+fn planar_heatmap(
+    h: &Header,
+    s: &imaging::Selection,
+    frame: u32,
+    crop: [f64; 4],
+    cams: &TensorData,
+    sample: usize,
+) -> Result<report::Heatmap, String> {
+    let base = base_image(&h.path, frame, s.heatmap_base.as_deref())?;
+    let (g, scale) = (&base.image, base.scale);
+    let role = s.role.as_str();
+    let (cr, cc) = (
+        cams.shape[cams.shape.len() - 2],
+        cams.shape[cams.shape.len() - 1],
+    );
+    let n = cr * cc;
+    let cam = cams
+        .data
+        .get(sample * n..(sample + 1) * n)
+        .ok_or("CAM batch shorter than the request")?;
+    let [x0, y0, x1, y1] = crop;
+    let bx = report::sc::CropBox {
+        top: (y0 * scale) as f32,
+        left: (x0 * scale) as f32,
+        height: ((y1 - y0) * scale) as f32,
+        width: ((x1 - x0) * scale) as f32,
+    };
+    let cam = report::sc::cam_to_base_grid(
+        cam,
+        cr as u32,
+        cc as u32,
+        bx,
+        g.height as u32,
+        g.width as u32,
+    )
+    .map_err(|e| e.to_string())?;
+    let label = format!(
+        "{} {} {}",
+        h.modality,
+        h.laterality.as_deref().unwrap_or(""),
+        if role == "US" { "" } else { role }
+    );
+    Ok(report::Heatmap {
+        source: h.source((frame > 0).then_some(frame + 1)),
+        base: to_u8(g),
+        cam,
+        rows: g.height as u32,
+        cols: g.width as u32,
+        label: label.split_whitespace().collect::<Vec<_>>().join(" "),
+    })
+}
+
+/// MRI heatmaps: the axial source slices through the CAM peak (the peak
+/// slice and its neighbours two slices away), the CAM volume sampled at each
+/// source pixel's patient position.
+fn mri_heatmaps(
+    s: &imaging::Selection,
+    headers: &HashMap<String, Header>,
+    cams: &TensorData,
+    sample: usize,
+) -> Result<Vec<report::Heatmap>, String> {
+    let SourceGeometry::Volume {
+        slices,
+        frames,
+        origin,
+        row_dir,
+        col_dir,
+        normal,
+        spacing,
+        box_center_mm,
+        box_side_mm,
+        ..
+    } = &s.geometry
+    else {
+        return Ok(Vec::new());
+    };
+    let n = cams.shape[cams.shape.len() - 1];
+    let vol = cams
+        .data
+        .get(sample * n * n * n..(sample + 1) * n * n * n)
+        .ok_or("CAM batch shorter than the request")?;
+    // Peak of the CAM in input index space (k, j, i) → patient mm.
+    let (peak, _) =
+        vol.iter().enumerate().fold(
+            (0usize, f32::MIN),
+            |acc, (i, &v)| if v > acc.1 { (i, v) } else { acc },
+        );
+    let (pk, pj, pi) = (peak / (n * n), (peak / n) % n, peak % n);
+    let axis = |idx: usize| ((idx as f64 + 0.5) / n as f64 - 0.5) * box_side_mm;
+    let p = [
+        box_center_mm[0] + axis(pi),
+        box_center_mm[1] + axis(pj),
+        box_center_mm[2] + axis(pk),
+    ];
+    let rel = [p[0] - origin[0], p[1] - origin[1], p[2] - origin[2]];
+    let dot = |a: &[f64; 3], b: &[f64; 3]| a[0] * b[0] + a[1] * b[1] + a[2] * b[2];
+    let peak_slice = (dot(&rel, normal) / spacing[0])
+        .round()
+        .clamp(0.0, (*slices - 1) as f64) as usize;
+    let mut chosen = vec![peak_slice];
+    if peak_slice >= 2 {
+        chosen.insert(0, peak_slice - 2);
+    }
+    if peak_slice + 2 < *slices {
+        chosen.push(peak_slice + 2);
+    }
+    let sample_cam = |q: [f64; 3]| -> f32 {
+        // Patient point → continuous input index, trilinear.
+        let f = |c: usize| ((q[c] - box_center_mm[c]) / box_side_mm + 0.5) * n as f64 - 0.5;
+        let (x, y, z) = (f(0), f(1), f(2));
+        if x < -0.5
+            || y < -0.5
+            || z < -0.5
+            || x > n as f64 - 0.5
+            || y > n as f64 - 0.5
+            || z > n as f64 - 0.5
+        {
+            return 0.0;
+        }
+        let cl = |v: f64| v.clamp(0.0, (n - 1) as f64);
+        let (x, y, z) = (cl(x), cl(y), cl(z));
+        let (x0, y0, z0) = (x.floor() as usize, y.floor() as usize, z.floor() as usize);
+        let (x1, y1, z1) = (
+            (x0 + 1).min(n - 1),
+            (y0 + 1).min(n - 1),
+            (z0 + 1).min(n - 1),
+        );
+        let (fx, fy, fz) = (
+            (x - x0 as f64) as f32,
+            (y - y0 as f64) as f32,
+            (z - z0 as f64) as f32,
+        );
+        let at = |k: usize, j: usize, i: usize| vol[(k * n + j) * n + i];
+        let lerp = |a: f32, b: f32, t: f32| a + (b - a) * t;
+        let c00 = lerp(at(z0, y0, x0), at(z0, y0, x1), fx);
+        let c01 = lerp(at(z0, y1, x0), at(z0, y1, x1), fx);
+        let c10 = lerp(at(z1, y0, x0), at(z1, y0, x1), fx);
+        let c11 = lerp(at(z1, y1, x0), at(z1, y1, x1), fx);
+        lerp(lerp(c00, c01, fy), lerp(c10, c11, fy), fz)
+    };
+    let mut out = Vec::new();
+    for sl in chosen {
+        let Some(uid) = s.sop_instance_uids.get(sl) else {
+            continue;
+        };
+        let Some(h) = headers.get(uid) else { continue };
+        let frame = frames.get(sl).copied().unwrap_or(0);
+        let base = base_image(&h.path, frame, None)?;
+        let (g, scale) = (&base.image, base.scale);
+        let mut cam = Vec::with_capacity(g.width * g.height);
+        for r in 0..g.height {
+            for c in 0..g.width {
+                let (sr, sc) = (r as f64 / scale, c as f64 / scale);
+                let mut q = *origin;
+                for a in 0..3 {
+                    q[a] += sc * spacing[2] * row_dir[a]
+                        + sr * spacing[1] * col_dir[a]
+                        + sl as f64 * spacing[0] * normal[a];
+                }
+                cam.push(sample_cam(q));
+            }
+        }
+        out.push(report::Heatmap {
+            source: h.source((frame > 0).then_some(frame + 1)),
+            base: to_u8(g),
+            cam,
+            rows: g.height as u32,
+            cols: g.width as u32,
+            label: format!("MR slice {}", sl + 1),
+        });
+    }
+    Ok(out)
+}

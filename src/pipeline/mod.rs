@@ -1,0 +1,418 @@
+//! The node's main job for one ready case: stored instances → imaging →
+//! inference engine → SR + heatmaps → outbox. Runs off the network path, one
+//! case at a time (the engine serialises inference anyway); imaging runs on
+//! the blocking pool (rayon inside), inference on the engine's own thread.
+//! Every step is an audit event carrying the case id.
+//!
+//! The stages, each a module: [`prepare`] (imaging, and its early run during
+//! the stable age), [`request`] (the batched model input), the engine
+//! (`crate::inference`), [`reporting`] and [`heatmap`] (the objects of each
+//! side), [`outputs`] (durable files). [`folder`] runs the same stages for
+//! `her2map infer DIR`. This module orchestrates; it holds no stage's logic.
+
+mod folder;
+mod heatmap;
+mod outputs;
+mod prepare;
+mod reporting;
+mod request;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Serialize;
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::cases::{CaseJob, state};
+use crate::db::{CaseRow, Db, NewEvent, OutputRow};
+use crate::imaging::{ImagingSettings, InputGrid, PreparedCase};
+use crate::inference::{EngineHandle, InferResponse};
+use crate::model::MapConfig;
+use crate::report::{self, ReportSettings};
+
+pub use folder::infer_dicom_folder;
+pub use prepare::Speculation;
+use reporting::ReportJob;
+
+/// Pipeline audit event names.
+pub mod event {
+    pub const CASE_IMAGING_DONE: &str = "case_imaging_done";
+    pub const CASE_INFERENCE_DONE: &str = "case_inference_done";
+    pub const CASE_RESULT: &str = "case_result";
+    pub const CASE_FAILED: &str = "case_failed";
+}
+
+/// What the outputs say made them.
+#[derive(Debug, Clone)]
+pub struct ModelIdentity {
+    pub name: String,
+    pub version: String,
+    pub demo: bool,
+}
+
+/// Milliseconds per stage of one case.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StageTimes {
+    pub imaging_ms: f64,
+    pub inference_ms: f64,
+    pub reporting_ms: f64,
+}
+
+/// The result of one side of a case, as recorded in the `case_result` event.
+#[derive(Debug, Clone, Serialize)]
+pub struct SideResult {
+    pub lesion_side: Option<String>,
+    pub prob: f32,
+    pub positive: bool,
+    pub branch_probs: BTreeMap<&'static str, Option<f32>>,
+    pub modalities_used: Vec<String>,
+    pub modalities_missing: Vec<String>,
+    pub roi_methods: Vec<(String, String)>,
+    pub outputs: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("{0}")]
+    Db(#[from] crate::db::DbError),
+    #[error("no usable modality: {0}")]
+    NoInput(String),
+    #[error("inference: {0}")]
+    Model(#[from] crate::model::ModelError),
+    #[error("report: {0}")]
+    Report(#[from] report::ReportError),
+    #[error("writing outputs: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Other(String),
+}
+
+pub struct Pipeline {
+    pub db: Db,
+    pub data_dir: PathBuf,
+    pub engine: EngineHandle,
+    pub imaging: ImagingSettings,
+    pub report: ReportSettings,
+    pub identity: ModelIdentity,
+    pub destinations: Vec<crate::outbox::DestinationSettings>,
+    pub outbox_wake: Arc<Notify>,
+    /// Case ids whose inputs are complete and that only wait for their
+    /// stable age (from the assembler): their imaging starts now.
+    pub prepare_hints: Option<mpsc::Receiver<String>>,
+    pub speculation: Speculation,
+}
+
+impl Pipeline {
+    /// Take cases from the queue (and preparation hints) until shutdown.
+    pub async fn run(mut self, mut jobs: mpsc::Receiver<CaseJob>, shutdown: CancellationToken) {
+        let mut hints = self.prepare_hints.take();
+        loop {
+            tokio::select! {
+                j = jobs.recv() => match j {
+                    Some(job) => self.process(&job).await,
+                    None => return,
+                },
+                Some(case_id) = async {
+                    match hints.as_mut() {
+                        Some(h) => h.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => self.speculate(&case_id).await,
+                _ = shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    /// Run one case; failures end the case in `failed` with the reason.
+    pub async fn process(&self, job: &CaseJob) {
+        let now = crate::db::now();
+        match self
+            .db
+            .transition_case(
+                &job.case_id,
+                state::QUEUED,
+                state::RUNNING,
+                "imaging and inference",
+                &now,
+            )
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => return, // held or changed by an operator meanwhile
+            Err(e) => {
+                error!(case = %job.case_id, error = %e, "case could not start");
+                return;
+            }
+        }
+        if let Err(e) = self.run_case(job).await {
+            warn!(case = %job.case_id, error = %e, "case failed");
+            let reason = e.to_string();
+            self.audit(
+                &job.case_id,
+                event::CASE_FAILED,
+                serde_json::json!({ "reason": reason }),
+            )
+            .await;
+            let _ = self
+                .db
+                .transition_case(
+                    &job.case_id,
+                    state::RUNNING,
+                    state::FAILED,
+                    &reason,
+                    &crate::db::now(),
+                )
+                .await;
+        }
+    }
+
+    async fn audit(&self, case_id: &str, name: &str, detail: serde_json::Value) {
+        let e = NewEvent {
+            event: name,
+            case_id: Some(case_id),
+            detail: Some(detail),
+            ..Default::default()
+        };
+        if let Err(err) = self.db.record(e).await {
+            error!(error = %err, "audit event could not be recorded");
+        }
+    }
+
+    /// One case, stage by stage: imaging, the amendment check, inference,
+    /// reporting, and the case's next state.
+    async fn run_case(&self, job: &CaseJob) -> Result<(), PipelineError> {
+        let case = self
+            .db
+            .case(&job.case_id)
+            .await?
+            .ok_or_else(|| PipelineError::Other("case vanished".into()))?;
+        let mut times = StageTimes::default();
+        let (prepared, errors) = self.image(&case, &mut times).await?;
+
+        // The amendment check: a rerun that selects the same inputs makes no
+        // new result.
+        let digest = request::inputs_digest(&prepared);
+        if case.revision > 0 && digest == case.inputs_digest {
+            let reason = "late instances did not change the selected inputs: no new result";
+            self.db
+                .transition_case(
+                    &case.id,
+                    state::RUNNING,
+                    state::DONE,
+                    reason,
+                    &crate::db::now(),
+                )
+                .await?;
+            return Ok(());
+        }
+
+        let response = self.infer(&case, &prepared, &mut times).await?;
+        let t = Instant::now();
+        let (results, rows) = self.report(&case, prepared, response).await?;
+        times.reporting_ms = t.elapsed().as_secs_f64() * 1e3;
+        self.db.set_case_inputs(&case.id, &digest).await?;
+        self.audit(
+            &case.id,
+            event::CASE_RESULT,
+            serde_json::json!({
+                "revision": case.revision,
+                "sides": results,
+                "times": times,
+                "model": self.identity.name, "model_version": self.identity.version,
+                "weights_sha256": self.engine.weights_sha256(), "demo": self.identity.demo,
+                "errors": errors,
+            }),
+        )
+        .await;
+        self.finish(&case, &results, rows.len()).await
+    }
+
+    /// Imaging (perhaps done already during the stable age), its audit event,
+    /// and the sides that have at least one input; with the per-instance
+    /// errors as the events state them.
+    async fn image(
+        &self,
+        case: &CaseRow,
+        times: &mut StageTimes,
+    ) -> Result<(Vec<PreparedCase>, Vec<String>), PipelineError> {
+        let files = self.member_files(&self.db.case_members(&case.id).await?);
+        let instances = files.len();
+        let (prepared, waited_ms, imaging_compute_ms, early) = self.prepared(files).await?;
+        times.imaging_ms = waited_ms;
+        let errors: Vec<String> = prepared
+            .iter()
+            .flat_map(|p| p.errors.iter())
+            .map(|e| {
+                format!(
+                    "{}: {}",
+                    e.sop_instance_uid.as_deref().unwrap_or("?"),
+                    e.message
+                )
+            })
+            .collect();
+        self.audit(
+            &case.id,
+            event::CASE_IMAGING_DONE,
+            serde_json::json!({
+                "ms": times.imaging_ms,
+                "compute_ms": imaging_compute_ms,
+                "prepared_during_stable_age": early,
+                "instances": instances,
+                "sides": prepared.len(),
+                "flags": prepared.iter().map(|p| p.modalities()).collect::<Vec<_>>(),
+                "errors": errors,
+                "notes": prepared.iter().flat_map(|p| p.notes.clone()).collect::<Vec<_>>(),
+            }),
+        )
+        .await;
+        let prepared = usable_sides(prepared);
+        if prepared.is_empty() {
+            return Err(PipelineError::NoInput(if errors.is_empty() {
+                "no image could be selected".into()
+            } else {
+                errors.join("; ")
+            }));
+        }
+        Ok((prepared, errors))
+    }
+
+    /// Inference of every side (both, when the side is unknown) in one batch
+    /// on the engine's thread.
+    async fn infer(
+        &self,
+        case: &CaseRow,
+        prepared: &[PreparedCase],
+        times: &mut StageTimes,
+    ) -> Result<InferResponse, PipelineError> {
+        let request = request::build_request(prepared, self.grid())?;
+        let t = Instant::now();
+        let response = self.engine.infer(request).await?;
+        times.inference_ms = t.elapsed().as_secs_f64() * 1e3;
+        self.audit(
+            &case.id,
+            event::CASE_INFERENCE_DONE,
+            serde_json::json!({
+                "ms": times.inference_ms,
+                "compute_ms": response.compute_ms,
+                "probs": response.samples.iter().map(|s| s.prob).collect::<Vec<_>>(),
+                "weights_sha256": response.weights_sha256,
+            }),
+        )
+        .await;
+        Ok(response)
+    }
+
+    /// Reporting: SR + heatmaps per side (file reads and pixel work on the
+    /// blocking pool), written durably, then queued for every destination.
+    async fn report(
+        &self,
+        case: &CaseRow,
+        prepared: Vec<PreparedCase>,
+        response: InferResponse,
+    ) -> Result<(Vec<SideResult>, Vec<OutputRow>), PipelineError> {
+        let job = ReportJob {
+            case_id: case.id.clone(),
+            revision: case.revision,
+            identity: self.identity.clone(),
+            settings: self.report.clone(),
+            predecessors: self.predecessors(&case.id, case.revision).await?,
+        };
+        let (results, written) =
+            tokio::task::spawn_blocking(move || job.build(&prepared, &response))
+                .await
+                .map_err(|e| PipelineError::Other(e.to_string()))??;
+        let (data_dir, case_id, revision) = (self.data_dir.clone(), case.id.clone(), case.revision);
+        let rows = tokio::task::spawn_blocking(move || {
+            outputs::write_outputs(&data_dir, &case_id, revision, written)
+        })
+        .await
+        .map_err(|e| PipelineError::Other(e.to_string()))??;
+        for row in &rows {
+            let dests = crate::outbox::destinations_for(&self.destinations, &row.kind);
+            self.db.add_output(row, &dests).await?;
+        }
+        self.outbox_wake.notify_waiters();
+        Ok((results, rows))
+    }
+
+    /// The case's next state: done, or reopened when instances arrived while
+    /// it ran.
+    async fn finish(
+        &self,
+        case: &CaseRow,
+        results: &[SideResult],
+        objects: usize,
+    ) -> Result<(), PipelineError> {
+        let summary = results
+            .iter()
+            .map(|r| {
+                format!(
+                    "side {}: P(HER2+)={:.3}",
+                    r.lesion_side.as_deref().unwrap_or("?"),
+                    r.prob
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        info!(case = %case.id, %summary, outputs = objects, "case result");
+        let now = crate::db::now();
+        let latest = self.db.case(&case.id).await?.map(|c| c.last_instance_at);
+        if latest.as_deref() != Some(case.last_instance_at.as_str()) {
+            self.db
+                .reopen_case(
+                    &case.id,
+                    state::RUNNING,
+                    "instances arrived while the case ran",
+                    &now,
+                )
+                .await?;
+        } else {
+            let reason = format!("result: {summary}; {objects} objects queued");
+            self.db
+                .transition_case(&case.id, state::RUNNING, state::DONE, &reason, &now)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Earlier SRs of this case: the new one amends them.
+    async fn predecessors(
+        &self,
+        case_id: &str,
+        revision: i64,
+    ) -> Result<Vec<report::PriorOutput>, PipelineError> {
+        Ok(self
+            .db
+            .case_outputs(case_id)
+            .await?
+            .into_iter()
+            .filter(|o| o.kind == "sr" && o.revision < revision)
+            .map(|o| report::PriorOutput {
+                sop_class_uid: o.sop_class_uid,
+                sop_instance_uid: o.sop_instance_uid,
+                series_instance_uid: o.series_instance_uid,
+                study_instance_uid: o.study_instance_uid,
+            })
+            .collect())
+    }
+}
+
+/// The model's input grid (MODEL.md "Inputs"): from the loaded checkpoint.
+fn input_grid(cfg: &MapConfig) -> InputGrid {
+    InputGrid {
+        mri: cfg.mri.img_size,
+        image: cfg.us.img_size,
+    }
+}
+
+/// The sides that have at least one modality's input: only those run.
+fn usable_sides(prepared: Vec<PreparedCase>) -> Vec<PreparedCase> {
+    prepared
+        .into_iter()
+        .filter(|p| !p.modalities().is_empty())
+        .collect()
+}
