@@ -86,7 +86,6 @@ pub struct CasesSettings {
 impl Settings {
     /// The case rules; the lesion-side fallback is `[imaging] lesion_side`.
     pub fn case_rules(&self) -> crate::cases::CaseRules {
-        use crate::imaging::SideSetting;
         let c = &self.cases;
         crate::cases::CaseRules {
             required: c.required.clone(),
@@ -94,11 +93,7 @@ impl Settings {
             max_wait: std::time::Duration::from_secs(c.max_wait_secs),
             partial: c.partial,
             mri_series_required: c.mri_series_required,
-            lesion_side: match self.imaging.lesion_side {
-                SideSetting::Left => Some("L".into()),
-                SideSetting::Right => Some("R".into()),
-                SideSetting::Unknown => None,
-            },
+            lesion_side: self.imaging.lesion_side,
         }
     }
 }

@@ -77,6 +77,8 @@ pub struct InstanceRow {
     pub view: String,
     pub series_description: String,
     pub image_type: String,
+    /// An ultrasound image that is Doppler / colour flow.
+    pub us_doppler: bool,
 }
 
 /// What happened to an insert.
@@ -410,8 +412,9 @@ async fn insert_instances(
             "INSERT INTO instances (sop_instance_uid, sop_class_uid, study_instance_uid, \
              series_instance_uid, patient_key, modality, study_date, transfer_syntax, size_bytes, \
              path, received_at, association_id, calling_ae, patient_id_key, laterality, view, \
-             series_description, image_type) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18) \
+             series_description, image_type, us_doppler) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, \
+             $19) \
              ON CONFLICT (sop_instance_uid) DO NOTHING",
         )
         .bind(&row.sop_instance_uid)
@@ -432,6 +435,7 @@ async fn insert_instances(
         .bind(&row.view)
         .bind(&row.series_description)
         .bind(&row.image_type)
+        .bind(row.us_doppler)
         .execute(&mut *tx)
         .await?
         .rows_affected();
@@ -568,6 +572,8 @@ pub struct CaseMember {
     pub series_description: String,
     pub image_type: String,
     pub path: String,
+    /// An ultrasound image that is Doppler / colour flow.
+    pub us_doppler: bool,
 }
 
 const CASE_COLUMNS: &str = "id, patient_key, state, revision, reason, opened_at, \
@@ -783,7 +789,7 @@ impl Db {
         let rows = sqlx::query(
             "SELECT i.sop_instance_uid, i.sop_class_uid, i.study_instance_uid, \
              i.series_instance_uid, i.modality, i.laterality, i.view, i.series_description, \
-             i.image_type, i.path FROM case_instances c \
+             i.image_type, i.path, i.us_doppler FROM case_instances c \
              JOIN instances i ON i.sop_instance_uid = c.sop_instance_uid \
              WHERE c.case_id = $1 ORDER BY i.received_at",
         )
@@ -803,6 +809,7 @@ impl Db {
                 series_description: r.get(7),
                 image_type: r.get(8),
                 path: r.get(9),
+                us_doppler: r.get(10),
             })
             .collect())
     }

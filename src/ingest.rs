@@ -17,6 +17,7 @@ use crate::dimse::command::{status, trim_uid};
 use crate::dimse::server::{
     AssociationInfo, AssociationStats, DimseStatus, InstanceSink, StoreRequest, StoreService,
 };
+use crate::header;
 use crate::part10;
 use crate::spool::{Placement, SealedInstance, Spool, TempInstance};
 
@@ -111,6 +112,8 @@ pub struct Header {
     pub patient_key: String,
     pub modality: String,
     pub study_date: String,
+    /// An ultrasound image that is Doppler / colour flow.
+    pub us_doppler: bool,
 }
 
 /// Sequences nested deeper than this are refused (0xC000): the parser
@@ -218,8 +221,8 @@ fn parse_header<R: std::io::Read>(source: R) -> Result<Header, String> {
     };
     Ok(Header {
         patient_id_key: patient_key(&text(tags::PATIENT_ID), ""),
-        laterality: crate::imaging::select::laterality_term(&obj).unwrap_or_default(),
-        view: crate::imaging::select::view_term(&obj)
+        laterality: header::laterality_term(&obj).unwrap_or_default(),
+        view: header::view_term(&obj)
             .map(|(term, _)| term)
             .unwrap_or_default(),
         series_description: text(tags::SERIES_DESCRIPTION),
@@ -231,6 +234,7 @@ fn parse_header<R: std::io::Read>(source: R) -> Result<Header, String> {
         patient_key: patient_key(&text(tags::PATIENT_ID), &text(tags::ISSUER_OF_PATIENT_ID)),
         modality: text(tags::MODALITY),
         study_date: text(tags::STUDY_DATE),
+        us_doppler: header::us_doppler_of(&obj),
     })
 }
 
@@ -482,6 +486,7 @@ async fn commit(
         view: header.view,
         series_description: header.series_description,
         image_type: header.image_type,
+        us_doppler: header.us_doppler,
     };
     if placement == Placement::Exists {
         let existing = ingest.db.instance_path(&row.sop_instance_uid).await;

@@ -5,12 +5,14 @@
 //! (C-STORE handling), [`spool`] (files), [`db`] (all SQL), [`app`] (wiring).
 
 pub mod app;
+pub mod attrs;
 pub mod cases;
 pub mod config;
 pub mod db;
 pub mod demo;
 pub mod dimse;
 pub mod durable;
+pub mod header;
 pub mod imaging;
 pub mod inference;
 pub mod ingest;
@@ -21,6 +23,7 @@ pub mod part10;
 pub mod pipeline;
 pub mod report;
 pub mod send;
+pub mod side;
 pub mod spool;
 pub mod synth;
 pub mod tls;

@@ -8,6 +8,7 @@ use her2map::cases::{
     Assembler, CaseJob, CaseRules, Clock, Modality, Partial, PatientKeyMode, state,
 };
 use her2map::db::{Db, InstanceRow};
+use her2map::side::SideSetting;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
@@ -18,7 +19,17 @@ fn rules() -> CaseRules {
         max_wait: Duration::from_secs(3600),
         partial: Partial::Run,
         mri_series_required: 3,
-        lesion_side: None,
+        lesion_side: SideSetting::Unknown,
+    }
+}
+
+/// The storage SOP class of an image of `modality` (the kind of an instance
+/// is its SOP class first: `header::classify`).
+fn sop_class_of(modality: &str) -> &'static str {
+    match modality {
+        "MG" => "1.2.840.10008.5.1.4.1.1.1.2",
+        "US" => "1.2.840.10008.5.1.4.1.1.6.1",
+        _ => "1.2.840.10008.5.1.4.1.1.4",
     }
 }
 
@@ -44,7 +55,7 @@ impl Patient {
                 self.key.bytes().map(u32::from).sum::<u32>(),
                 self.n
             ),
-            sop_class_uid: "1.2.840.10008.5.1.4.1.1.4".into(),
+            sop_class_uid: sop_class_of(modality).into(),
             study_instance_uid: format!("1.3.{date}"),
             series_instance_uid: format!("1.4.{series}"),
             patient_key: self.key.into(),
@@ -60,6 +71,7 @@ impl Patient {
             view: view.into(),
             series_description: String::new(),
             image_type: "ORIGINAL\\PRIMARY".into(),
+            us_doppler: false,
         }
     }
     /// MG (L CC, L MLO), US (L), MR (3 series) rows, in that order.

@@ -8,7 +8,9 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use crate::db::CaseMember;
+use crate::header::{Laterality, classify};
 pub use crate::modality::Modality;
+use crate::side::{self, SideEvidence, SideSetting};
 
 /// What happens when `max_wait` passes with required modalities missing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -30,8 +32,8 @@ pub struct CaseRules {
     /// Distinct MR series needed for a complete DCE-MRI: the pre-contrast
     /// phase plus the post-contrast phases up to the one the model reads.
     pub mri_series_required: usize,
-    /// Lesion side when ultrasound does not say ("L", "R" or none).
-    pub lesion_side: Option<String>,
+    /// Lesion side when ultrasound does not say (`[imaging] lesion_side`).
+    pub lesion_side: SideSetting,
 }
 
 /// The modalities of a case as the rules see them.
@@ -69,21 +71,17 @@ fn is_image(m: &CaseMember) -> bool {
         && !m.sop_class_uid.starts_with("1.2.840.10008.5.1.4.1.1.88")
 }
 
-/// The lesion side: the ultrasound images' laterality when they agree, else
-/// the configured side, else unknown.
+/// The lesion side of a case's members by the one rule imaging applies too
+/// ([`crate::side`]), as its code ("L", "R"), or `None` when unknown.
 pub fn lesion_side(members: &[CaseMember], rules: &CaseRules) -> Option<String> {
-    let mut sides = members
-        .iter()
-        .filter(|m| Modality::from_dicom(&m.modality) == Some(Modality::US))
-        .filter_map(|m| match m.laterality.trim() {
-            s @ ("L" | "R") => Some(s.to_string()),
-            _ => None,
-        });
-    let first = sides.next();
-    match first {
-        Some(side) if sides.all(|s| s == side) => Some(side),
-        _ => rules.lesion_side.clone(),
-    }
+    let evidence = members.iter().map(|m| SideEvidence {
+        kind: classify(&m.sop_class_uid, &m.modality.trim().to_ascii_uppercase()),
+        laterality: Laterality::from_code(&m.laterality),
+        doppler: m.us_doppler,
+    });
+    side::lesion_side(evidence, rules.lesion_side)
+        .side
+        .map(|s| s.code().to_string())
 }
 
 pub fn completeness(members: &[CaseMember], rules: &CaseRules) -> Completeness {
@@ -250,7 +248,12 @@ mod tests {
     fn member(modality: &str, series: &str, lat: &str, view: &str) -> CaseMember {
         CaseMember {
             sop_instance_uid: format!("1.{series}.{view}.{lat}"),
-            sop_class_uid: "1.2.840.10008.5.1.4.1.1.4".into(),
+            sop_class_uid: match modality {
+                "MG" => crate::header::SOP_MG_PRESENTATION,
+                "US" => crate::header::SOP_US,
+                _ => crate::header::SOP_MR,
+            }
+            .into(),
             study_instance_uid: "1.2".into(),
             series_instance_uid: series.into(),
             modality: modality.into(),
@@ -259,6 +262,7 @@ mod tests {
             series_description: String::new(),
             image_type: "ORIGINAL\\PRIMARY".into(),
             path: String::new(),
+            us_doppler: false,
         }
     }
 
@@ -269,7 +273,7 @@ mod tests {
             max_wait: Duration::from_secs(86400),
             partial: Partial::Run,
             mri_series_required: 3,
-            lesion_side: None,
+            lesion_side: SideSetting::Unknown,
         }
     }
 
@@ -310,7 +314,7 @@ mod tests {
         assert!(c.missing[0].1.contains("L side"), "{c:?}");
         // Unknown side: CC+MLO of either side will do.
         let mut r = rules();
-        r.lesion_side = None;
+        r.lesion_side = SideSetting::Unknown;
         let mut m2: Vec<_> = m.into_iter().filter(|x| x.modality != "US").collect();
         m2.push(member("MG", "m", "R", "CC"));
         r.required = vec![Modality::MG, Modality::MR];
@@ -400,7 +404,34 @@ mod tests {
         m.push(member("US", "u2", "R", ""));
         assert_eq!(completeness(&m, &rules()).lesion_side, None);
         let mut r = rules();
-        r.lesion_side = Some("R".into());
+        r.lesion_side = SideSetting::Right;
         assert_eq!(completeness(&m, &r).lesion_side.as_deref(), Some("R"));
+    }
+
+    /// The assembler and imaging apply one rule: a Doppler image of the
+    /// other breast (indexed with `us_doppler`) does not change the side,
+    /// for the case's completeness as for the views imaging selects.
+    #[test]
+    fn a_doppler_image_of_the_other_side_does_not_change_the_side() {
+        let mut m = full_patient();
+        let mut doppler = member("US", "u2", "R", "");
+        doppler.us_doppler = true;
+        m.push(doppler.clone());
+        let c = completeness(&m, &rules());
+        assert_eq!(c.lesion_side.as_deref(), Some("L"));
+        assert!(c.missing.is_empty(), "{c:?}");
+        // The same members as imaging sees them decide the same side.
+        let evidence = m.iter().map(|m| SideEvidence {
+            kind: classify(&m.sop_class_uid, &m.modality),
+            laterality: Laterality::from_code(&m.laterality),
+            doppler: m.us_doppler,
+        });
+        let decided = side::lesion_side(evidence, SideSetting::Unknown);
+        assert_eq!(decided.side, Some(Laterality::Left));
+        // As a B-mode image it would make the sides disagree.
+        doppler.us_doppler = false;
+        m.pop();
+        m.push(doppler);
+        assert_eq!(completeness(&m, &rules()).lesion_side, None);
     }
 }

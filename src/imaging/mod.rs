@@ -7,7 +7,7 @@
 //! Entry points: [`prepare_case`] (one case, never guesses the side) and
 //! [`prepare_case_sides`] (both sides when the lesion side is unknown).
 
-pub mod attrs;
+pub use crate::attrs;
 pub mod clinical;
 pub mod decode;
 pub mod resize;
@@ -25,6 +25,7 @@ use regex::Regex;
 use serde::Deserialize;
 
 pub use crate::modality::{Modality, ModalitySet};
+pub use crate::side::{LesionSide, SideBasis, SideSetting};
 pub use clinical::ClinicalSource;
 pub use decode::{DecodeError, GrayImage, VoiWindowChoice};
 pub use roi::{PatientBox, PixelBox, RoiProvider};
@@ -33,18 +34,6 @@ pub use select::{InstanceMeta, Laterality, MgView, read_instance_meta};
 use resize::Grid3;
 use roi::{CentredRoi, DicomAnnotationRoi, EnhancementRoi, MgBlobRoi, PlanarTarget, VolumeTarget};
 use select::{Kind, Stack};
-
-/// Lesion side to use when the ultrasound laterality does not decide it.
-#[derive(Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum SideSetting {
-    Left,
-    Right,
-    /// Do not guess: `prepare_case` leaves side-specific inputs (MG) out and
-    /// `prepare_case_sides` prepares both sides. Default.
-    #[default]
-    Unknown,
-}
 
 /// Which frame of a multi-frame ultrasound (cine) image to use.
 #[derive(Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -192,28 +181,6 @@ pub struct Plane {
 pub struct Planes4 {
     pub size: usize,
     pub data: Vec<f32>,
-}
-
-/// How the lesion side was decided.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum SideBasis {
-    /// Image Laterality / Laterality of the ultrasound images.
-    UltrasoundLaterality,
-    /// `imaging.lesion_side` in the configuration.
-    Configuration,
-    /// Side unknown; this case is one of the two produced by
-    /// `prepare_case_sides`.
-    BothSidesRun,
-    /// Side unknown and not guessed.
-    Unknown,
-}
-
-/// The lesion side and how it was decided.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LesionSide {
-    pub side: Option<Laterality>,
-    pub basis: SideBasis,
-    pub detail: String,
 }
 
 /// Where an input came from, enough to map a CAM on the input grid back
@@ -385,7 +352,7 @@ pub fn prepare_case_sides(
     grid: InputGrid,
 ) -> Vec<PreparedCase> {
     let index = build_index(files);
-    let decided = decide_side(&index.metas, settings);
+    let decided = decide_side(&index.metas, settings.lesion_side);
     if decided.side.is_some() {
         return vec![prepare_from_index(
             &index,
@@ -458,51 +425,16 @@ fn build_index(files: &[PathBuf]) -> Index {
     }
 }
 
-/// Lesion side: the laterality shared by all (non-Doppler) ultrasound images
-/// that carry one; else the configured side; else unknown.
-fn decide_side(metas: &[InstanceMeta], settings: &ImagingSettings) -> LesionSide {
-    let lats: Vec<Laterality> = metas
-        .iter()
-        .filter(|m| m.kind == Kind::Image(Modality::US) && !select::us_flagged_doppler(m))
-        .filter_map(|m| m.laterality)
-        .collect();
-    let has_l = lats.contains(&Laterality::Left);
-    let has_r = lats.contains(&Laterality::Right);
-    let us_detail = match (has_l, has_r) {
-        (true, false) => {
-            return LesionSide {
-                side: Some(Laterality::Left),
-                basis: SideBasis::UltrasoundLaterality,
-                detail: format!("{} ultrasound image(s) with laterality L", lats.len()),
-            };
-        }
-        (false, true) => {
-            return LesionSide {
-                side: Some(Laterality::Right),
-                basis: SideBasis::UltrasoundLaterality,
-                detail: format!("{} ultrasound image(s) with laterality R", lats.len()),
-            };
-        }
-        (true, true) => "ultrasound images of both sides",
-        (false, false) => "no ultrasound laterality",
-    };
-    match settings.lesion_side {
-        SideSetting::Left => LesionSide {
-            side: Some(Laterality::Left),
-            basis: SideBasis::Configuration,
-            detail: format!("{us_detail}; configured side L"),
-        },
-        SideSetting::Right => LesionSide {
-            side: Some(Laterality::Right),
-            basis: SideBasis::Configuration,
-            detail: format!("{us_detail}; configured side R"),
-        },
-        SideSetting::Unknown => LesionSide {
-            side: None,
-            basis: SideBasis::Unknown,
-            detail: format!("{us_detail}; no configured side"),
-        },
-    }
+/// The lesion side of these instances, by the one rule ([`crate::side`]).
+fn decide_side(metas: &[InstanceMeta], configured: SideSetting) -> LesionSide {
+    crate::side::lesion_side(
+        metas.iter().map(|m| crate::side::SideEvidence {
+            kind: m.kind,
+            laterality: m.laterality,
+            doppler: select::us_flagged_doppler(m),
+        }),
+        configured,
+    )
 }
 
 fn open_full(path: &Path) -> Result<dicom_object::DefaultDicomObject, String> {
@@ -542,7 +474,7 @@ fn prepare_from_index(
 ) -> PreparedCase {
     let mut notes = index.notes.clone();
     let mut errors = index.errors.clone();
-    let lesion_side = forced.unwrap_or_else(|| decide_side(&index.metas, settings));
+    let lesion_side = forced.unwrap_or_else(|| decide_side(&index.metas, settings.lesion_side));
     if lesion_side.side.is_none() {
         notes.push(format!(
             "lesion side unknown: {}; MG not prepared and MRI ROI searched on both sides (use prepare_case_sides to run both sides)",

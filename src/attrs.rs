@@ -1,5 +1,5 @@
 //! Small, panic-free accessors for DICOM attribute values (strings, numbers,
-//! sequences, functional groups) used by the rest of `imaging`.
+//! sequences, functional groups), shared by `header` and `imaging`.
 //!
 //! Every accessor returns `Option`/empty on a missing or malformed value: the
 //! callers decide whether that is an error, a fallback, or a note.
