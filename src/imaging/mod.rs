@@ -10,9 +10,12 @@
 pub use crate::attrs;
 pub mod clinical;
 pub mod decode;
+mod mg;
+mod mri;
 pub mod resize;
 pub mod roi;
 pub mod select;
+mod us;
 
 use std::collections::HashMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -21,7 +24,6 @@ use std::sync::Arc;
 
 use dicom_object::OpenFileOptions;
 use rayon::prelude::*;
-use regex::Regex;
 use serde::Deserialize;
 
 pub use crate::modality::{Modality, ModalitySet};
@@ -31,9 +33,9 @@ pub use decode::{DecodeError, GrayImage, VoiWindowChoice};
 pub use roi::{PatientBox, PixelBox, RoiProvider};
 pub use select::{InstanceMeta, Laterality, MgView, read_instance_meta};
 
-use resize::Grid3;
-use roi::{CentredRoi, DicomAnnotationRoi, EnhancementRoi, MgBlobRoi, PlanarTarget, VolumeTarget};
-use select::{Kind, Stack};
+use mri::MrDecodeCache;
+use roi::DicomAnnotationRoi;
+use select::Kind;
 
 /// Which frame of a multi-frame ultrasound (cine) image to use.
 #[derive(Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -267,7 +269,7 @@ pub fn heatmap_base(g: &GrayImage) -> HeatmapBase {
 /// The heatmap background of an image imaging has decoded anyway, so that
 /// reporting need not open and decode the source again: only when that
 /// decode used the first window, as heatmaps do.
-fn shared_base(img: &GrayImage, s: &ImagingSettings) -> Option<Arc<HeatmapBase>> {
+pub(super) fn shared_base(img: &GrayImage, s: &ImagingSettings) -> Option<Arc<HeatmapBase>> {
     (s.voi_window == VoiWindowChoice::First).then(|| Arc::new(heatmap_base(img)))
 }
 
@@ -291,6 +293,36 @@ pub struct Selection {
     /// window); `None` where the reporting step decodes it itself (MR
     /// slices, chosen only after inference; crops; other windows).
     pub heatmap_base: Option<Arc<HeatmapBase>>,
+}
+
+impl Selection {
+    /// The selection of one frame of a 2-D image: `crop` of frame `frame`
+    /// of `img` (as decoded from `m`) resized to the input plane.
+    pub(super) fn planar(
+        modality: Modality,
+        role: String,
+        m: &InstanceMeta,
+        img: &GrayImage,
+        (frame, crop): (u32, [f64; 4]),
+        roi_provider: &str,
+        heatmap_base: Option<Arc<HeatmapBase>>,
+    ) -> Selection {
+        Selection {
+            modality,
+            role,
+            study_instance_uid: m.study_uid.clone(),
+            series_instance_uid: m.series_uid.clone(),
+            sop_instance_uids: vec![m.sop_instance.clone()],
+            geometry: SourceGeometry::Planar {
+                cols: img.width,
+                rows: img.height,
+                frame,
+                crop,
+            },
+            roi_provider: roi_provider.into(),
+            heatmap_base,
+        }
+    }
 }
 
 /// A per-instance problem, recorded for the case; preparation goes on.
@@ -437,13 +469,13 @@ fn decide_side(metas: &[InstanceMeta], configured: SideSetting) -> LesionSide {
     )
 }
 
-fn open_full(path: &Path) -> Result<dicom_object::DefaultDicomObject, String> {
+pub(super) fn open_full(path: &Path) -> Result<dicom_object::DefaultDicomObject, String> {
     catch_unwind(AssertUnwindSafe(|| OpenFileOptions::new().open_file(path)))
         .map_err(|_| "reader panicked".to_string())?
         .map_err(|e| format!("cannot read DICOM file: {e}"))
 }
 
-fn inst_err(m: &InstanceMeta, msg: impl Into<String>) -> InstanceError {
+pub(super) fn inst_err(m: &InstanceMeta, msg: impl Into<String>) -> InstanceError {
     InstanceError {
         file: m.path.clone(),
         sop_instance_uid: Some(m.sop_instance.clone()),
@@ -452,7 +484,7 @@ fn inst_err(m: &InstanceMeta, msg: impl Into<String>) -> InstanceError {
 }
 
 /// Decode one frame to display grayscale, catching panics.
-fn load_gray(
+pub(super) fn load_gray(
     m: &InstanceMeta,
     frame: u32,
     settings: &ImagingSettings,
@@ -509,12 +541,12 @@ fn prepare_from_index(
     ) = rayon::join(
         || {
             let ann = annotations.as_ref();
-            prepare_mri(&index.metas, settings, grid, side, ann, mr_cache)
+            mri::prepare_mri(&index.metas, settings, grid, side, ann, mr_cache)
         },
         || {
             rayon::join(
-                || prepare_mg(&index.metas, settings, grid, side, annotations.as_ref()),
-                || prepare_us(&index.metas, settings, grid, side),
+                || mg::prepare_mg(&index.metas, settings, grid, side, annotations.as_ref()),
+                || us::prepare_us(&index.metas, settings, grid, side),
             )
         },
     );
@@ -551,132 +583,9 @@ fn prepare_from_index(
     }
 }
 
-type Part<T> = (Option<T>, Vec<Selection>, Vec<InstanceError>, Vec<String>);
+pub(super) type Part<T> = (Option<T>, Vec<Selection>, Vec<InstanceError>, Vec<String>);
 
-// ------------------------------------------------------------------ US ----
-
-fn us_frame(m: &InstanceMeta, rule: UsFrameRule) -> u32 {
-    let n = m.frames.max(1);
-    match rule {
-        UsFrameRule::First => 0,
-        UsFrameRule::Middle => n / 2,
-        UsFrameRule::Index(i) => i.min(n - 1),
-        UsFrameRule::RepresentativeOrMiddle => m
-            .representative_frame
-            .map(|f| (f - 1).min(n - 1))
-            .unwrap_or(n / 2),
-    }
-}
-
-fn prepare_us(
-    metas: &[InstanceMeta],
-    s: &ImagingSettings,
-    grid: InputGrid,
-    side: Option<Laterality>,
-) -> Part<Plane> {
-    let (mut errors, mut notes) = (Vec::new(), Vec::new());
-    let flagged = metas
-        .iter()
-        .filter(|m| m.kind == Kind::Image(Modality::US) && select::us_flagged_doppler(m))
-        .count();
-    if flagged > 0 {
-        notes.push(format!(
-            "US: {flagged} Doppler/colour-flagged instance(s) skipped"
-        ));
-    }
-    let cands = select::us_candidates(metas, side);
-    if cands.is_empty() {
-        if metas.iter().any(|m| m.kind == Kind::Image(Modality::US)) {
-            notes.push("US: no B-mode image of the lesion side".into());
-        }
-        return (None, vec![], errors, notes);
-    }
-    for m in cands {
-        let frame = us_frame(m, s.us_frame);
-        let obj = match open_full(&m.path) {
-            Ok(o) => o,
-            Err(e) => {
-                errors.push(inst_err(m, e));
-                continue;
-            }
-        };
-        let result = catch_unwind(AssertUnwindSafe(
-            || -> Result<(GrayImage, f32), DecodeError> {
-                let colour = if s.us_skip_colour {
-                    decode::chroma_fraction(&decode::decode_rgb(&obj, frame)?, 0.15)
-                } else {
-                    0.0
-                };
-                Ok((decode::decode_gray(&obj, frame, s.voi_window)?, colour))
-            },
-        ));
-        let (img, colour) = match result {
-            Ok(Ok(v)) => v,
-            Ok(Err(e)) => {
-                errors.push(inst_err(m, format!("frame {frame}: {e}")));
-                continue;
-            }
-            Err(_) => {
-                errors.push(inst_err(m, "decoder panicked"));
-                continue;
-            }
-        };
-        if colour > s.us_colour_fraction {
-            notes.push(format!(
-                "US: frame {frame} of an instance skipped as colour-dominant ({:.0}% coloured pixels)",
-                colour * 100.0
-            ));
-            continue;
-        }
-        let (crop, provider) = match select::us_tissue_region(m).filter(|_| s.us_crop_to_region) {
-            Some((x0, y0, x1, y1)) => ([x0 as f64, y0 as f64, x1 as f64, y1 as f64], "us-region"),
-            None => (
-                [0.0, 0.0, img.width as f64, img.height as f64],
-                "whole-image",
-            ),
-        };
-        let out = resize::resize_box(
-            &img,
-            (crop[0], crop[1], crop[2], crop[3]),
-            grid.image,
-            grid.image,
-        );
-        if m.frames > 1 {
-            notes.push(format!(
-                "US: cine with {} frames, frame {frame} (0-based) used",
-                m.frames
-            ));
-        }
-        let sel = Selection {
-            modality: Modality::US,
-            role: "US".into(),
-            study_instance_uid: m.study_uid.clone(),
-            series_instance_uid: m.series_uid.clone(),
-            sop_instance_uids: vec![m.sop_instance.clone()],
-            geometry: SourceGeometry::Planar {
-                cols: img.width,
-                rows: img.height,
-                frame,
-                crop,
-            },
-            roi_provider: provider.into(),
-            heatmap_base: shared_base(&img, s),
-        };
-        return (
-            Some(Plane {
-                size: grid.image,
-                data: clamp01(out.data),
-            }),
-            vec![sel],
-            errors,
-            notes,
-        );
-    }
-    notes.push("US: no decodable B-mode image".into());
-    (None, vec![], errors, notes)
-}
-
-fn clamp01(mut v: Vec<f32>) -> Vec<f32> {
+pub(super) fn clamp01(mut v: Vec<f32>) -> Vec<f32> {
     for x in v.iter_mut() {
         *x = if x.is_finite() {
             x.clamp(0.0, 1.0)
@@ -685,492 +594,6 @@ fn clamp01(mut v: Vec<f32>) -> Vec<f32> {
         };
     }
     v
-}
-
-// ------------------------------------------------------------------ MG ----
-
-fn prepare_mg(
-    metas: &[InstanceMeta],
-    s: &ImagingSettings,
-    grid: InputGrid,
-    side: Option<Laterality>,
-    ann: Option<&DicomAnnotationRoi>,
-) -> Part<Planes4> {
-    let (mut errors, mut notes) = (Vec::new(), Vec::new());
-    let Some(side) = side else {
-        return (None, vec![], errors, notes);
-    };
-    if !metas.iter().any(|m| m.kind == Kind::Image(Modality::MG)) {
-        return (None, vec![], errors, notes);
-    }
-    let picks = select::select_mg(metas, side);
-    let decoded: Vec<Option<(&InstanceMeta, Result<GrayImage, InstanceError>)>> = picks
-        .par_iter()
-        .map(|p| p.as_ref().map(|p| (p.meta, load_gray(p.meta, 0, s))))
-        .collect();
-    for p in picks.iter().flatten() {
-        notes.extend(p.note.clone());
-    }
-    let mut views = Vec::new();
-    for (i, d) in decoded.into_iter().enumerate() {
-        let name = if i == 0 { "CC" } else { "MLO" };
-        match d {
-            None => notes.push(format!("MG: no {name} view of side {}", side.code())),
-            Some((_, Err(e))) => errors.push(e),
-            Some((m, Ok(img))) => views.push((name, m, img)),
-        }
-    }
-    if views.len() < 2 {
-        notes.push("MG: both CC and MLO of the lesion side are needed; MG input left out".into());
-        return (None, vec![], errors, notes);
-    }
-    let n = grid.image;
-    let mut data = vec![0f32; 4 * n * n];
-    let mut sels = Vec::new();
-    let mut providers: Vec<&dyn RoiProvider> = Vec::new();
-    if let Some(a) = ann {
-        providers.push(a);
-    }
-    if s.roi_image_derived {
-        providers.push(&MgBlobRoi);
-    }
-    // The views are independent (resizes, ROI search, heatmap base): one
-    // rayon task each, assembled in view order below.
-    let per_view = |(name, m, img): &(&str, &InstanceMeta, GrayImage)| {
-        let whole = clamp01(resize::resize_bilinear(img, n, n).data);
-        let whole_sel = Selection {
-            modality: Modality::MG,
-            role: name.to_string(),
-            study_instance_uid: m.study_uid.clone(),
-            series_instance_uid: m.series_uid.clone(),
-            sop_instance_uids: vec![m.sop_instance.clone()],
-            geometry: SourceGeometry::Planar {
-                cols: img.width,
-                rows: img.height,
-                frame: 0,
-                crop: [0.0, 0.0, img.width as f64, img.height as f64],
-            },
-            roi_provider: "whole-image".into(),
-            heatmap_base: shared_base(img, s),
-        };
-        let target = PlanarTarget {
-            sop_instance_uid: &m.sop_instance,
-            frame: 0,
-            image: img,
-            pixel_spacing_mm: m.pixel_spacing_mm,
-        };
-        let found = providers
-            .iter()
-            .find_map(|p| p.planar(&target).map(|b| (p.name(), b)));
-        let shorter = img.width.min(img.height) as f64;
-        let (provider, crop) = match found {
-            Some((pname, b)) => {
-                let min_side = match m.pixel_spacing_mm {
-                    Some(sp) => s.mg_min_crop_mm / sp,
-                    None => s.mg_min_crop_fraction * shorter,
-                };
-                let side_px = ((b.x1 - b.x0).max(b.y1 - b.y0) * s.mg_roi_margin).max(min_side);
-                (
-                    pname,
-                    square_crop(b.center(), side_px, img.width, img.height),
-                )
-            }
-            None => {
-                let b = CentredRoi.planar(&target).unwrap_or(PixelBox {
-                    x0: img.width as f64 / 2.0,
-                    y0: img.height as f64 / 2.0,
-                    x1: img.width as f64 / 2.0,
-                    y1: img.height as f64 / 2.0,
-                });
-                (
-                    "centred",
-                    square_crop(
-                        b.center(),
-                        s.mg_fallback_crop_fraction * shorter,
-                        img.width,
-                        img.height,
-                    ),
-                )
-            }
-        };
-        let out = resize::resize_box(img, (crop[0], crop[1], crop[2], crop[3]), n, n);
-        let crop_sel = Selection {
-            modality: Modality::MG,
-            role: format!("{name} crop"),
-            study_instance_uid: m.study_uid.clone(),
-            series_instance_uid: m.series_uid.clone(),
-            sop_instance_uids: vec![m.sop_instance.clone()],
-            geometry: SourceGeometry::Planar {
-                cols: img.width,
-                rows: img.height,
-                frame: 0,
-                crop,
-            },
-            roi_provider: provider.into(),
-            heatmap_base: None,
-        };
-        (whole, whole_sel, clamp01(out.data), crop_sel)
-    };
-    let made: Vec<_> = views.par_iter().map(per_view).collect();
-    for (c, (whole, whole_sel, crop, crop_sel)) in made.into_iter().enumerate() {
-        data[c * n * n..(c + 1) * n * n].copy_from_slice(&whole);
-        data[(c + 2) * n * n..(c + 3) * n * n].copy_from_slice(&crop);
-        sels.push(whole_sel);
-        sels.push(crop_sel);
-    }
-    (Some(Planes4 { size: n, data }), sels, errors, notes)
-}
-
-/// A square of `side` pixels centred at `c`, shifted (not shrunk) to stay
-/// inside the image; shrunk only when larger than the image.
-fn square_crop(c: (f64, f64), side: f64, w: usize, h: usize) -> [f64; 4] {
-    let side = side.min(w.min(h) as f64).max(1.0);
-    let place = |c: f64, n: f64| -> (f64, f64) {
-        let lo = (c - side / 2.0).clamp(0.0, (n - side).max(0.0));
-        (lo, lo + side)
-    };
-    let (x0, x1) = place(c.0, w as f64);
-    let (y0, y1) = place(c.1, h as f64);
-    [x0.round(), y0.round(), x1.round(), y1.round()]
-}
-
-// ------------------------------------------------------------------ MR ----
-
-/// One file and the (frame, destination) pairs decoded from it.
-type FileFrames<'a, T> = (&'a Path, Vec<(u32, T)>);
-
-/// Decode every slice of a stack in parallel and hand each slice's modality
-/// values to `put` with that slice's `slots` entry (one per slice, in stack
-/// order: e.g. its disjoint part of an output buffer).
-fn decode_stack<T: Send>(
-    st: &Stack,
-    slots: Vec<T>,
-    put: impl Fn(T, &[f32]) + Sync,
-) -> Result<(), InstanceError> {
-    let (ny, nx) = (st.rows, st.cols);
-    // Group slices by file so that a multi-frame (Enhanced MR) instance is
-    // opened once.
-    let mut groups: Vec<FileFrames<'_, T>> = Vec::new();
-    let mut by_path: std::collections::HashMap<&Path, usize> = std::collections::HashMap::new();
-    for (sl, slot) in st.slices.iter().zip(slots) {
-        let g = *by_path.entry(sl.path.as_path()).or_insert_with(|| {
-            groups.push((sl.path.as_path(), Vec::new()));
-            groups.len() - 1
-        });
-        groups[g].1.push((sl.frame, slot));
-    }
-    groups
-        .into_par_iter()
-        .try_for_each(|(path, frames)| -> Result<(), InstanceError> {
-            let sop = st
-                .slices
-                .iter()
-                .find(|s| s.path == path)
-                .map(|s| s.sop_instance.clone());
-            let err = |msg: String| InstanceError {
-                file: path.to_path_buf(),
-                sop_instance_uid: sop.clone(),
-                message: msg,
-            };
-            let obj = open_full(path).map_err(err)?;
-            frames.into_par_iter().try_for_each(|(frame, slot)| {
-                let img = catch_unwind(AssertUnwindSafe(|| decode::decode_modality(&obj, frame)))
-                    .map_err(|_| err("decoder panicked".into()))?
-                    .map_err(|e| err(format!("frame {frame}: {e}")))?;
-                if img.width != nx || img.height != ny {
-                    return Err(err("slice size differs from the stack".into()));
-                }
-                put(slot, &img.data);
-                Ok(())
-            })
-        })
-}
-
-/// Decode the slices of a stack into a (slice, row, col) grid of modality
-/// values, in parallel, writing straight into the grid buffer.
-/// The decoded MR phases of a case, kept between the two runs of an
-/// unknown lesion side: the decode does not depend on the side, only the
-/// ROI does. Used only for those two runs, so that a known side never holds
-/// the decode longer than its own MRI preparation.
-#[derive(Default)]
-struct MrDecodeCache(std::sync::Mutex<Option<MrDecoded>>);
-
-#[derive(Clone)]
-struct MrDecoded {
-    /// The stacks decoded: the paths of their slices.
-    key: (Vec<PathBuf>, Option<Vec<PathBuf>>),
-    post: Arc<Grid3>,
-    pre: Option<Result<Arc<Grid3>, InstanceError>>,
-}
-
-/// Decode the chosen phase and pool the pre-contrast one against it, or
-/// take both from `cache` when an earlier run decoded the same stacks.
-fn decode_mr(
-    stack: &Stack,
-    pre_stack: Option<&Stack>,
-    cache: Option<&MrDecodeCache>,
-) -> Result<MrDecoded, InstanceError> {
-    let paths = |st: &Stack| st.slices.iter().map(|s| s.path.clone()).collect::<Vec<_>>();
-    let key = (paths(stack), pre_stack.map(paths));
-    // The second run takes the decode out: nothing holds it after that.
-    let cached = cache
-        .and_then(|c| c.0.lock().ok())
-        .and_then(|mut held| held.take_if(|d| d.key == key));
-    if let Some(d) = cached {
-        return Ok(d);
-    }
-    let post = Arc::new(load_stack(stack)?);
-    let pre = pre_stack.map(|p| load_pooled_subtraction(p, &post).map(Arc::new));
-    let decoded = MrDecoded { key, post, pre };
-    if let Some(mut held) = cache.and_then(|c| c.0.lock().ok()) {
-        *held = Some(decoded.clone());
-    }
-    Ok(decoded)
-}
-
-fn load_stack(st: &Stack) -> Result<Grid3, InstanceError> {
-    let (nz, ny, nx) = (st.slices.len(), st.rows, st.cols);
-    let mut data = vec![0f32; nz * ny * nx];
-    decode_stack(st, data.chunks_mut(ny * nx).collect(), |dst, v| {
-        dst.copy_from_slice(v)
-    })?;
-    Ok(Grid3 {
-        shape: [nz, ny, nx],
-        data,
-    })
-}
-
-/// The pre-contrast phase as the enhancement ROI needs it: post − pre pooled
-/// in-plane (`roi::pool_slice`), slice by slice as each pre slice is
-/// decoded, so the pre phase is never held at full resolution.
-fn load_pooled_subtraction(st: &Stack, post: &Grid3) -> Result<Grid3, InstanceError> {
-    let [nz, ny, nx] = post.shape;
-    let (f, py, px) = roi::pool_grid(ny, nx);
-    let mut data = vec![0f32; nz * py * px];
-    let slots = data
-        .chunks_mut(py * px)
-        .zip(post.data.chunks(ny * nx))
-        .collect();
-    decode_stack(st, slots, |(plane, post), pre| {
-        roi::pool_slice(post, Some(pre), nx, f, px, plane)
-    })?;
-    Ok(Grid3 {
-        shape: [nz, py, px],
-        data,
-    })
-}
-
-fn prepare_mri(
-    metas: &[InstanceMeta],
-    s: &ImagingSettings,
-    grid: InputGrid,
-    side: Option<Laterality>,
-    ann: Option<&DicomAnnotationRoi>,
-    cache: Option<&MrDecodeCache>,
-) -> Part<Volume> {
-    let (mut errors, mut notes) = (Vec::new(), Vec::new());
-    let no_geom = metas
-        .iter()
-        .filter(|m| {
-            m.kind == Kind::Image(Modality::MR)
-                && m.geom.is_none()
-                && !m.frame_geoms.iter().any(|g| g.0.is_some())
-        })
-        .count();
-    if no_geom > 0 {
-        notes.push(format!(
-            "MR: {no_geom} instance(s) without Image Position/Orientation ignored"
-        ));
-    }
-    let phases = select::mr_phases(metas);
-    if phases.is_empty() {
-        return (None, vec![], errors, notes);
-    }
-    let compile = |pats: &[String], notes: &mut Vec<String>| -> Vec<Regex> {
-        pats.iter()
-            .filter_map(|p| match Regex::new(p) {
-                Ok(r) => Some(r),
-                Err(e) => {
-                    notes.push(format!("MR: invalid series-description pattern {p:?}: {e}"));
-                    None
-                }
-            })
-            .collect()
-    };
-    let pre_pats = compile(&s.mri_pre_patterns, &mut notes);
-    let post_pats = compile(&s.mri_post_patterns, &mut notes);
-    let dce = select::detect_dce(phases, &pre_pats, &post_pats);
-    notes.extend(dce.notes.iter().cloned());
-    if dce.post.is_empty() {
-        notes.push(format!("MR: no post-contrast phase ({})", dce.rule));
-        return (None, vec![], errors, notes);
-    }
-    let want = s.mri_post_contrast_phase.max(1);
-    let idx = want.min(dce.post.len()) - 1;
-    if idx + 1 != want {
-        notes.push(format!(
-            "MR: post-contrast phase {want} requested, only {} present; phase {} used",
-            dce.post.len(),
-            idx + 1
-        ));
-    }
-    notes.push(format!(
-        "MR: pre-contrast by {}; {} post-contrast phase(s); post-contrast phase {} used",
-        dce.rule,
-        dce.post.len(),
-        idx + 1
-    ));
-    let post_phase = &dce.post[idx];
-    let Some(stack) = select::stack_phase(post_phase) else {
-        notes.push("MR: chosen phase has no usable slice geometry".into());
-        return (None, vec![], errors, notes);
-    };
-    notes.extend(stack.notes.iter().cloned());
-    let pre_stack = dce.pre.as_ref().and_then(select::stack_phase);
-    // Subtraction needs the same voxel grid; otherwise skip the pre phase
-    // entirely (never decoded).
-    let pre_stack = pre_stack.filter(|p| {
-        let same = p.slices.len() == stack.slices.len()
-            && p.rows == stack.rows
-            && p.cols == stack.cols
-            && (0..3).all(|a| (p.origin[a] - stack.origin[a]).abs() < 1.0);
-        if !same {
-            notes
-                .push("MR: pre-contrast grid differs from the chosen phase; no subtraction".into());
-        }
-        same
-    });
-    // Only two phases are ever decoded, and only the chosen one is held at
-    // full resolution (memory: see docs/imaging.md); the pre phase is pooled
-    // against it as it is decoded, so it comes second.
-    let (post, pre) = match decode_mr(&stack, pre_stack.as_ref(), cache) {
-        Ok(d) => (d.post, d.pre),
-        Err(e) => {
-            errors.push(e);
-            notes.push("MR: chosen phase could not be decoded; MRI input left out".into());
-            return (None, vec![], errors, notes);
-        }
-    };
-    let pre = match pre {
-        Some(Ok(g)) => Some(g),
-        Some(Err(e)) => {
-            errors.push(e);
-            notes.push("MR: pre-contrast phase could not be decoded; no subtraction".into());
-            None
-        }
-        None => None,
-    };
-    let target = VolumeTarget {
-        stack: &stack,
-        post: &post,
-        pooled_subtraction: pre.as_deref(),
-        side,
-    };
-    let mut providers: Vec<&dyn RoiProvider> = Vec::new();
-    if let Some(a) = ann {
-        providers.push(a);
-    }
-    if s.roi_image_derived {
-        providers.push(&EnhancementRoi);
-    }
-    let found = providers
-        .iter()
-        .find_map(|p| p.volume(&target).map(|b| (p.name(), b)));
-    let (provider, center, side_mm) = match found {
-        Some((name, b)) => {
-            let e = b.extent();
-            let longest = e[0].max(e[1]).max(e[2]);
-            (
-                name,
-                b.center(),
-                (longest * s.mri_roi_margin).max(s.mri_min_crop_mm),
-            )
-        }
-        None => {
-            let b = CentredRoi.volume(&target).unwrap_or(PatientBox {
-                min: [0.0; 3],
-                max: [0.0; 3],
-            });
-            ("centred", b.center(), s.mri_fallback_crop_mm)
-        }
-    };
-    let n = grid.mri;
-    let mut data = vec![0f32; n * n * n];
-    data.par_chunks_mut(n * n)
-        .enumerate()
-        .for_each(|(k, plane)| {
-            let off = |i: usize| ((i as f64 + 0.5) / n as f64 - 0.5) * side_mm;
-            for j in 0..n {
-                for i in 0..n {
-                    let p = [center[0] + off(i), center[1] + off(j), center[2] + off(k)];
-                    let v = stack.to_voxel(p);
-                    plane[j * n + i] = post.sample(v[0], v[1], v[2]);
-                }
-            }
-        });
-    // Freed here unless the other side's run will take them from the cache.
-    drop(pre);
-    drop(post);
-    scale_percentiles(&mut data, s.mri_percentile_low, s.mri_percentile_high);
-    let mut sels = vec![Selection {
-        modality: Modality::MR,
-        role: format!("MR post-contrast {}", idx + 1),
-        study_instance_uid: post_phase.study_uid.clone(),
-        series_instance_uid: post_phase.series_uid.clone(),
-        sop_instance_uids: stack
-            .slices
-            .iter()
-            .map(|s| s.sop_instance.clone())
-            .collect(),
-        geometry: SourceGeometry::Volume {
-            slices: stack.slices.len(),
-            rows: stack.rows,
-            cols: stack.cols,
-            frames: stack.slices.iter().map(|s| s.frame).collect(),
-            origin: stack.origin,
-            row_dir: stack.row_dir,
-            col_dir: stack.col_dir,
-            normal: stack.normal,
-            spacing: stack.spacing,
-            box_center_mm: center,
-            box_side_mm: side_mm,
-        },
-        roi_provider: provider.into(),
-        heatmap_base: None,
-    }];
-    if let (Some(p), Some(pst)) = (&dce.pre, &pre_stack) {
-        sels.push(Selection {
-            modality: Modality::MR,
-            role: "MR pre-contrast (subtraction)".into(),
-            study_instance_uid: p.study_uid.clone(),
-            series_instance_uid: p.series_uid.clone(),
-            sop_instance_uids: pst.slices.iter().map(|s| s.sop_instance.clone()).collect(),
-            geometry: SourceGeometry::Volume {
-                slices: pst.slices.len(),
-                rows: pst.rows,
-                cols: pst.cols,
-                frames: pst.slices.iter().map(|s| s.frame).collect(),
-                origin: pst.origin,
-                row_dir: pst.row_dir,
-                col_dir: pst.col_dir,
-                normal: pst.normal,
-                spacing: pst.spacing,
-                box_center_mm: center,
-                box_side_mm: side_mm,
-            },
-            roi_provider: provider.into(),
-            heatmap_base: None,
-        });
-    }
-    (
-        Some(Volume {
-            shape: [n, n, n],
-            data,
-        }),
-        sels,
-        errors,
-        notes,
-    )
 }
 
 /// Percentile rule: v ↦ 2·(clip(v, p_lo, p_hi) − p_lo)/(p_hi − p_lo) − 1
@@ -1213,21 +636,5 @@ mod tests {
         assert_eq!(v[0], -1.0);
         assert_eq!(v[999], 1.0);
         assert!(v.iter().all(|x| (-1.0..=1.0).contains(x)));
-    }
-
-    #[test]
-    fn crop_stays_inside() {
-        assert_eq!(
-            square_crop((5.0, 5.0), 20.0, 100, 50),
-            [0.0, 0.0, 20.0, 20.0]
-        );
-        assert_eq!(
-            square_crop((99.0, 49.0), 20.0, 100, 50),
-            [80.0, 30.0, 100.0, 50.0]
-        );
-        assert_eq!(
-            square_crop((50.0, 25.0), 80.0, 100, 50),
-            [25.0, 0.0, 75.0, 50.0]
-        );
     }
 }
