@@ -4,6 +4,7 @@
 
 mod audit;
 mod cases;
+mod demo;
 mod echo;
 mod infer;
 mod outbox;
@@ -39,10 +40,7 @@ pub enum Command {
     Serve,
     /// The whole node on this machine with a synthetic patient and the demo
     /// weights; leaves the SR, heatmaps and audit log in OUT.
-    Demo {
-        #[arg(long, default_value = "demo-out")]
-        out: PathBuf,
-    },
+    Demo(demo::DemoArgs),
     /// Run the model: on tensors (`--inputs`) or on a folder of DICOM files.
     Infer(infer::InferArgs),
     /// C-STORE DICOM files (or folders of them) to a peer.
@@ -63,18 +61,14 @@ impl Command {
     /// Whether the command prints its own summary (its logs stay quiet unless
     /// asked).
     pub fn prints_summary(&self) -> bool {
-        matches!(self, Command::Demo { .. })
+        matches!(self, Command::Demo(_))
     }
 
     /// Run the command; the exit code says whether it did what was asked.
     pub async fn run(self, settings: Settings) -> anyhow::Result<ExitCode> {
         match self {
             Command::Serve => serve::run(settings).await,
-            Command::Demo { out } => {
-                let summary = her2map::demo::run(settings, &out).await?;
-                print!("{summary}");
-                Ok(ExitCode::SUCCESS)
-            }
+            Command::Demo(args) => demo::run(args, settings).await,
             Command::Infer(args) => infer::run(args, &settings).await,
             Command::Send(args) => send::run(args).await,
             Command::Echo(args) => echo::run(args).await,
