@@ -342,6 +342,29 @@ fn check_instance(what: &str, s: &SourceInstance) -> Result<(), ReportError> {
 }
 
 fn prepare<'a>(input: &'a ReportInput<'a>) -> Result<Prepared<'a>, ReportError> {
+    validate(input)?;
+    let instances = instances_used(input);
+    if instances.is_empty() {
+        return Err(ReportError::NoEvidence);
+    }
+    let mut studies = BTreeMap::new();
+    for i in &instances {
+        studies
+            .entry(i.study_instance_uid.as_str())
+            .or_insert(&i.study);
+    }
+    Ok(Prepared {
+        revision: revision_key(input, &instances),
+        input,
+        instances,
+        weights: weights_status(input.result, input.settings),
+        studies,
+    })
+}
+
+/// Reject settings, probabilities, UIDs and heatmap shapes the objects could
+/// not carry.
+fn validate(input: &ReportInput) -> Result<(), ReportError> {
     let s = input.settings;
     if let Some(root) = &s.uid_root {
         uid::validate_root(root)?;
@@ -366,21 +389,7 @@ fn prepare<'a>(input: &'a ReportInput<'a>) -> Result<Prepared<'a>, ReportError> 
         check_instance(&format!("evidence[{i}]"), e)?;
     }
     for (i, h) in input.heatmaps.iter().enumerate() {
-        check_instance(&format!("heatmap[{i}] source"), &h.source)?;
-        let n = (h.rows as usize).saturating_mul(h.cols as usize);
-        if h.rows == 0 || h.cols == 0 || h.rows > sc::MAX_IMAGE_ROWS || h.cols > u16::MAX as u32 {
-            return Err(ReportError::InvalidInput(format!(
-                "heatmap[{i}] has unsupported size {}x{}",
-                h.rows, h.cols
-            )));
-        }
-        if h.base.len() != n || h.cam.len() != n {
-            return Err(ReportError::InvalidInput(format!(
-                "heatmap[{i}]: base ({}) and cam ({}) must both have rows*cols = {n} values",
-                h.base.len(),
-                h.cam.len()
-            )));
-        }
+        check_heatmap(i, h)?;
     }
     for (i, p) in input.predecessors.iter().enumerate() {
         check_uid(&format!("predecessor[{i}] SOP Class UID"), &p.sop_class_uid)?;
@@ -397,7 +406,31 @@ fn prepare<'a>(input: &'a ReportInput<'a>) -> Result<Prepared<'a>, ReportError> 
             &p.study_instance_uid,
         )?;
     }
+    Ok(())
+}
 
+fn check_heatmap(i: usize, h: &Heatmap) -> Result<(), ReportError> {
+    check_instance(&format!("heatmap[{i}] source"), &h.source)?;
+    let n = (h.rows as usize).saturating_mul(h.cols as usize);
+    if h.rows == 0 || h.cols == 0 || h.rows > sc::MAX_IMAGE_ROWS || h.cols > u16::MAX as u32 {
+        return Err(ReportError::InvalidInput(format!(
+            "heatmap[{i}] has unsupported size {}x{}",
+            h.rows, h.cols
+        )));
+    }
+    if h.base.len() != n || h.cam.len() != n {
+        return Err(ReportError::InvalidInput(format!(
+            "heatmap[{i}]: base ({}) and cam ({}) must both have rows*cols = {n} values",
+            h.base.len(),
+            h.cam.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Evidence ∪ heatmap sources, deduplicated by (SOP Instance UID, frame), in
+/// input order.
+fn instances_used<'a>(input: &'a ReportInput<'a>) -> Vec<&'a SourceInstance> {
     let mut instances: Vec<&SourceInstance> = Vec::new();
     for inst in input
         .evidence
@@ -411,17 +444,12 @@ fn prepare<'a>(input: &'a ReportInput<'a>) -> Result<Prepared<'a>, ReportError> 
             instances.push(inst);
         }
     }
-    if instances.is_empty() {
-        return Err(ReportError::NoEvidence);
-    }
-    let mut studies = BTreeMap::new();
-    for i in &instances {
-        studies
-            .entry(i.study_instance_uid.as_str())
-            .or_insert(&i.study);
-    }
+    instances
+}
 
-    // Revision key: what makes this result differ from another result of the case.
+/// Revision key: what makes this result differ from another result of the case.
+fn revision_key(input: &ReportInput, instances: &[&SourceInstance]) -> String {
+    let (r, s) = (input.result, input.settings);
     let mut ev: Vec<String> = instances
         .iter()
         .map(|i| format!("{}#{}", i.sop_instance_uid, i.frame.unwrap_or(0)))
@@ -439,7 +467,7 @@ fn prepare<'a>(input: &'a ReportInput<'a>) -> Result<Prepared<'a>, ReportError> 
     let demo = r.demo.to_string();
     let evs = ev.join(",");
     let preds = pred.join(",");
-    let revision = format!(
+    format!(
         "rev-{}",
         uid::short_digest(&[
             &r.model_name,
@@ -450,15 +478,7 @@ fn prepare<'a>(input: &'a ReportInput<'a>) -> Result<Prepared<'a>, ReportError> 
             &evs,
             &preds
         ])
-    );
-
-    Ok(Prepared {
-        input,
-        instances,
-        revision,
-        weights: weights_status(r, s),
-        studies,
-    })
+    )
 }
 
 /// Build every output object of one result: the SR(s) first, then one heatmap SC per

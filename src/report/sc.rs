@@ -120,159 +120,17 @@ pub(crate) fn render(prep: &Prepared, h: &Heatmap) -> (Vec<u8>, u32, u32) {
 
 /// Build one Secondary Capture per heatmap.
 pub(crate) fn build_heatmaps(prep: &Prepared) -> Result<Vec<OutputObject>, ReportError> {
-    let input = prep.input;
-    let s = input.settings;
-    let (d, t, _) = super::da_tm(input.now);
+    let heatmaps = prep.input.heatmaps;
     let mut out = Vec::new();
-
-    for (i, h) in input.heatmaps.iter().enumerate() {
+    for (i, h) in heatmaps.iter().enumerate() {
         let study = h.source.study_instance_uid.trim();
-        let index = input.heatmaps[..i]
+        // Numbered within its study: the SC series lives in the source's study.
+        let index = heatmaps[..i]
             .iter()
             .filter(|x| x.source.study_instance_uid.trim() == study)
             .count();
         let sop_uid = prep.uid("sc", study, index)?;
-        let series_uid = prep.uid("sc-series", study, 0)?;
-        let attrs = prep.studies.get(study).copied().unwrap_or(&h.source.study);
-
-        let mut o = Obj::new_empty();
-        super::put_sop_common(&mut o, SECONDARY_CAPTURE, &sop_uid, input.now);
-        ds::put_strs(&mut o, tags::IMAGE_TYPE, VR::CS, &["DERIVED", "SECONDARY"]);
-        super::put_patient_study(&mut o, study, attrs);
-
-        // General Series (PS3.3 §C.7.3.1).
-        super::put_series(
-            &mut o,
-            "OT",
-            &series_uid,
-            SC_SERIES_NUMBER,
-            &d,
-            &t,
-            SC_SERIES_DESCRIPTION,
-        );
-        ds::put_str(&mut o, tags::BODY_PART_EXAMINED, VR::CS, "BREAST");
-        // Laterality (General Series, Type 2C) is only required when Image Laterality is
-        // absent: an image of known side carries Image Laterality (General Image) and no
-        // series Laterality; an image of unknown side carries a zero-length Laterality
-        // ("unknown"; breast is a paired structure).
-        let image_laterality = h
-            .source
-            .laterality
-            .as_deref()
-            .and_then(codes::laterality_letter);
-        if image_laterality.is_none() {
-            ds::put_empty(&mut o, tags::LATERALITY, VR::CS);
-        }
-
-        super::put_equipment(&mut o, s, input.result);
-        // SC Equipment (PS3.3 §C.8.6.1).
-        ds::put_str(&mut o, tags::CONVERSION_TYPE, VR::CS, "WSD");
-
-        // General Image (PS3.3 §C.7.6.1).
-        ds::put_str(
-            &mut o,
-            tags::INSTANCE_NUMBER,
-            VR::IS,
-            &(index + 1).to_string(),
-        );
-        ds::put_empty(&mut o, tags::PATIENT_ORIENTATION, VR::CS);
-        ds::put_str(&mut o, tags::CONTENT_DATE, VR::DA, &d);
-        ds::put_str(&mut o, tags::CONTENT_TIME, VR::TM, &t);
-        if let Some(l) = image_laterality {
-            ds::put_str(&mut o, tags::IMAGE_LATERALITY, VR::CS, l);
-        }
-        let view = h.source.view.as_deref().and_then(codes::view_code);
-        if let Some(v) = &view {
-            ds::put_code_seq(&mut o, tags::VIEW_CODE_SEQUENCE, v);
-        }
-        let label = h.label.trim();
-        ds::put_str(
-            &mut o,
-            tags::DERIVATION_DESCRIPTION,
-            VR::ST,
-            &format!(
-                "{} class-1 CAM (HER2-positive) in viridis, alpha-blended over the windowed source image{}{}; legend burned in",
-                super::model_label(input.result),
-                if label.is_empty() {
-                    String::new()
-                } else {
-                    format!(" ({label})")
-                },
-                match &view {
-                    Some(v) => format!(", view {}", v.meaning),
-                    None => String::new(),
-                }
-            ),
-        );
-        let mut src = Obj::new_empty();
-        ds::put_str(
-            &mut src,
-            tags::REFERENCED_SOP_CLASS_UID,
-            VR::UI,
-            h.source.sop_class_uid.trim(),
-        );
-        ds::put_str(
-            &mut src,
-            tags::REFERENCED_SOP_INSTANCE_UID,
-            VR::UI,
-            h.source.sop_instance_uid.trim(),
-        );
-        if let Some(f) = h.source.frame {
-            ds::put_str(
-                &mut src,
-                tags::REFERENCED_FRAME_NUMBER,
-                VR::IS,
-                &f.to_string(),
-            );
-        }
-        ds::put_code_seq(
-            &mut src,
-            tags::PURPOSE_OF_REFERENCE_CODE_SEQUENCE,
-            &codes::SOURCE_IMAGE_FOR_PROCESSING,
-        );
-        ds::put_seq(&mut o, tags::SOURCE_IMAGE_SEQUENCE, vec![src]);
-        ds::put_str(&mut o, tags::BURNED_IN_ANNOTATION, VR::CS, "YES");
-        ds::put_str(&mut o, tags::LOSSY_IMAGE_COMPRESSION, VR::CS, "00");
-        let mut comment = String::from("HER2 MAP heatmap, NOT FOR DIAGNOSTIC USE");
-        if let Some(b) = prep.weights.banner() {
-            comment.push_str(", ");
-            comment.push_str(b);
-        }
-        if !label.is_empty() {
-            comment.push_str(". Source: ");
-            comment.push_str(label);
-        }
-        ds::put_str(&mut o, tags::IMAGE_COMMENTS, VR::LT, &comment);
-
-        // SC Image (PS3.3 §C.8.6.2).
-        ds::put_str(&mut o, tags::DATE_OF_SECONDARY_CAPTURE, VR::DA, &d);
-        ds::put_str(&mut o, tags::TIME_OF_SECONDARY_CAPTURE, VR::TM, &t);
-
-        // Image Pixel (PS3.3 §C.7.6.3): 8-bit RGB, interleaved.
-        let (mut rgb, rows, cols) = render(prep, h);
-        let rows16 = u16::try_from(rows)
-            .map_err(|_| ReportError::InvalidInput(format!("heatmap[{i}] too tall with legend")))?;
-        let cols16 = u16::try_from(cols)
-            .map_err(|_| ReportError::InvalidInput(format!("heatmap[{i}] too wide")))?;
-        ds::put_u16(&mut o, tags::SAMPLES_PER_PIXEL, 3);
-        ds::put_str(&mut o, tags::PHOTOMETRIC_INTERPRETATION, VR::CS, "RGB");
-        ds::put_u16(&mut o, tags::PLANAR_CONFIGURATION, 0);
-        ds::put_u16(&mut o, tags::ROWS, rows16);
-        ds::put_u16(&mut o, tags::COLUMNS, cols16);
-        ds::put_u16(&mut o, tags::BITS_ALLOCATED, 8);
-        ds::put_u16(&mut o, tags::BITS_STORED, 8);
-        ds::put_u16(&mut o, tags::HIGH_BIT, 7);
-        ds::put_u16(&mut o, tags::PIXEL_REPRESENTATION, 0);
-        if rgb.len() % 2 == 1 {
-            rgb.push(0);
-        }
-        o.put(DataElement::new(
-            tags::PIXEL_DATA,
-            VR::OB,
-            PrimitiveValue::U8(rgb.into()),
-        ));
-
-        super::set_charset(&mut o);
+        let o = heatmap_sc(prep, i, index, &sop_uid)?;
         out.push(OutputObject {
             kind: OutputKind::HeatmapSc,
             study_instance_uid: study.to_string(),
@@ -282,6 +140,176 @@ pub(crate) fn build_heatmaps(prep: &Prepared) -> Result<Vec<OutputObject>, Repor
         });
     }
     Ok(out)
+}
+
+/// The SC data set of heatmap `i`, the `index`-th of its study.
+fn heatmap_sc(prep: &Prepared, i: usize, index: usize, sop_uid: &str) -> Result<Obj, ReportError> {
+    let input = prep.input;
+    let h = &input.heatmaps[i];
+    let study = h.source.study_instance_uid.trim();
+    let series_uid = prep.uid("sc-series", study, 0)?;
+    let attrs = prep.studies.get(study).copied().unwrap_or(&h.source.study);
+    let (d, t, _) = super::da_tm(input.now);
+
+    let mut o = Obj::new_empty();
+    super::put_sop_common(&mut o, SECONDARY_CAPTURE, sop_uid, input.now);
+    ds::put_strs(&mut o, tags::IMAGE_TYPE, VR::CS, &["DERIVED", "SECONDARY"]);
+    super::put_patient_study(&mut o, study, attrs);
+
+    // General Series (PS3.3 §C.7.3.1).
+    super::put_series(
+        &mut o,
+        "OT",
+        &series_uid,
+        SC_SERIES_NUMBER,
+        &d,
+        &t,
+        SC_SERIES_DESCRIPTION,
+    );
+    ds::put_str(&mut o, tags::BODY_PART_EXAMINED, VR::CS, "BREAST");
+    // Laterality (General Series, Type 2C) is only required when Image Laterality is
+    // absent: an image of known side carries Image Laterality (General Image) and no
+    // series Laterality; an image of unknown side carries a zero-length Laterality
+    // ("unknown"; breast is a paired structure).
+    if image_laterality(h).is_none() {
+        ds::put_empty(&mut o, tags::LATERALITY, VR::CS);
+    }
+
+    super::put_equipment(&mut o, input.settings, input.result);
+    // SC Equipment (PS3.3 §C.8.6.1).
+    ds::put_str(&mut o, tags::CONVERSION_TYPE, VR::CS, "WSD");
+
+    put_general_image(&mut o, prep, h, index, (&d, &t));
+
+    // SC Image (PS3.3 §C.8.6.2).
+    ds::put_str(&mut o, tags::DATE_OF_SECONDARY_CAPTURE, VR::DA, &d);
+    ds::put_str(&mut o, tags::TIME_OF_SECONDARY_CAPTURE, VR::TM, &t);
+
+    put_image_pixel(&mut o, prep, h, i)?;
+    super::set_charset(&mut o);
+    Ok(o)
+}
+
+/// "L" / "R" of the source image, `None` when unknown.
+fn image_laterality(h: &Heatmap) -> Option<&'static str> {
+    h.source
+        .laterality
+        .as_deref()
+        .and_then(codes::laterality_letter)
+}
+
+/// General Image (PS3.3 §C.7.6.1): number, content date/time, laterality and
+/// view of the source, how the image was derived and from which source.
+fn put_general_image(
+    o: &mut Obj,
+    prep: &Prepared,
+    h: &Heatmap,
+    index: usize,
+    (d, t): (&str, &str),
+) {
+    ds::put_str(o, tags::INSTANCE_NUMBER, VR::IS, &(index + 1).to_string());
+    ds::put_empty(o, tags::PATIENT_ORIENTATION, VR::CS);
+    ds::put_str(o, tags::CONTENT_DATE, VR::DA, d);
+    ds::put_str(o, tags::CONTENT_TIME, VR::TM, t);
+    if let Some(l) = image_laterality(h) {
+        ds::put_str(o, tags::IMAGE_LATERALITY, VR::CS, l);
+    }
+    let view = h.source.view.as_deref().and_then(codes::view_code);
+    if let Some(v) = &view {
+        ds::put_code_seq(o, tags::VIEW_CODE_SEQUENCE, v);
+    }
+    let label = h.label.trim();
+    ds::put_str(
+        o,
+        tags::DERIVATION_DESCRIPTION,
+        VR::ST,
+        &format!(
+            "{} class-1 CAM (HER2-positive) in viridis, alpha-blended over the windowed source image{}{}; legend burned in",
+            super::model_label(prep.input.result),
+            if label.is_empty() {
+                String::new()
+            } else {
+                format!(" ({label})")
+            },
+            match &view {
+                Some(v) => format!(", view {}", v.meaning),
+                None => String::new(),
+            }
+        ),
+    );
+    ds::put_seq(o, tags::SOURCE_IMAGE_SEQUENCE, vec![source_image_item(h)]);
+    ds::put_str(o, tags::BURNED_IN_ANNOTATION, VR::CS, "YES");
+    ds::put_str(o, tags::LOSSY_IMAGE_COMPRESSION, VR::CS, "00");
+    let mut comment = String::from("HER2 MAP heatmap, NOT FOR DIAGNOSTIC USE");
+    if let Some(b) = prep.weights.banner() {
+        comment.push_str(", ");
+        comment.push_str(b);
+    }
+    if !label.is_empty() {
+        comment.push_str(". Source: ");
+        comment.push_str(label);
+    }
+    ds::put_str(o, tags::IMAGE_COMMENTS, VR::LT, &comment);
+}
+
+/// The Source Image Sequence item: the source instance (and frame), for
+/// processing.
+fn source_image_item(h: &Heatmap) -> Obj {
+    let mut src = Obj::new_empty();
+    ds::put_str(
+        &mut src,
+        tags::REFERENCED_SOP_CLASS_UID,
+        VR::UI,
+        h.source.sop_class_uid.trim(),
+    );
+    ds::put_str(
+        &mut src,
+        tags::REFERENCED_SOP_INSTANCE_UID,
+        VR::UI,
+        h.source.sop_instance_uid.trim(),
+    );
+    if let Some(f) = h.source.frame {
+        ds::put_str(
+            &mut src,
+            tags::REFERENCED_FRAME_NUMBER,
+            VR::IS,
+            &f.to_string(),
+        );
+    }
+    ds::put_code_seq(
+        &mut src,
+        tags::PURPOSE_OF_REFERENCE_CODE_SEQUENCE,
+        &codes::SOURCE_IMAGE_FOR_PROCESSING,
+    );
+    src
+}
+
+/// Image Pixel (PS3.3 §C.7.6.3): the rendered heatmap, 8-bit RGB, interleaved.
+fn put_image_pixel(o: &mut Obj, prep: &Prepared, h: &Heatmap, i: usize) -> Result<(), ReportError> {
+    let (mut rgb, rows, cols) = render(prep, h);
+    let rows16 = u16::try_from(rows)
+        .map_err(|_| ReportError::InvalidInput(format!("heatmap[{i}] too tall with legend")))?;
+    let cols16 = u16::try_from(cols)
+        .map_err(|_| ReportError::InvalidInput(format!("heatmap[{i}] too wide")))?;
+    ds::put_u16(o, tags::SAMPLES_PER_PIXEL, 3);
+    ds::put_str(o, tags::PHOTOMETRIC_INTERPRETATION, VR::CS, "RGB");
+    ds::put_u16(o, tags::PLANAR_CONFIGURATION, 0);
+    ds::put_u16(o, tags::ROWS, rows16);
+    ds::put_u16(o, tags::COLUMNS, cols16);
+    ds::put_u16(o, tags::BITS_ALLOCATED, 8);
+    ds::put_u16(o, tags::BITS_STORED, 8);
+    ds::put_u16(o, tags::HIGH_BIT, 7);
+    ds::put_u16(o, tags::PIXEL_REPRESENTATION, 0);
+    // Pixel Data has even length (PS3.5 §7.1.1).
+    if rgb.len() % 2 == 1 {
+        rgb.push(0);
+    }
+    o.put(DataElement::new(
+        tags::PIXEL_DATA,
+        VR::OB,
+        PrimitiveValue::U8(rgb.into()),
+    ));
+    Ok(())
 }
 
 /// Where the model's CAM grid lies on the base image grid: the rectangle (in base-grid

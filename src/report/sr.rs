@@ -34,9 +34,9 @@ use dicom_dictionary_std::tags;
 use super::codes::{self, Code};
 use super::ds::{self, InstanceRef, Obj};
 use super::{
-    COMPREHENSIVE_3D_SR, ENHANCED_SR, OutputKind, OutputObject, Prepared, ReportError,
-    SR_SERIES_DESCRIPTION, SR_SERIES_DESCRIPTION_AMENDED, SR_SERIES_NUMBER, SrClass, StudyPolicy,
-    WeightsStatus,
+    COMPREHENSIVE_3D_SR, ENHANCED_SR, ModelResult, OutputKind, OutputObject, Prepared, ReportError,
+    ReportSettings, SR_SERIES_DESCRIPTION, SR_SERIES_DESCRIPTION_AMENDED, SR_SERIES_NUMBER,
+    SourceInstance, SrClass, StudyPolicy, WeightsStatus,
 };
 
 /// Relationship types (PS3.3 §C.17.3.2.4).
@@ -187,53 +187,62 @@ fn target_studies<'a>(prep: &Prepared<'a>) -> Vec<&'a str> {
     }
 }
 
-/// Build the content tree (root item with its children).
+/// Build the content tree (root item with its children), TID 1500 in the
+/// order of its rows.
 fn content_tree(prep: &Prepared) -> Result<Item, ReportError> {
-    let input = prep.input;
-    let r = input.result;
-    let s = input.settings;
-
     let mut root = Item::container("", codes::IMAGING_MEASUREMENT_REPORT);
     root.children.push(Item::code(
         HAS_CONCEPT_MOD,
         codes::LANGUAGE_OF_CONTENT,
         codes::ENGLISH_US,
     ));
+    root.children.extend(observer_context(prep)?);
+    root.children.extend(procedures_reported(prep));
+    root.children.push(image_library(prep));
+    root.children.push(
+        Item::container(CONTAINS, codes::IMAGING_MEASUREMENTS).with(measurement_group(prep)?),
+    );
+    root.children.push(qualitative_evaluations(prep));
+    Ok(root)
+}
 
-    // TID 1001/1002/1004: the node is the (device) observer.
+/// TID 1001/1002/1004: the node is the (device) observer.
+fn observer_context(prep: &Prepared) -> Result<Vec<Item>, ReportError> {
+    let s = prep.input.settings;
     let device_uid =
         super::uid::derive_uid(s.uid_root.as_deref(), &["device-observer", &s.device_name])?;
-    root.children.push(Item::code(
-        HAS_OBS_CONTEXT,
-        codes::OBSERVER_TYPE,
-        codes::DEVICE,
-    ));
-    root.children.push(Item::new(
-        HAS_OBS_CONTEXT,
-        Some(codes::DEVICE_OBSERVER_UID),
-        Value::UidRef(device_uid),
-    ));
+    let mut items = vec![
+        Item::code(HAS_OBS_CONTEXT, codes::OBSERVER_TYPE, codes::DEVICE),
+        Item::new(
+            HAS_OBS_CONTEXT,
+            Some(codes::DEVICE_OBSERVER_UID),
+            Value::UidRef(device_uid),
+        ),
+    ];
     if !s.device_name.trim().is_empty() {
-        root.children.push(Item::text(
+        items.push(Item::text(
             HAS_OBS_CONTEXT,
             codes::DEVICE_OBSERVER_NAME,
             s.device_name.trim(),
         ));
     }
     if !s.manufacturer.trim().is_empty() {
-        root.children.push(Item::text(
+        items.push(Item::text(
             HAS_OBS_CONTEXT,
             codes::DEVICE_OBSERVER_MANUFACTURER,
             s.manufacturer.trim(),
         ));
     }
-    root.children.push(Item::text(
+    items.push(Item::text(
         HAS_OBS_CONTEXT,
         codes::DEVICE_OBSERVER_MODEL_NAME,
-        super::model_label(r),
+        super::model_label(prep.input.result),
     ));
+    Ok(items)
+}
 
-    // Procedure reported: one per modality of the instances used.
+/// Procedure reported: one per modality of the instances used.
+fn procedures_reported(prep: &Prepared) -> Vec<Item> {
     let mut procs: Vec<Code> = Vec::new();
     for i in &prep.instances {
         let c = codes::procedure_code(&i.modality);
@@ -241,12 +250,15 @@ fn content_tree(prep: &Prepared) -> Result<Item, ReportError> {
             procs.push(c);
         }
     }
-    for c in procs {
-        root.children
-            .push(Item::code(HAS_CONCEPT_MOD, codes::PROCEDURE_REPORTED, c));
-    }
+    procs
+        .into_iter()
+        .map(|c| Item::code(HAS_CONCEPT_MOD, codes::PROCEDURE_REPORTED, c))
+        .collect()
+}
 
-    // TID 1600 Image Library: one group per source series.
+/// TID 1600 Image Library: one group per source series (TID 1602 context:
+/// modality, study date), each instance used with its laterality and view.
+fn image_library(prep: &Prepared) -> Item {
     let mut library = Item::container(CONTAINS, codes::IMAGE_LIBRARY);
     let mut groups: Vec<(&str, &str, Item)> = Vec::new();
     for inst in &prep.instances {
@@ -255,49 +267,69 @@ fn content_tree(prep: &Prepared) -> Result<Item, ReportError> {
         }) {
             Some(i) => i,
             None => {
-                let mut g = Item::container(CONTAINS, codes::IMAGE_LIBRARY_GROUP);
-                if let Some(m) = codes::modality_code(&inst.modality) {
-                    g.children
-                        .push(Item::code(HAS_ACQ_CONTEXT, codes::MODALITY, m));
-                }
-                if ds::is_da(&inst.study.study_date) {
-                    g.children.push(Item::new(
-                        HAS_ACQ_CONTEXT,
-                        Some(codes::STUDY_DATE),
-                        Value::Date(inst.study.study_date.trim().to_string()),
-                    ));
-                }
-                groups.push((&inst.study_instance_uid, &inst.series_instance_uid, g));
+                groups.push((
+                    &inst.study_instance_uid,
+                    &inst.series_instance_uid,
+                    library_group(inst),
+                ));
                 groups.len() - 1
             }
         };
-        let mut img = Item::new(
-            CONTAINS,
-            None,
-            Value::Image {
-                class: inst.sop_class_uid.trim().to_string(),
-                inst: inst.sop_instance_uid.trim().to_string(),
-                frame: inst.frame,
-            },
-        );
-        if let Some(l) = inst.laterality.as_deref().and_then(codes::laterality_code) {
-            img.children
-                .push(Item::code(HAS_ACQ_CONTEXT, codes::IMAGE_LATERALITY, l));
-        }
-        if let Some(v) = inst.view.as_deref().and_then(codes::view_code) {
-            img.children
-                .push(Item::code(HAS_ACQ_CONTEXT, codes::IMAGE_VIEW, v));
-        }
-        groups[idx].2.children.push(img);
+        groups[idx].2.children.push(library_image(inst));
     }
     library
         .children
         .extend(groups.into_iter().map(|(_, _, g)| g));
-    root.children.push(library);
+    library
+}
 
-    // TID 1501 measurement group.
-    let tracking_uid =
-        super::uid::derive_uid(s.uid_root.as_deref(), &[input.case_id, "tracking-uid"])?;
+/// An Image Library Group with the acquisition context of `inst`'s series.
+fn library_group(inst: &SourceInstance) -> Item {
+    let mut g = Item::container(CONTAINS, codes::IMAGE_LIBRARY_GROUP);
+    if let Some(m) = codes::modality_code(&inst.modality) {
+        g.children
+            .push(Item::code(HAS_ACQ_CONTEXT, codes::MODALITY, m));
+    }
+    if ds::is_da(&inst.study.study_date) {
+        g.children.push(Item::new(
+            HAS_ACQ_CONTEXT,
+            Some(codes::STUDY_DATE),
+            Value::Date(inst.study.study_date.trim().to_string()),
+        ));
+    }
+    g
+}
+
+/// The IMAGE item of one instance (and frame) used.
+fn library_image(inst: &SourceInstance) -> Item {
+    let mut img = Item::new(
+        CONTAINS,
+        None,
+        Value::Image {
+            class: inst.sop_class_uid.trim().to_string(),
+            inst: inst.sop_instance_uid.trim().to_string(),
+            frame: inst.frame,
+        },
+    );
+    if let Some(l) = inst.laterality.as_deref().and_then(codes::laterality_code) {
+        img.children
+            .push(Item::code(HAS_ACQ_CONTEXT, codes::IMAGE_LATERALITY, l));
+    }
+    if let Some(v) = inst.view.as_deref().and_then(codes::view_code) {
+        img.children
+            .push(Item::code(HAS_ACQ_CONTEXT, codes::IMAGE_VIEW, v));
+    }
+    img
+}
+
+/// TID 1501 Measurement Group of the index lesion.
+fn measurement_group(prep: &Prepared) -> Result<Item, ReportError> {
+    let input = prep.input;
+    let r = input.result;
+    let tracking_uid = super::uid::derive_uid(
+        input.settings.uid_root.as_deref(),
+        &[input.case_id, "tracking-uid"],
+    )?;
     let mut group = Item::container(CONTAINS, codes::MEASUREMENT_GROUP)
         .with(Item::text(
             HAS_OBS_CONTEXT,
@@ -320,7 +352,21 @@ fn content_tree(prep: &Prepared) -> Result<Item, ReportError> {
             .push(Item::code(HAS_CONCEPT_MOD, codes::LATERALITY, l));
     }
     group.children.push(site);
-    // TID 4019 Algorithm Identification.
+    group.children.extend(algorithm_identification(prep));
+    group.children.extend(probabilities(r));
+    group.children.extend(interpretation(prep));
+    Ok(group)
+}
+
+/// Lower-case SHA-256 of the weights, empty when unknown.
+fn weights_sha(r: &ModelResult) -> String {
+    r.weights_sha256.trim().to_ascii_lowercase()
+}
+
+/// TID 4019 Algorithm Identification: name, version and parameters (weights,
+/// their status, the decision threshold, the CAM target).
+fn algorithm_identification(prep: &Prepared) -> Vec<Item> {
+    let r = prep.input.result;
     let algo_name = if r.model_name.trim().is_empty() {
         "HER2 MAP"
     } else {
@@ -331,17 +377,11 @@ fn content_tree(prep: &Prepared) -> Result<Item, ReportError> {
     } else {
         r.model_version.trim()
     };
-    group.children.push(Item::text(
-        HAS_CONCEPT_MOD,
-        codes::ALGORITHM_NAME,
-        algo_name,
-    ));
-    group.children.push(Item::text(
-        HAS_CONCEPT_MOD,
-        codes::ALGORITHM_VERSION,
-        algo_version,
-    ));
-    let sha = r.weights_sha256.trim().to_ascii_lowercase();
+    let mut items = vec![
+        Item::text(HAS_CONCEPT_MOD, codes::ALGORITHM_NAME, algo_name),
+        Item::text(HAS_CONCEPT_MOD, codes::ALGORITHM_VERSION, algo_version),
+    ];
+    let sha = weights_sha(r);
     let params = [
         format!(
             "weights SHA-256: {}",
@@ -357,98 +397,105 @@ fn content_tree(prep: &Prepared) -> Result<Item, ReportError> {
         ),
         format!(
             "decision threshold: HER2-positive if P >= {:.2}",
-            s.threshold
+            prep.input.settings.threshold
         ),
         "CAM target class: 1 (HER2-positive)".to_string(),
     ];
-    for p in params {
-        group
-            .children
-            .push(Item::text(HAS_CONCEPT_MOD, codes::ALGORITHM_PARAMETERS, p));
-    }
-    // Measurements.
-    group
-        .children
-        .push(Item::num(codes::P_HER2_PROBABILITY, r.prob as f64));
+    items.extend(
+        params
+            .into_iter()
+            .map(|p| Item::text(HAS_CONCEPT_MOD, codes::ALGORITHM_PARAMETERS, p)),
+    );
+    items
+}
+
+/// TID 300 measurements: the fused P(HER2-positive), then each branch's.
+fn probabilities(r: &ModelResult) -> Vec<Item> {
+    let mut items = vec![Item::num(codes::P_HER2_PROBABILITY, r.prob as f64)];
     for (code, p) in [
         (codes::P_HER2_PROBABILITY_MG, r.branch_probs.mg),
         (codes::P_HER2_PROBABILITY_US, r.branch_probs.us),
         (codes::P_HER2_PROBABILITY_MR, r.branch_probs.mri),
     ] {
         if let Some(p) = p {
-            group.children.push(Item::num(code, p as f64));
+            items.push(Item::num(code, p as f64));
         }
     }
-    // Qualitative evaluation.
-    let status = if r.prob >= s.threshold {
+    items
+}
+
+/// The qualitative evaluation: HER2 Positive / Negative at the threshold,
+/// the modalities used and missing, and the ROI method per modality.
+fn interpretation(prep: &Prepared) -> Vec<Item> {
+    let r = prep.input.result;
+    let status = if r.prob >= prep.input.settings.threshold {
         codes::POSITIVE
     } else {
         codes::NEGATIVE
     };
-    group
-        .children
-        .push(Item::code(CONTAINS, codes::HER2_INTERPRETATION, status));
+    let mut items = vec![Item::code(CONTAINS, codes::HER2_INTERPRETATION, status)];
     for (concept, list) in [
         (codes::P_MODALITY_USED, &r.modalities_used),
         (codes::P_MODALITY_MISSING, &r.modalities_missing),
     ] {
         for m in list {
             match codes::modality_code(m) {
-                Some(c) => group.children.push(Item::code(CONTAINS, concept, c)),
-                None if !m.trim().is_empty() => {
-                    group.children.push(Item::text(CONTAINS, concept, m.trim()))
-                }
+                Some(c) => items.push(Item::code(CONTAINS, concept, c)),
+                None if !m.trim().is_empty() => items.push(Item::text(CONTAINS, concept, m.trim())),
                 None => {}
             }
         }
     }
     for (m, provider) in &r.roi_methods {
-        group.children.push(Item::text(
+        items.push(Item::text(
             CONTAINS,
             codes::P_ROI_METHOD,
             format!("{}: {}", codes::normalize_modality(m), provider.trim()),
         ));
     }
-    root.children
-        .push(Item::container(CONTAINS, codes::IMAGING_MEASUREMENTS).with(group));
+    items
+}
 
-    // Qualitative evaluations: disclaimers and notes.
+/// Qualitative Evaluations: the research-use disclaimer, the weights status,
+/// the amendment notice, an unknown lesion side and the model's notes, each
+/// as a Comment.
+fn qualitative_evaluations(prep: &Prepared) -> Item {
+    let r = prep.input.result;
+    let s = prep.input.settings;
     let mut qual = Item::container(CONTAINS, codes::QUALITATIVE_EVALUATIONS);
-    qual.children.push(Item::text(
-        CONTAINS,
-        codes::COMMENT,
-        format!(
-            "NOT FOR DIAGNOSTIC USE. Research model output of {} (HER2 status predicted from imaging, \
-             P(HER2-positive) = {:.3}, {} at threshold {:.2}); it is not a pathology result and must \
-             not be used for diagnosis or treatment decisions.",
-            super::model_label(r),
-            r.prob,
-            if r.prob >= s.threshold { "positive" } else { "negative" },
-            s.threshold
-        ),
-    ));
+    let comment = |t: String| Item::text(CONTAINS, codes::COMMENT, t);
+    qual.children.push(comment(format!(
+        "NOT FOR DIAGNOSTIC USE. Research model output of {} (HER2 status predicted from imaging, \
+         P(HER2-positive) = {:.3}, {} at threshold {:.2}); it is not a pathology result and must \
+         not be used for diagnosis or treatment decisions.",
+        super::model_label(r),
+        r.prob,
+        if r.prob >= s.threshold {
+            "positive"
+        } else {
+            "negative"
+        },
+        s.threshold
+    )));
     match prep.weights {
         WeightsStatus::Verified => {}
-        WeightsStatus::Demo => qual.children.push(Item::text(
-            CONTAINS,
-            codes::COMMENT,
-            "DEMO WEIGHTS: this result was produced with demonstration weights and has no clinical meaning.",
+        WeightsStatus::Demo => qual.children.push(comment(
+            "DEMO WEIGHTS: this result was produced with demonstration weights and has no clinical meaning."
+                .to_string(),
         )),
-        WeightsStatus::Unverified => qual.children.push(Item::text(
-            CONTAINS,
-            codes::COMMENT,
-            format!(
+        WeightsStatus::Unverified => {
+            let sha = weights_sha(r);
+            qual.children.push(comment(format!(
                 "UNVERIFIED WEIGHTS: the model weights (SHA-256 {}) are not a configured verified checkpoint.",
                 if sha.is_empty() { "unknown" } else { &sha }
-            ),
-        )),
+            )))
+        }
     }
     if prep.amended() {
-        qual.children.push(Item::text(
-            CONTAINS,
-            codes::COMMENT,
+        qual.children.push(comment(
             "AMENDED RESULT: this report replaces the earlier HER2 MAP report(s) listed in the \
-             Predecessor Documents Sequence; the earlier result is superseded.",
+             Predecessor Documents Sequence; the earlier result is superseded."
+                .to_string(),
         ));
     }
     if r.lesion_side
@@ -456,25 +503,19 @@ fn content_tree(prep: &Prepared) -> Result<Item, ReportError> {
         .and_then(codes::laterality_letter)
         .is_none()
     {
-        qual.children.push(Item::text(
-            CONTAINS,
-            codes::COMMENT,
-            "Lesion side: unknown.",
-        ));
+        qual.children
+            .push(comment("Lesion side: unknown.".to_string()));
     }
     for n in r.notes.iter().filter(|n| !n.trim().is_empty()) {
-        qual.children
-            .push(Item::text(CONTAINS, codes::COMMENT, n.trim()));
+        qual.children.push(comment(n.trim().to_string()));
     }
-    root.children.push(qual);
-    Ok(root)
+    qual
 }
 
-/// Build the SR document(s) of a result.
+/// Build the SR document(s) of a result: the same content tree in each target
+/// study, the documents referencing each other as identical.
 pub(crate) fn build_srs(prep: &Prepared) -> Result<Vec<OutputObject>, ReportError> {
-    let input = prep.input;
-    let s = input.settings;
-    let class = match s.sr_class {
+    let class = match prep.input.settings.sr_class {
         SrClass::Comprehensive3d => COMPREHENSIVE_3D_SR,
         SrClass::Enhanced => ENHANCED_SR,
     };
@@ -490,160 +531,183 @@ pub(crate) fn build_srs(prep: &Prepared) -> Result<Vec<OutputObject>, ReportErro
         });
     }
     let tree = content_tree(prep)?;
-    let (d, t, _) = super::da_tm(input.now);
-
     let mut out = Vec::new();
-    for (k, study) in targets.iter().enumerate() {
-        let me = &ids[k];
-        let attrs = prep.studies[study];
-        let mut o = Obj::new_empty();
-        super::put_sop_common(&mut o, class, &me.sop_instance_uid, input.now);
-        super::put_patient_study(&mut o, study, attrs);
-
-        // SR Document Series module (PS3.3 §C.17.1).
-        super::put_series(
-            &mut o,
-            "SR",
-            &me.series_instance_uid,
-            SR_SERIES_NUMBER,
-            &d,
-            &t,
-            if prep.amended() {
-                SR_SERIES_DESCRIPTION_AMENDED
-            } else {
-                SR_SERIES_DESCRIPTION
-            },
-        );
-        ds::put_seq(
-            &mut o,
-            tags::REFERENCED_PERFORMED_PROCEDURE_STEP_SEQUENCE,
-            Vec::new(),
-        );
-
-        super::put_equipment(&mut o, s, input.result);
-
-        // SR Document General module (PS3.3 §C.17.2).
-        ds::put_str(&mut o, tags::INSTANCE_NUMBER, VR::IS, "1");
-        ds::put_str(&mut o, tags::COMPLETION_FLAG, VR::CS, "COMPLETE");
-        ds::put_str(&mut o, tags::VERIFICATION_FLAG, VR::CS, "UNVERIFIED");
-        ds::put_str(&mut o, tags::CONTENT_DATE, VR::DA, &d);
-        ds::put_str(&mut o, tags::CONTENT_TIME, VR::TM, &t);
-        ds::put_seq(&mut o, tags::PERFORMED_PROCEDURE_CODE_SEQUENCE, Vec::new());
-        let refs: Vec<InstanceRef> = prep
-            .instances
-            .iter()
-            .map(|i| InstanceRef {
-                study_instance_uid: i.study_instance_uid.trim().to_string(),
-                series_instance_uid: i.series_instance_uid.trim().to_string(),
-                sop_class_uid: i.sop_class_uid.trim().to_string(),
-                sop_instance_uid: i.sop_instance_uid.trim().to_string(),
-            })
-            .collect();
-        let (current, other): (Vec<InstanceRef>, Vec<InstanceRef>) = refs
-            .into_iter()
-            .partition(|r| r.study_instance_uid == *study);
-        let (current, other) = if current.is_empty() {
-            (other, Vec::new())
-        } else {
-            (current, other)
-        };
-        ds::put_seq(
-            &mut o,
-            tags::CURRENT_REQUESTED_PROCEDURE_EVIDENCE_SEQUENCE,
-            ds::hierarchical_refs(&current),
-        );
-        if !other.is_empty() {
-            ds::put_seq(
-                &mut o,
-                tags::PERTINENT_OTHER_EVIDENCE_SEQUENCE,
-                ds::hierarchical_refs(&other),
-            );
-        }
-        if prep.amended() {
-            let preds: Vec<InstanceRef> = input
-                .predecessors
-                .iter()
-                .map(|p| InstanceRef {
-                    study_instance_uid: p.study_instance_uid.trim().to_string(),
-                    series_instance_uid: p.series_instance_uid.trim().to_string(),
-                    sop_class_uid: p.sop_class_uid.trim().to_string(),
-                    sop_instance_uid: p.sop_instance_uid.trim().to_string(),
-                })
-                .collect();
-            let same: Vec<InstanceRef> = preds
-                .iter()
-                .filter(|p| p.study_instance_uid == *study)
-                .cloned()
-                .collect();
-            let chosen = if same.is_empty() { preds } else { same };
-            ds::put_seq(
-                &mut o,
-                tags::PREDECESSOR_DOCUMENTS_SEQUENCE,
-                ds::hierarchical_refs(&chosen),
-            );
-        }
-        let identical: Vec<InstanceRef> = ids
-            .iter()
-            .filter(|r| r.study_instance_uid != *study)
-            .cloned()
-            .collect();
-        if !identical.is_empty() {
-            ds::put_seq(
-                &mut o,
-                tags::IDENTICAL_DOCUMENTS_SEQUENCE,
-                ds::hierarchical_refs(&identical),
-            );
-        }
-
-        // SR Document Content module (PS3.3 §C.17.3): the root content item.
-        tree.write_value(&mut o);
-        let mut tpl = Obj::new_empty();
-        ds::put_str(&mut tpl, tags::MAPPING_RESOURCE, VR::CS, "DCMR");
-        ds::put_str(
-            &mut tpl,
-            tags::MAPPING_RESOURCE_UID,
-            VR::UI,
-            "1.2.840.10008.8.1.1",
-        );
-        ds::put_str(&mut tpl, tags::TEMPLATE_IDENTIFIER, VR::CS, "1500");
-        ds::put_seq(&mut o, tags::CONTENT_TEMPLATE_SEQUENCE, vec![tpl]);
-
-        // Coding Scheme Identification Sequence for the private scheme (PS3.3 §C.12.1).
-        let mut cs = Obj::new_empty();
-        ds::put_str(
-            &mut cs,
-            tags::CODING_SCHEME_DESIGNATOR,
-            VR::SH,
-            codes::PRIVATE_SCHEME,
-        );
-        ds::put_str(
-            &mut cs,
-            tags::CODING_SCHEME_NAME,
-            VR::ST,
-            codes::PRIVATE_SCHEME_NAME,
-        );
-        if !s.manufacturer.trim().is_empty() {
-            ds::put_str(
-                &mut cs,
-                tags::CODING_SCHEME_RESPONSIBLE_ORGANIZATION,
-                VR::ST,
-                s.manufacturer.trim(),
-            );
-        }
-        ds::put_seq(
-            &mut o,
-            tags::CODING_SCHEME_IDENTIFICATION_SEQUENCE,
-            vec![cs],
-        );
-
-        super::set_charset(&mut o);
+    for (me, study) in ids.iter().zip(&targets) {
         out.push(OutputObject {
             kind: OutputKind::Sr,
             study_instance_uid: study.to_string(),
             sop_class_uid: class.to_string(),
             sop_instance_uid: me.sop_instance_uid.clone(),
-            object: super::finish(o)?,
+            object: super::finish(sr_document(prep, &tree, me, &ids)?)?,
         });
     }
     Ok(out)
+}
+
+/// The SR data set placed in study `me.study_instance_uid`.
+fn sr_document(
+    prep: &Prepared,
+    tree: &Item,
+    me: &InstanceRef,
+    ids: &[InstanceRef],
+) -> Result<Obj, ReportError> {
+    let input = prep.input;
+    let s = input.settings;
+    let study = me.study_instance_uid.as_str();
+    let (d, t, _) = super::da_tm(input.now);
+    let mut o = Obj::new_empty();
+    super::put_sop_common(&mut o, &me.sop_class_uid, &me.sop_instance_uid, input.now);
+    super::put_patient_study(&mut o, study, prep.studies[study]);
+
+    // SR Document Series module (PS3.3 §C.17.1).
+    super::put_series(
+        &mut o,
+        "SR",
+        &me.series_instance_uid,
+        SR_SERIES_NUMBER,
+        &d,
+        &t,
+        if prep.amended() {
+            SR_SERIES_DESCRIPTION_AMENDED
+        } else {
+            SR_SERIES_DESCRIPTION
+        },
+    );
+    ds::put_seq(
+        &mut o,
+        tags::REFERENCED_PERFORMED_PROCEDURE_STEP_SEQUENCE,
+        Vec::new(),
+    );
+
+    super::put_equipment(&mut o, s, input.result);
+
+    // SR Document General module (PS3.3 §C.17.2).
+    ds::put_str(&mut o, tags::INSTANCE_NUMBER, VR::IS, "1");
+    ds::put_str(&mut o, tags::COMPLETION_FLAG, VR::CS, "COMPLETE");
+    ds::put_str(&mut o, tags::VERIFICATION_FLAG, VR::CS, "UNVERIFIED");
+    ds::put_str(&mut o, tags::CONTENT_DATE, VR::DA, &d);
+    ds::put_str(&mut o, tags::CONTENT_TIME, VR::TM, &t);
+    ds::put_seq(&mut o, tags::PERFORMED_PROCEDURE_CODE_SEQUENCE, Vec::new());
+    put_evidence(&mut o, prep, study);
+    if prep.amended() {
+        put_predecessors(&mut o, prep, study);
+    }
+    let identical: Vec<InstanceRef> = ids
+        .iter()
+        .filter(|r| r.study_instance_uid != study)
+        .cloned()
+        .collect();
+    if !identical.is_empty() {
+        ds::put_seq(
+            &mut o,
+            tags::IDENTICAL_DOCUMENTS_SEQUENCE,
+            ds::hierarchical_refs(&identical),
+        );
+    }
+
+    // SR Document Content module (PS3.3 §C.17.3): the root content item.
+    tree.write_value(&mut o);
+    put_template_and_coding_scheme(&mut o, s);
+    super::set_charset(&mut o);
+    Ok(o)
+}
+
+/// Current Requested Procedure Evidence: the instances of this study (all of
+/// them when none is); Pertinent Other Evidence: those of the other studies.
+fn put_evidence(o: &mut Obj, prep: &Prepared, study: &str) {
+    let refs: Vec<InstanceRef> = prep
+        .instances
+        .iter()
+        .map(|i| InstanceRef {
+            study_instance_uid: i.study_instance_uid.trim().to_string(),
+            series_instance_uid: i.series_instance_uid.trim().to_string(),
+            sop_class_uid: i.sop_class_uid.trim().to_string(),
+            sop_instance_uid: i.sop_instance_uid.trim().to_string(),
+        })
+        .collect();
+    let (current, other): (Vec<InstanceRef>, Vec<InstanceRef>) = refs
+        .into_iter()
+        .partition(|r| r.study_instance_uid == study);
+    let (current, other) = if current.is_empty() {
+        (other, Vec::new())
+    } else {
+        (current, other)
+    };
+    ds::put_seq(
+        o,
+        tags::CURRENT_REQUESTED_PROCEDURE_EVIDENCE_SEQUENCE,
+        ds::hierarchical_refs(&current),
+    );
+    if !other.is_empty() {
+        ds::put_seq(
+            o,
+            tags::PERTINENT_OTHER_EVIDENCE_SEQUENCE,
+            ds::hierarchical_refs(&other),
+        );
+    }
+}
+
+/// Predecessor Documents: the amended SRs of this study, or all of them when
+/// none was in this study.
+fn put_predecessors(o: &mut Obj, prep: &Prepared, study: &str) {
+    let preds: Vec<InstanceRef> = prep
+        .input
+        .predecessors
+        .iter()
+        .map(|p| InstanceRef {
+            study_instance_uid: p.study_instance_uid.trim().to_string(),
+            series_instance_uid: p.series_instance_uid.trim().to_string(),
+            sop_class_uid: p.sop_class_uid.trim().to_string(),
+            sop_instance_uid: p.sop_instance_uid.trim().to_string(),
+        })
+        .collect();
+    let same: Vec<InstanceRef> = preds
+        .iter()
+        .filter(|p| p.study_instance_uid == study)
+        .cloned()
+        .collect();
+    let chosen = if same.is_empty() { preds } else { same };
+    ds::put_seq(
+        o,
+        tags::PREDECESSOR_DOCUMENTS_SEQUENCE,
+        ds::hierarchical_refs(&chosen),
+    );
+}
+
+/// Content Template Sequence (DCMR TID 1500) and the Coding Scheme
+/// Identification Sequence for the private scheme (PS3.3 §C.12.1).
+fn put_template_and_coding_scheme(o: &mut Obj, s: &ReportSettings) {
+    let mut tpl = Obj::new_empty();
+    ds::put_str(&mut tpl, tags::MAPPING_RESOURCE, VR::CS, "DCMR");
+    ds::put_str(
+        &mut tpl,
+        tags::MAPPING_RESOURCE_UID,
+        VR::UI,
+        "1.2.840.10008.8.1.1",
+    );
+    ds::put_str(&mut tpl, tags::TEMPLATE_IDENTIFIER, VR::CS, "1500");
+    ds::put_seq(o, tags::CONTENT_TEMPLATE_SEQUENCE, vec![tpl]);
+
+    let mut cs = Obj::new_empty();
+    ds::put_str(
+        &mut cs,
+        tags::CODING_SCHEME_DESIGNATOR,
+        VR::SH,
+        codes::PRIVATE_SCHEME,
+    );
+    ds::put_str(
+        &mut cs,
+        tags::CODING_SCHEME_NAME,
+        VR::ST,
+        codes::PRIVATE_SCHEME_NAME,
+    );
+    if !s.manufacturer.trim().is_empty() {
+        ds::put_str(
+            &mut cs,
+            tags::CODING_SCHEME_RESPONSIBLE_ORGANIZATION,
+            VR::ST,
+            s.manufacturer.trim(),
+        );
+    }
+    ds::put_seq(o, tags::CODING_SCHEME_IDENTIFICATION_SEQUENCE, vec![cs]);
 }

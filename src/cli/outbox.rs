@@ -1,0 +1,52 @@
+//! `her2map outbox`: the result deliveries, and retrying one.
+
+use std::process::ExitCode;
+
+use clap::Subcommand;
+use her2map::config::Settings;
+use her2map::db::Db;
+
+#[derive(clap::Args)]
+pub struct OutboxArgs {
+    #[arg(long)]
+    json: bool,
+    #[command(subcommand)]
+    action: Option<OutboxAction>,
+}
+
+#[derive(Subcommand)]
+enum OutboxAction {
+    /// Make a dead-lettered (or waiting) delivery due now.
+    Retry { id: i64 },
+}
+
+pub async fn run(args: OutboxArgs, settings: &Settings) -> anyhow::Result<ExitCode> {
+    let db = Db::connect(&settings.database_url()).await?;
+    if let Some(OutboxAction::Retry { id }) = args.action {
+        return if db.retry_delivery(id).await? {
+            println!("delivery {id} is due now");
+            Ok(ExitCode::SUCCESS)
+        } else {
+            eprintln!("error: no dead or pending delivery {id}");
+            Ok(ExitCode::FAILURE)
+        };
+    }
+    for row in db.outbox().await? {
+        if args.json {
+            println!("{}", serde_json::to_string(&row)?);
+        } else {
+            println!(
+                "{:>5} {:<8} {} {} case={} attempts={} next={} last=[{}]",
+                row.id,
+                row.state,
+                row.kind,
+                row.destination,
+                row.case_id,
+                row.attempts,
+                row.next_attempt_at,
+                row.last_status
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,51 @@
+//! The `--tls-*` options of `send` and `echo`: DICOM TLS (PS3.15 B.9) for
+//! the node's SCU. Turns them into the client's TLS configuration through
+//! the library's loader; owns no TLS logic itself.
+
+use std::path::PathBuf;
+
+use her2map::dimse::client::ClientTls;
+
+/// DICOM TLS (PS3.15 B.9) for `send` and `echo`: given `--tls-ca`, the
+/// association runs over TLS.
+#[derive(clap::Args)]
+pub struct TlsArgs {
+    /// Use DICOM TLS, trusting the CA certificates in this PEM file.
+    #[arg(long, value_name = "PEM")]
+    tls_ca: Option<PathBuf>,
+    /// The node's own certificate (PEM), for peers that require one.
+    #[arg(long, value_name = "PEM", requires_all = ["tls_ca", "tls_private_key"])]
+    tls_certificate: Option<PathBuf>,
+    /// The private key (PEM) of --tls-certificate.
+    #[arg(long, value_name = "PEM", requires = "tls_certificate")]
+    tls_private_key: Option<PathBuf>,
+    /// The name the peer's certificate must carry; default: HOST.
+    #[arg(long, value_name = "NAME", requires = "tls_ca")]
+    tls_server_name: Option<String>,
+}
+
+impl TlsArgs {
+    /// The client TLS configuration for a peer at `address` (HOST:PORT);
+    /// `None` without `--tls-ca`.
+    pub fn client_tls(self, address: &str) -> anyhow::Result<Option<ClientTls>> {
+        let Some(ca) = self.tls_ca else {
+            return Ok(None);
+        };
+        let settings = her2map::config::ClientTlsSettings {
+            ca,
+            certificate: self.tls_certificate.unwrap_or_default(),
+            private_key: self.tls_private_key.unwrap_or_default(),
+            server_name: self.tls_server_name.unwrap_or_default(),
+        };
+        let host = address.rsplit_once(':').map_or(address, |(h, _)| h);
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        her2map::tls::client_tls(&settings, host, &her2map::tls::COMMAND_LINE_KEYS)
+            .map(Some)
+            .map_err(|e| match e {
+                her2map::config::ConfigError::Invalid { key, message } => {
+                    anyhow::anyhow!("{key}: {message}")
+                }
+                other => other.into(),
+            })
+    }
+}
