@@ -183,75 +183,9 @@ fn read_samples(
     let bps = (info.bits_allocated / 8) as usize;
     let mut photometric = info.photometric.clone();
     let raw: Vec<u8> = if is_native(&info.transfer_syntax) {
-        let pd = obj
-            .get(tags::PIXEL_DATA)
-            .ok_or(DecodeError::Attribute("PixelData"))?;
-        let prim = pd.value().primitive().ok_or_else(|| {
-            DecodeError::Unsupported("encapsulated pixel data in a native transfer syntax".into())
-        })?;
-        let bytes = prim.to_bytes();
-        // YBR_FULL_422 native: two luma samples share one Cb/Cr pair
-        // (PS3.3 C.7.6.3.1.2), so a frame is 2 samples per pixel, not 3.
-        let ybr422 = photometric == "YBR_FULL_422" && spp == 3;
-        let frame_len = if ybr422 {
-            w * h * 2 * bps
-        } else {
-            w * h * spp * bps
-        };
-        let start = frame_len * frame as usize;
-        let end = start + frame_len;
-        let slice = bytes.get(start..end).ok_or(DecodeError::Truncated {
-            frame,
-            need: end,
-            have: bytes.len(),
-        })?;
-        if ybr422 {
-            if bps != 1 || w % 2 != 0 {
-                return Err(DecodeError::Unsupported(
-                    "YBR_FULL_422 with 16 bits or odd width".into(),
-                ));
-            }
-            photometric = "YBR_FULL".into();
-            let mut out = Vec::with_capacity(w * h * 3);
-            for quad in slice.chunks_exact(4) {
-                let (y0, y1, cb, cr) = (quad[0], quad[1], quad[2], quad[3]);
-                out.extend_from_slice(&[y0, cb, cr, y1, cb, cr]);
-            }
-            out
-        } else if spp == 3 && info.planar == 1 {
-            // Planar Configuration 1: RRR..GGG..BBB.. → interleave.
-            let plane = w * h * bps;
-            let mut out = vec![0u8; slice.len()];
-            for p in 0..w * h {
-                for c in 0..3 {
-                    let src = c * plane + p * bps;
-                    let dst = (p * 3 + c) * bps;
-                    out[dst..dst + bps].copy_from_slice(&slice[src..src + bps]);
-                }
-            }
-            out
-        } else {
-            slice.to_vec()
-        }
+        native_frame(obj, info, frame, &mut photometric)?
     } else {
-        // Encapsulated: hand over to the registered codec. Codecs are third-party
-        // code fed untrusted bytes, so a panic inside one becomes an error here.
-        let decoded = catch_unwind(AssertUnwindSafe(|| {
-            obj.decode_pixel_data_frame(frame)
-                .map(|d| d.data().to_vec())
-        }))
-        .map_err(|_| DecodeError::Codec("decoder panicked on this pixel data".into()))?
-        .map_err(|e| DecodeError::Codec(e.to_string()))?;
-        // dicom-pixeldata reports 3-sample codec output as RGB: JPEG and
-        // JPEG 2000 codecs undo YCbCr/RCT/ICT themselves. RLE does not
-        // transform colour (PS3.5 G), so YBR_FULL RLE data stays YBR_FULL.
-        if spp == 3 {
-            let keep_ybr = info.transfer_syntax == RLE_LOSSLESS && photometric == "YBR_FULL";
-            if !keep_ybr {
-                photometric = "RGB".into();
-            }
-        }
-        decoded
+        encapsulated_frame(obj, info, frame, &mut photometric)?
     };
     let count = w * h * spp;
     let need = count * bps;
@@ -262,6 +196,19 @@ fn read_samples(
             have: raw.len(),
         });
     }
+    let values = sample_values(&raw[..need], info, bps);
+    Ok(Samples {
+        width: w,
+        height: h,
+        channels: spp,
+        values,
+        photometric,
+    })
+}
+
+/// The stored values of `raw` as f32 (Bits Stored / High Bit / Pixel
+/// Representation, PS3.5 8.1.1), little-endian samples of `bps` bytes.
+fn sample_values(raw: &[u8], info: &PixelInfo, bps: usize) -> Vec<f32> {
     let shift = (info.high_bit + 1 - info.bits_stored) as u32;
     let bs = info.bits_stored as u32;
     let mask: u64 = if bs >= 32 {
@@ -281,32 +228,115 @@ fn read_samples(
     // Unsigned samples of at most 16 bits: the same values through u32
     // arithmetic, which vectorises (the generic u64 path does not).
     let mask32 = mask as u32;
-    let values: Vec<f32> = match bps {
-        1 if !signed => raw[..need]
+    match bps {
+        1 if !signed => raw
             .iter()
             .map(|&b| ((b as u32 >> shift) & mask32) as f32)
             .collect(),
-        2 if !signed => raw[..need]
+        2 if !signed => raw
             .chunks_exact(2)
             .map(|c| ((u16::from_le_bytes([c[0], c[1]]) as u32 >> shift) & mask32) as f32)
             .collect(),
-        1 => raw[..need].iter().map(|&b| conv(b as u64)).collect(),
-        2 => raw[..need]
+        1 => raw.iter().map(|&b| conv(b as u64)).collect(),
+        2 => raw
             .chunks_exact(2)
             .map(|c| conv(u16::from_le_bytes([c[0], c[1]]) as u64))
             .collect(),
-        _ => raw[..need]
+        _ => raw
             .chunks_exact(4)
             .map(|c| conv(u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as u64))
             .collect(),
+    }
+}
+
+/// One frame of native (uncompressed) pixel data, as interleaved samples:
+/// YBR_FULL_422 expanded to YBR_FULL, Planar Configuration 1 interleaved.
+fn native_frame(
+    obj: &FileDicomObject<Obj>,
+    info: &PixelInfo,
+    frame: u32,
+    photometric: &mut String,
+) -> Result<Vec<u8>, DecodeError> {
+    let (w, h, spp) = (info.cols, info.rows, info.samples_per_pixel);
+    let bps = (info.bits_allocated / 8) as usize;
+    let pd = obj
+        .get(tags::PIXEL_DATA)
+        .ok_or(DecodeError::Attribute("PixelData"))?;
+    let prim = pd.value().primitive().ok_or_else(|| {
+        DecodeError::Unsupported("encapsulated pixel data in a native transfer syntax".into())
+    })?;
+    let bytes = prim.to_bytes();
+    // YBR_FULL_422 native: two luma samples share one Cb/Cr pair
+    // (PS3.3 C.7.6.3.1.2), so a frame is 2 samples per pixel, not 3.
+    let ybr422 = *photometric == "YBR_FULL_422" && spp == 3;
+    let frame_len = if ybr422 {
+        w * h * 2 * bps
+    } else {
+        w * h * spp * bps
     };
-    Ok(Samples {
-        width: w,
-        height: h,
-        channels: spp,
-        values,
-        photometric,
-    })
+    let start = frame_len * frame as usize;
+    let end = start + frame_len;
+    let slice = bytes.get(start..end).ok_or(DecodeError::Truncated {
+        frame,
+        need: end,
+        have: bytes.len(),
+    })?;
+    if ybr422 {
+        if bps != 1 || w % 2 != 0 {
+            return Err(DecodeError::Unsupported(
+                "YBR_FULL_422 with 16 bits or odd width".into(),
+            ));
+        }
+        *photometric = "YBR_FULL".into();
+        let mut out = Vec::with_capacity(w * h * 3);
+        for quad in slice.chunks_exact(4) {
+            let (y0, y1, cb, cr) = (quad[0], quad[1], quad[2], quad[3]);
+            out.extend_from_slice(&[y0, cb, cr, y1, cb, cr]);
+        }
+        Ok(out)
+    } else if spp == 3 && info.planar == 1 {
+        // Planar Configuration 1: RRR..GGG..BBB.. → interleave.
+        let plane = w * h * bps;
+        let mut out = vec![0u8; slice.len()];
+        for p in 0..w * h {
+            for c in 0..3 {
+                let src = c * plane + p * bps;
+                let dst = (p * 3 + c) * bps;
+                out[dst..dst + bps].copy_from_slice(&slice[src..src + bps]);
+            }
+        }
+        Ok(out)
+    } else {
+        Ok(slice.to_vec())
+    }
+}
+
+/// One frame of encapsulated pixel data through the registered codec.
+fn encapsulated_frame(
+    obj: &FileDicomObject<Obj>,
+    info: &PixelInfo,
+    frame: u32,
+    photometric: &mut String,
+) -> Result<Vec<u8>, DecodeError> {
+    let spp = info.samples_per_pixel;
+    // Encapsulated: hand over to the registered codec. Codecs are third-party
+    // code fed untrusted bytes, so a panic inside one becomes an error here.
+    let decoded = catch_unwind(AssertUnwindSafe(|| {
+        obj.decode_pixel_data_frame(frame)
+            .map(|d| d.data().to_vec())
+    }))
+    .map_err(|_| DecodeError::Codec("decoder panicked on this pixel data".into()))?
+    .map_err(|e| DecodeError::Codec(e.to_string()))?;
+    // dicom-pixeldata reports 3-sample codec output as RGB: JPEG and
+    // JPEG 2000 codecs undo YCbCr/RCT/ICT themselves. RLE does not
+    // transform colour (PS3.5 G), so YBR_FULL RLE data stays YBR_FULL.
+    if spp == 3 {
+        let keep_ybr = info.transfer_syntax == RLE_LOSSLESS && *photometric == "YBR_FULL";
+        if !keep_ybr {
+            *photometric = "RGB".into();
+        }
+    }
+    Ok(decoded)
 }
 
 /// Modality LUT (PS3.3 C.11.1) applied in place: the Modality LUT Sequence
@@ -338,10 +368,10 @@ fn apply_modality(obj: &Obj, frame: usize, v: &mut [f32]) {
 }
 
 /// A LUT from a LUT Descriptor + LUT Data pair (PS3.3 C.11.1.1.1 / C.11.2.1.1).
-struct Lut {
-    first: i64,
-    data: Vec<f32>,
-    bits: u32,
+pub(super) struct Lut {
+    pub(super) first: i64,
+    pub(super) data: Vec<f32>,
+    pub(super) bits: u32,
 }
 
 impl Lut {
@@ -362,7 +392,7 @@ impl Lut {
         let data = lut_words(&raw, n, bits)?;
         Some(Lut { first, data, bits })
     }
-    fn lookup(&self, x: f32) -> f32 {
+    pub(super) fn lookup(&self, x: f32) -> f32 {
         let i = (x.round() as i64 - self.first).clamp(0, self.data.len() as i64 - 1);
         self.data[i as usize]
     }
@@ -376,7 +406,7 @@ impl Lut {
 
 /// LUT Data words: 16-bit entries, or 8-bit entries stored one per byte or one
 /// per 16-bit word (both occur in the wild; PS3.3 C.7.6.3.1.6).
-fn lut_words(raw: &[u8], n: usize, bits: u32) -> Option<Vec<f32>> {
+pub(super) fn lut_words(raw: &[u8], n: usize, bits: u32) -> Option<Vec<f32>> {
     if bits <= 8 && raw.len() == n {
         return Some(raw.iter().map(|&b| b as f32).collect());
     }
@@ -608,7 +638,7 @@ fn to_rgb(obj: &Obj, info: &PixelInfo, s: Samples) -> Result<RgbImage, DecodeErr
             }
             out
         }
-        (1, "PALETTE COLOR") => palette_to_rgb(obj, &s.values)?,
+        (1, "PALETTE COLOR") => super::palette::palette_to_rgb(obj, &s.values)?,
         (c, pi) => {
             return Err(DecodeError::Unsupported(format!(
                 "photometric {pi} with {c} samples"
@@ -620,151 +650,6 @@ fn to_rgb(obj: &Obj, info: &PixelInfo, s: Samples) -> Result<RgbImage, DecodeErr
         height: h,
         data,
     })
-}
-
-/// Palette Color LUT (PS3.3 C.7.6.3.1.5): stored value → (R,G,B) via three
-/// descriptors + data; segmented palettes are not supported.
-fn palette_to_rgb(obj: &Obj, idx: &[f32]) -> Result<Vec<f32>, DecodeError> {
-    let channel = |desc_tag, data_tag, seg_tag| -> Result<Lut, DecodeError> {
-        let desc = attrs::ints(obj, desc_tag);
-        if desc.len() < 3 {
-            return Err(DecodeError::Attribute(
-                "Palette Color Lookup Table Descriptor",
-            ));
-        }
-        let n = if desc[0] == 0 {
-            65536
-        } else {
-            desc[0].rem_euclid(65536)
-        } as usize;
-        let bits = desc[2].clamp(1, 16) as u32;
-        let data = match attrs::bytes(obj, data_tag) {
-            Some(raw) => lut_words(&raw, n, bits)
-                .ok_or(DecodeError::Attribute("Palette Color Lookup Table Data"))?,
-            None => {
-                let raw = attrs::bytes(obj, seg_tag)
-                    .ok_or(DecodeError::Attribute("Palette Color Lookup Table Data"))?;
-                expand_segmented(&raw, n).ok_or(DecodeError::Attribute(
-                    "Segmented Palette Color Lookup Table Data",
-                ))?
-            }
-        };
-        // 8-bit palette entries stored in 16-bit words carry the value in the
-        // low byte; a 16-bit table is scaled by 65535.
-        let bits = if bits <= 8 && data.iter().any(|&x| x > 255.0) {
-            16
-        } else {
-            bits
-        };
-        Ok(Lut {
-            first: desc[1],
-            data,
-            bits,
-        })
-    };
-    let r = channel(
-        tags::RED_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR,
-        tags::RED_PALETTE_COLOR_LOOKUP_TABLE_DATA,
-        tags::SEGMENTED_RED_PALETTE_COLOR_LOOKUP_TABLE_DATA,
-    )?;
-    let g = channel(
-        tags::GREEN_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR,
-        tags::GREEN_PALETTE_COLOR_LOOKUP_TABLE_DATA,
-        tags::SEGMENTED_GREEN_PALETTE_COLOR_LOOKUP_TABLE_DATA,
-    )?;
-    let b = channel(
-        tags::BLUE_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR,
-        tags::BLUE_PALETTE_COLOR_LOOKUP_TABLE_DATA,
-        tags::SEGMENTED_BLUE_PALETTE_COLOR_LOOKUP_TABLE_DATA,
-    )?;
-    let (mr, mg, mb) = (
-        ((1u64 << r.bits) - 1) as f32,
-        ((1u64 << g.bits) - 1) as f32,
-        ((1u64 << b.bits) - 1) as f32,
-    );
-    let mut out = Vec::with_capacity(idx.len() * 3);
-    for &i in idx {
-        out.push(r.lookup(i) / mr);
-        out.push(g.lookup(i) / mg);
-        out.push(b.lookup(i) / mb);
-    }
-    Ok(out)
-}
-
-/// Expand a Segmented Palette Color LUT (PS3.3 C.7.9.2): 16-bit words of
-/// discrete (opcode 0), linear (1) and indirect (2) segments.
-fn expand_segmented(raw: &[u8], n: usize) -> Option<Vec<f32>> {
-    let w: Vec<u16> = raw
-        .chunks_exact(2)
-        .map(|c| u16::from_le_bytes([c[0], c[1]]))
-        .collect();
-    let mut out: Vec<f32> = Vec::with_capacity(n);
-    let mut i = 0;
-    // Guard against malicious loops in indirect segments.
-    let mut depth = 0;
-    while i + 1 < w.len() && out.len() < n {
-        let (op, len) = (w[i], w[i + 1] as usize);
-        match op {
-            0 => {
-                let seg = w.get(i + 2..i + 2 + len)?;
-                out.extend(seg.iter().map(|&v| v as f32));
-                i += 2 + len;
-            }
-            1 => {
-                let y1 = *w.get(i + 2)? as f32;
-                let y0 = *out.last()?;
-                for k in 1..=len {
-                    out.push(y0 + (y1 - y0) * k as f32 / len as f32);
-                }
-                i += 3;
-            }
-            2 => {
-                // Indirect: copy `len` segments starting at a byte offset.
-                depth += 1;
-                if depth > 64 {
-                    return None;
-                }
-                let off = *w.get(i + 2)? as usize | ((*w.get(i + 3)? as usize) << 16);
-                let sub = raw.get(off..)?;
-                let mut copied = expand_segmented_limited(sub, len)?;
-                out.append(&mut copied);
-                i += 4;
-            }
-            _ => return None,
-        }
-    }
-    out.truncate(n);
-    (out.len() == n).then_some(out)
-}
-
-/// Expand at most `segments` segments (used by indirect segments, which may
-/// not themselves contain indirect segments).
-fn expand_segmented_limited(raw: &[u8], segments: usize) -> Option<Vec<f32>> {
-    let w: Vec<u16> = raw
-        .chunks_exact(2)
-        .map(|c| u16::from_le_bytes([c[0], c[1]]))
-        .collect();
-    let mut out: Vec<f32> = Vec::new();
-    let mut i = 0;
-    for _ in 0..segments {
-        let (op, len) = (*w.get(i)?, *w.get(i + 1)? as usize);
-        match op {
-            0 => {
-                out.extend(w.get(i + 2..i + 2 + len)?.iter().map(|&v| v as f32));
-                i += 2 + len;
-            }
-            1 => {
-                let y1 = *w.get(i + 2)? as f32;
-                let y0 = out.last().copied().unwrap_or(y1);
-                for k in 1..=len {
-                    out.push(y0 + (y1 - y0) * k as f32 / len as f32);
-                }
-                i += 3;
-            }
-            _ => return None,
-        }
-    }
-    Some(out)
 }
 
 /// ITU-R 601-2 luma (PIL "L"): L = R·299/1000 + G·587/1000 + B·114/1000.

@@ -12,6 +12,7 @@ pub mod clinical;
 pub mod decode;
 mod mg;
 mod mri;
+mod palette;
 pub mod resize;
 pub mod roi;
 pub mod select;
