@@ -41,6 +41,24 @@ pub struct AuditEvent {
     pub detail: Option<serde_json::Value>,
 }
 
+/// An `events` row, read by column name.
+fn audit_event(r: &sqlx::sqlite::SqliteRow) -> Result<AuditEvent, DbError> {
+    let detail: Option<String> = r.try_get("detail")?;
+    Ok(AuditEvent {
+        seq: r.try_get("seq")?,
+        time: r.try_get("time")?,
+        event: r.try_get("event")?,
+        association_id: r.try_get("association_id")?,
+        sop_instance_uid: r.try_get("sop_instance_uid")?,
+        study_instance_uid: r.try_get("study_instance_uid")?,
+        patient_key: r.try_get("patient_key")?,
+        case_id: r.try_get("case_id")?,
+        status: r.try_get("status")?,
+        // Stored as JSON text (portable); an unreadable detail is dropped.
+        detail: detail.and_then(|d| serde_json::from_str(&d).ok()),
+    })
+}
+
 /// An event to append; absent identifiers are NULL.
 #[derive(Debug, Default, Clone)]
 pub struct NewEvent<'a> {
@@ -150,23 +168,7 @@ impl Db {
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| AuditEvent {
-                seq: r.get(0),
-                time: r.get(1),
-                event: r.get(2),
-                association_id: r.get(3),
-                sop_instance_uid: r.get(4),
-                study_instance_uid: r.get(5),
-                patient_key: r.get(6),
-                status: r.get(7),
-                detail: r
-                    .get::<Option<String>, _>(8)
-                    .and_then(|d| serde_json::from_str(&d).ok()),
-                case_id: r.get(9),
-            })
-            .collect())
+        rows.iter().map(audit_event).collect()
     }
 }
 

@@ -2,7 +2,7 @@
 //! their state transitions (`case_transitions`, each with an audit event).
 
 use serde::Serialize;
-use sqlx::{AssertSqlSafe, Row};
+use sqlx::AssertSqlSafe;
 
 use super::audit::{NewEvent, insert_event};
 use super::{Db, DbError};
@@ -14,7 +14,7 @@ pub mod case_event {
 }
 
 /// An instance not yet assigned to a case.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct UnassignedInstance {
     pub sop_instance_uid: String,
     pub patient_key: String,
@@ -46,7 +46,7 @@ pub enum Assignment {
 }
 
 /// One case row.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, sqlx::FromRow)]
 pub struct CaseRow {
     pub id: String,
     pub patient_key: String,
@@ -63,7 +63,7 @@ pub struct CaseRow {
 }
 
 /// What the completeness rules read of a case member.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct CaseMember {
     pub sop_instance_uid: String,
     pub sop_class_uid: String,
@@ -77,26 +77,18 @@ pub struct CaseMember {
     pub path: String,
 }
 
+/// A `case_transitions` row, as read back.
+#[derive(sqlx::FromRow)]
+struct TransitionRow {
+    time: String,
+    from_state: String,
+    to_state: String,
+    reason: String,
+}
+
 const CASE_COLUMNS: &str = "id, patient_key, state, revision, reason, opened_at, \
      first_instance_at, last_instance_at, oldest_study_date, newest_study_date, inputs_digest, \
      updated_at";
-
-fn case_row(r: sqlx::sqlite::SqliteRow) -> CaseRow {
-    CaseRow {
-        id: r.get(0),
-        patient_key: r.get(1),
-        state: r.get(2),
-        revision: r.get(3),
-        reason: r.get(4),
-        opened_at: r.get(5),
-        first_instance_at: r.get(6),
-        last_instance_at: r.get(7),
-        oldest_study_date: r.get(8),
-        newest_study_date: r.get(9),
-        inputs_digest: r.get(10),
-        updated_at: r.get(11),
-    }
-}
 
 impl Db {
     /// Stored instances that belong to no case yet, oldest first.
@@ -104,66 +96,57 @@ impl Db {
         &self,
         limit: i64,
     ) -> Result<Vec<UnassignedInstance>, DbError> {
-        let rows = sqlx::query(
+        Ok(sqlx::query_as(
             "SELECT i.sop_instance_uid, i.patient_key, i.patient_id_key, i.study_date \
              FROM instances i LEFT JOIN case_instances c ON c.sop_instance_uid = i.sop_instance_uid \
              WHERE c.case_id IS NULL ORDER BY i.received_at LIMIT $1",
         )
         .bind(limit)
         .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| UnassignedInstance {
-                sop_instance_uid: r.get(0),
-                patient_key: r.get(1),
-                patient_id_key: r.get(2),
-                study_date: r.get(3),
-            })
-            .collect())
+        .await?)
     }
 
     pub async fn cases_of_patient(&self, patient_key: &str) -> Result<Vec<CaseRow>, DbError> {
-        let rows = sqlx::query(AssertSqlSafe(format!(
+        let rows = sqlx::query_as(AssertSqlSafe(format!(
             "SELECT {CASE_COLUMNS} FROM cases WHERE patient_key = $1 ORDER BY opened_at DESC"
         )))
         .bind(patient_key)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows.into_iter().map(case_row).collect())
+        Ok(rows)
     }
 
     pub async fn cases_in_states(&self, states: &[&str]) -> Result<Vec<CaseRow>, DbError> {
         let mut all = Vec::new();
         for state in states {
-            let rows = sqlx::query(AssertSqlSafe(format!(
+            let rows = sqlx::query_as(AssertSqlSafe(format!(
                 "SELECT {CASE_COLUMNS} FROM cases WHERE state = $1 ORDER BY opened_at"
             )))
             .bind(*state)
             .fetch_all(&self.pool)
             .await?;
-            all.extend(rows.into_iter().map(case_row));
+            all.extend(rows);
         }
         Ok(all)
     }
 
     pub async fn all_cases(&self) -> Result<Vec<CaseRow>, DbError> {
-        let rows = sqlx::query(AssertSqlSafe(format!(
+        let rows = sqlx::query_as(AssertSqlSafe(format!(
             "SELECT {CASE_COLUMNS} FROM cases ORDER BY opened_at"
         )))
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows.into_iter().map(case_row).collect())
+        Ok(rows)
     }
 
     pub async fn case(&self, id: &str) -> Result<Option<CaseRow>, DbError> {
-        let row = sqlx::query(AssertSqlSafe(format!(
+        let row = sqlx::query_as(AssertSqlSafe(format!(
             "SELECT {CASE_COLUMNS} FROM cases WHERE id = $1"
         )))
         .bind(id)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(row.map(case_row))
+        Ok(row)
     }
 
     /// Record a round of case assignment in one transaction (one commit,
@@ -287,7 +270,7 @@ impl Db {
     }
 
     pub async fn case_members(&self, id: &str) -> Result<Vec<CaseMember>, DbError> {
-        let rows = sqlx::query(
+        Ok(sqlx::query_as(
             "SELECT i.sop_instance_uid, i.sop_class_uid, i.study_instance_uid, \
              i.series_instance_uid, i.modality, i.laterality, i.view, i.series_description, \
              i.image_type, i.path FROM case_instances c \
@@ -296,22 +279,7 @@ impl Db {
         )
         .bind(id)
         .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| CaseMember {
-                sop_instance_uid: r.get(0),
-                sop_class_uid: r.get(1),
-                study_instance_uid: r.get(2),
-                series_instance_uid: r.get(3),
-                modality: r.get(4),
-                laterality: r.get(5),
-                view: r.get(6),
-                series_description: r.get(7),
-                image_type: r.get(8),
-                path: r.get(9),
-            })
-            .collect())
+        .await?)
     }
 
     /// A case's transitions, oldest first: (time, from, to, reason).
@@ -319,7 +287,7 @@ impl Db {
         &self,
         id: &str,
     ) -> Result<Vec<(String, String, String, String)>, DbError> {
-        let rows = sqlx::query(
+        let rows: Vec<TransitionRow> = sqlx::query_as(
             "SELECT time, from_state, to_state, reason FROM case_transitions \
              WHERE case_id = $1 ORDER BY seq",
         )
@@ -328,7 +296,7 @@ impl Db {
         .await?;
         Ok(rows
             .into_iter()
-            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+            .map(|t| (t.time, t.from_state, t.to_state, t.reason))
             .collect())
     }
 }

@@ -1,7 +1,7 @@
 //! The instance index: one row per stored SOP instance, written only by
 //! the group-commit writer ([`group_commit`]), read by cases and tools.
 
-use sqlx::{Row, SqlitePool};
+use sqlx::SqlitePool;
 use tokio::sync::{mpsc, oneshot};
 
 use super::audit::{NewEvent, event, insert_event};
@@ -27,6 +27,13 @@ pub struct InstanceRow {
     pub view: String,
     pub series_description: String,
     pub image_type: String,
+}
+
+/// An instance's UID and spool path, as read back.
+#[derive(sqlx::FromRow)]
+struct InstancePath {
+    sop_instance_uid: String,
+    path: String,
 }
 
 /// What happened to an insert.
@@ -77,12 +84,13 @@ impl Db {
 
     /// Every indexed instance's UID and path, for checks and tools.
     pub async fn instance_paths(&self) -> Result<Vec<(String, String)>, DbError> {
-        let rows = sqlx::query("SELECT sop_instance_uid, path FROM instances ORDER BY received_at")
-            .fetch_all(&self.pool)
-            .await?;
+        let rows: Vec<InstancePath> =
+            sqlx::query_as("SELECT sop_instance_uid, path FROM instances ORDER BY received_at")
+                .fetch_all(&self.pool)
+                .await?;
         Ok(rows
             .into_iter()
-            .map(|r| (r.get::<String, _>(0), r.get::<String, _>(1)))
+            .map(|r| (r.sop_instance_uid, r.path))
             .collect())
     }
 }

@@ -2,7 +2,7 @@
 //! delivery row per object x destination.
 
 use serde::Serialize;
-use sqlx::{AssertSqlSafe, Row};
+use sqlx::AssertSqlSafe;
 
 use super::audit::{NewEvent, insert_event};
 use super::{Db, DbError, now};
@@ -17,7 +17,7 @@ pub mod outbox_event {
 }
 
 /// One object the node made.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct OutputRow {
     pub sop_instance_uid: String,
     pub case_id: String,
@@ -30,7 +30,7 @@ pub struct OutputRow {
 }
 
 /// One object x destination delivery.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct OutboxRow {
     pub id: i64,
     pub sop_instance_uid: String,
@@ -48,23 +48,6 @@ pub struct OutboxRow {
 
 const OUTBOX_COLUMNS: &str = "o.id, o.sop_instance_uid, o.destination, o.state, o.attempts, \
      o.last_status, o.next_attempt_at, o.created_at, o.updated_at, p.case_id, p.kind, p.path";
-
-fn outbox_row(r: sqlx::sqlite::SqliteRow) -> OutboxRow {
-    OutboxRow {
-        id: r.get(0),
-        sop_instance_uid: r.get(1),
-        destination: r.get(2),
-        state: r.get(3),
-        attempts: r.get(4),
-        last_status: r.get(5),
-        next_attempt_at: r.get(6),
-        created_at: r.get(7),
-        updated_at: r.get(8),
-        case_id: r.get(9),
-        kind: r.get(10),
-        path: r.get(11),
-    }
-}
 
 impl Db {
     /// Record an output and queue it for each destination, in one
@@ -130,32 +113,19 @@ impl Db {
 
     /// Outputs of a case (all revisions), oldest first.
     pub async fn case_outputs(&self, case_id: &str) -> Result<Vec<OutputRow>, DbError> {
-        let rows = sqlx::query(
+        Ok(sqlx::query_as(
             "SELECT sop_instance_uid, case_id, revision, kind, sop_class_uid, study_instance_uid, \
              series_instance_uid, path FROM outputs WHERE case_id = $1 \
              ORDER BY created_at, sop_instance_uid",
         )
         .bind(case_id)
         .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| OutputRow {
-                sop_instance_uid: r.get(0),
-                case_id: r.get(1),
-                revision: r.get(2),
-                kind: r.get(3),
-                sop_class_uid: r.get(4),
-                study_instance_uid: r.get(5),
-                series_instance_uid: r.get(6),
-                path: r.get(7),
-            })
-            .collect())
+        .await?)
     }
 
     /// Pending deliveries due at `now`, oldest first.
     pub async fn due_deliveries(&self, now: &str, limit: i64) -> Result<Vec<OutboxRow>, DbError> {
-        let rows = sqlx::query(AssertSqlSafe(format!(
+        let rows = sqlx::query_as(AssertSqlSafe(format!(
             "SELECT {OUTBOX_COLUMNS} FROM outbox o JOIN outputs p \
              ON p.sop_instance_uid = o.sop_instance_uid \
              WHERE o.state = 'pending' AND o.next_attempt_at <= $1 ORDER BY o.id LIMIT $2"
@@ -164,7 +134,7 @@ impl Db {
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows.into_iter().map(outbox_row).collect())
+        Ok(rows)
     }
 
     /// The earliest pending attempt time, if any.
@@ -177,13 +147,13 @@ impl Db {
     }
 
     pub async fn outbox(&self) -> Result<Vec<OutboxRow>, DbError> {
-        let rows = sqlx::query(AssertSqlSafe(format!(
+        let rows = sqlx::query_as(AssertSqlSafe(format!(
             "SELECT {OUTBOX_COLUMNS} FROM outbox o JOIN outputs p \
              ON p.sop_instance_uid = o.sop_instance_uid ORDER BY o.id"
         )))
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows.into_iter().map(outbox_row).collect())
+        Ok(rows)
     }
 
     /// Record one delivery attempt: `state` is 'sent', 'pending' (retry at
