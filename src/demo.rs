@@ -46,6 +46,7 @@ pub async fn run(mut settings: Settings, out: &Path) -> anyhow::Result<String> {
         recv_dir.join("received.db").display()
     ))
     .await?;
+    let recv_instances = crate::db::InstanceWriter::start(&recv_db);
     let receiver = Server::bind(
         "127.0.0.1:0",
         ServerConfig {
@@ -57,7 +58,11 @@ pub async fn run(mut settings: Settings, out: &Path) -> anyhow::Result<String> {
             read_timeout: Duration::from_secs(30),
             peers: Vec::new(),
         },
-        Ingest::new(Spool::open(&recv_dir.join("spool"), 0)?, recv_db.clone()),
+        Ingest::new(
+            Spool::open(&recv_dir.join("spool"), 0)?,
+            recv_db.clone(),
+            recv_instances.queue(),
+        ),
     )
     .await?;
     let receiver_port = receiver.local_addr()?.port();
@@ -161,6 +166,7 @@ pub async fn run(mut settings: Settings, out: &Path) -> anyhow::Result<String> {
     let _ = node_task.await;
     stop_receiver.cancel();
     let _ = receiver_task.await;
+    recv_instances.shutdown().await;
 
     let mut s = String::new();
     s.push_str(&format!("case {case_id}\n"));

@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
 use tracing::{debug, error, warn};
 
-use crate::db::{Db, Inserted, InstanceRow, NewEvent, event};
+use crate::db::{Db, Inserted, InstanceQueue, InstanceRow, NewEvent, event};
 use crate::dimse::command::{status, trim_uid};
 use crate::dimse::server::{
     AssociationInfo, AssociationStats, DimseStatus, InstanceSink, StoreRequest, StoreService,
@@ -34,15 +34,17 @@ impl std::ops::Deref for Ingest {
 pub struct IngestCore {
     spool: Spool,
     db: Db,
+    instances: InstanceQueue,
     /// Woken after each stored instance (case assembly listens here).
     stored: Arc<Notify>,
 }
 
 impl Ingest {
-    pub fn new(spool: Spool, db: Db) -> Self {
+    pub fn new(spool: Spool, db: Db, instances: InstanceQueue) -> Self {
         Ingest(Arc::new(IngestCore {
             spool,
             db,
+            instances,
             stored: Arc::new(Notify::new()),
         }))
     }
@@ -504,7 +506,7 @@ async fn commit(
             }
         }
     }
-    match ingest.db.insert_instance(&row).await {
+    match ingest.instances.insert(&row).await {
         Ok(Inserted::New) => {
             ingest.stored.notify_waiters();
             DimseStatus::SUCCESS

@@ -7,7 +7,7 @@ use std::time::Duration;
 use her2map::cases::{
     Assembler, CaseJob, CaseRules, Clock, Modality, Partial, PatientKeyMode, state,
 };
-use her2map::db::{Db, InstanceRow};
+use her2map::db::{Db, InstanceRow, InstanceWriter};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
@@ -84,9 +84,11 @@ async fn db() -> (tempfile::TempDir, Db) {
 }
 
 async fn insert(db: &Db, rows: &[InstanceRow]) {
+    let writer = InstanceWriter::start(db);
     for r in rows {
-        db.insert_instance(r).await.unwrap();
+        writer.insert(r).await.unwrap();
     }
+    writer.shutdown().await;
 }
 
 fn assembler(db: &Db, rules: CaseRules, clock: &Clock) -> Assembler {
@@ -229,7 +231,7 @@ async fn late_arrival_reopens_and_a_resend_changes_nothing() {
 
     // A resend of a known instance is a duplicate: no new row, no change.
     assert_eq!(
-        db.insert_instance(&rows[0]).await.unwrap(),
+        InstanceWriter::start(&db).insert(&rows[0]).await.unwrap(),
         her2map::db::Inserted::Duplicate {
             existing_path: "x".into()
         }
@@ -398,10 +400,11 @@ async fn concurrent_inserts_each_get_their_own_answer() {
         copy.path = format!("second-{i}");
         rows.push(copy);
     }
+    let writer = InstanceWriter::start(&db);
     let mut tasks = tokio::task::JoinSet::new();
     for r in rows.clone() {
-        let db = db.clone();
-        tasks.spawn(async move { (r.clone(), db.insert_instance(&r).await.unwrap()) });
+        let queue = writer.queue();
+        tasks.spawn(async move { (r.clone(), queue.insert(&r).await.unwrap()) });
     }
     let mut kept = std::collections::HashMap::new();
     let mut duplicates = Vec::new();

@@ -3,6 +3,8 @@
 
 use sqlx::SqlitePool;
 use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use super::audit::{NewEvent, event, insert_event};
 use super::{Db, DbError, now};
@@ -46,7 +48,53 @@ pub enum Inserted {
     },
 }
 
-impl Db {
+/// The one writer of instance rows ([`group_commit`]), owned by whoever
+/// runs ingest: started with [`InstanceWriter::start`], fed through cloned
+/// [`InstanceQueue`]s, stopped with [`InstanceWriter::shutdown`] once no
+/// association is left to answer.
+pub struct InstanceWriter {
+    queue: InstanceQueue,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl InstanceWriter {
+    pub fn start(db: &Db) -> Self {
+        let (inserts, queue) = mpsc::channel(GROUP_COMMIT_MAX);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(group_commit(db.pool.clone(), queue, stop.clone()));
+        InstanceWriter {
+            queue: InstanceQueue { inserts },
+            stop,
+            task,
+        }
+    }
+
+    /// A handle for one more producer (ingest, a tool).
+    pub fn queue(&self) -> InstanceQueue {
+        self.queue.clone()
+    }
+
+    /// As [`InstanceQueue::insert`].
+    pub async fn insert(&self, row: &InstanceRow) -> Result<Inserted, DbError> {
+        self.queue.insert(row).await
+    }
+
+    /// Commit and answer every row already queued, refuse new ones
+    /// ([`DbError::WriterGone`]), and wait for the writer to end.
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// Where producers queue instance rows for the [`InstanceWriter`].
+#[derive(Clone, Debug)]
+pub struct InstanceQueue {
+    inserts: mpsc::Sender<PendingInsert>,
+}
+
+impl InstanceQueue {
     /// Index a stored instance and log `instance_stored`, committed (and,
     /// with synchronous=FULL, flushed) before this returns; a SOP Instance
     /// UID already indexed is reported, not overwritten.
@@ -54,7 +102,7 @@ impl Db {
     /// Rows from concurrent associations are committed together (see
     /// [`group_commit`]): one transaction and one WAL flush for all the
     /// instances waiting at that moment instead of one each.
-    pub async fn insert_instance(&self, row: &InstanceRow) -> Result<Inserted, DbError> {
+    pub async fn insert(&self, row: &InstanceRow) -> Result<Inserted, DbError> {
         let (done, result) = oneshot::channel();
         let pending = PendingInsert {
             row: row.clone(),
@@ -65,7 +113,9 @@ impl Db {
         }
         result.await.unwrap_or(Err(DbError::WriterGone))
     }
+}
 
+impl Db {
     /// The spool path of an indexed instance.
     pub async fn instance_path(&self, sop_instance_uid: &str) -> Result<Option<String>, DbError> {
         Ok(
@@ -96,14 +146,14 @@ impl Db {
 }
 
 /// An instance row waiting for the group commit, and whom to answer.
-pub(super) struct PendingInsert {
+struct PendingInsert {
     row: InstanceRow,
     done: oneshot::Sender<Result<Inserted, DbError>>,
 }
 
 /// Most rows in one group commit: bounds the transaction (and so how long
 /// it holds the write lock) whatever the number of associations.
-pub(super) const GROUP_COMMIT_MAX: usize = 64;
+const GROUP_COMMIT_MAX: usize = 64;
 
 /// The instance writer: takes every row waiting, commits them in one
 /// transaction, answers each. With one association this is one row per
@@ -113,9 +163,29 @@ pub(super) const GROUP_COMMIT_MAX: usize = 64;
 /// SQLite's write lock. A failed batch of several rows is retried row by
 /// row when a row broke a constraint, so one bad row fails only its own
 /// C-STORE.
-pub(super) async fn group_commit(pool: SqlitePool, mut queue: mpsc::Receiver<PendingInsert>) {
+///
+/// `stop` closes the queue: the rows already in it are still committed and
+/// answered, later sends fail, and the writer ends once it is empty.
+async fn group_commit(
+    pool: SqlitePool,
+    mut queue: mpsc::Receiver<PendingInsert>,
+    stop: CancellationToken,
+) {
     let mut batch = Vec::with_capacity(GROUP_COMMIT_MAX);
-    while queue.recv_many(&mut batch, GROUP_COMMIT_MAX).await > 0 {
+    let mut stopping = false;
+    loop {
+        let received = tokio::select! {
+            // recv_many is cancel-safe: nothing is lost to the other branch.
+            n = queue.recv_many(&mut batch, GROUP_COMMIT_MAX) => n,
+            _ = stop.cancelled(), if !stopping => {
+                stopping = true;
+                queue.close();
+                continue;
+            }
+        };
+        if received == 0 {
+            return;
+        }
         let rows: Vec<&InstanceRow> = batch.iter().map(|p| &p.row).collect();
         match insert_instances(&pool, &rows).await {
             Ok(results) => {

@@ -8,11 +8,11 @@
 
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::SqlitePool;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use tokio::sync::mpsc;
 
 mod audit;
 mod cases;
@@ -21,10 +21,8 @@ mod outbox;
 
 pub use audit::{AuditEvent, NewEvent, event};
 pub use cases::{Assignment, CaseMember, CaseRow, UnassignedInstance, case_event};
-pub use instances::{Inserted, InstanceRow};
+pub use instances::{Inserted, InstanceQueue, InstanceRow, InstanceWriter};
 pub use outbox::{OutboxRow, OutputRow, outbox_event};
-
-use instances::{GROUP_COMMIT_MAX, PendingInsert, group_commit};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -63,8 +61,8 @@ pub fn parse_time(s: &str) -> Option<time::OffsetDateTime> {
 #[derive(Clone, Debug)]
 pub struct Db {
     pool: SqlitePool,
-    /// The queue of [`group_commit`], the one writer of instance rows.
-    inserts: mpsc::Sender<PendingInsert>,
+    /// The SQLite file, for whoever lays out storage (permissions).
+    file: Option<Arc<Path>>,
 }
 
 impl Db {
@@ -92,18 +90,15 @@ impl Db {
             .connect_with(options.clone())
             .await?;
         sqlx::migrate!("./migrations").run(&pool).await?;
-        // The database holds PHI: owner-only, whatever the umask.
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let file = Path::new(options.get_filename());
-            if file.exists() {
-                let _ = std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o600));
-            }
-        }
-        let (inserts, queue) = mpsc::channel(GROUP_COMMIT_MAX);
-        tokio::spawn(group_commit(pool.clone(), queue));
-        Ok(Db { pool, inserts })
+        let file = Path::new(options.get_filename());
+        let file = file.exists().then(|| Arc::from(file));
+        Ok(Db { pool, file })
+    }
+
+    /// The database file, when the database is one (SQLite on disk): it
+    /// holds PHI, and the storage layout makes it owner-only.
+    pub fn file(&self) -> Option<&Path> {
+        self.file.as_deref()
     }
 
     pub async fn close(&self) {
