@@ -26,6 +26,7 @@ pub struct App {
     addr: SocketAddr,
     tls_addr: Option<SocketAddr>,
     db: Db,
+    clock: Clock,
     /// The instance writer, stopped after the server's last association.
     instances: InstanceWriter,
     assembler: Assembler,
@@ -61,7 +62,9 @@ impl App {
             crate::spool::make_private_file(file)
                 .with_context(|| format!("securing the database {}", file.display()))?;
         }
-        let instances = InstanceWriter::start(&db);
+        // The one clock of the node: every timer and every stamped row.
+        let clock = Clock::new();
+        let instances = InstanceWriter::start(&db, clock.clone());
         // The model loads before the port opens: a node that cannot infer
         // must not accept studies it will never report on.
         let weights = settings.model.weights_path()?;
@@ -104,14 +107,14 @@ impl App {
             read_timeout: Duration::from_secs(d.read_timeout_secs),
             peers,
         };
-        let ingest = Ingest::new(spool, db.clone(), instances.queue());
+        let ingest = Ingest::new(spool, db.clone(), instances.queue(), clock.clone());
         let wake = ingest.stored_notify();
         let assembler = Assembler::new(
             db.clone(),
             settings.case_rules(),
             settings.cases.patient_key,
             settings.cases.window_days,
-            Clock::new(),
+            clock.clone(),
         );
         let (hints_tx, hints_rx) = mpsc::channel(4);
         let assembler = assembler.with_prepare_hints(hints_tx);
@@ -119,6 +122,7 @@ impl App {
         let outbox_wake = std::sync::Arc::new(tokio::sync::Notify::new());
         let pipeline = Pipeline {
             db: db.clone(),
+            clock: clock.clone(),
             data_dir: settings.storage.data_dir.clone(),
             engine,
             imaging: settings.imaging.clone(),
@@ -139,7 +143,8 @@ impl App {
             settings.destinations.clone(),
             settings.outbox.clone(),
             settings.dicom.ae_title.trim().to_string(),
-        )?;
+        )?
+        .with_clock(clock.clone());
         let bind = format!("{}:{}", d.host, d.port);
         let mut server = Server::bind(&bind, config, ingest)
             .await
@@ -158,6 +163,7 @@ impl App {
             addr,
             tls_addr,
             db,
+            clock,
             instances,
             assembler,
             wake,
@@ -203,11 +209,14 @@ impl App {
         }
         let _ = self
             .db
-            .record(NewEvent {
-                event: event::NODE_STARTED,
-                detail: Some(detail),
-                ..Default::default()
-            })
+            .record(
+                NewEvent {
+                    event: event::NODE_STARTED,
+                    detail: Some(detail),
+                    ..Default::default()
+                },
+                self.clock.now(),
+            )
             .await;
         let assembler = tokio::spawn(self.assembler.run(
             self.wake.clone(),
@@ -228,10 +237,13 @@ impl App {
         }
         let _ = self
             .db
-            .record(NewEvent {
-                event: event::NODE_STOPPED,
-                ..Default::default()
-            })
+            .record(
+                NewEvent {
+                    event: event::NODE_STOPPED,
+                    ..Default::default()
+                },
+                self.clock.now(),
+            )
             .await;
         self.db.close().await;
         info!("stopped");

@@ -46,7 +46,8 @@ pub async fn run(mut settings: Settings, out: &Path) -> anyhow::Result<String> {
         recv_dir.join("received.db").display()
     ))
     .await?;
-    let recv_instances = crate::db::InstanceWriter::start(&recv_db);
+    let recv_clock = crate::clock::Clock::new();
+    let recv_instances = crate::db::InstanceWriter::start(&recv_db, recv_clock.clone());
     let receiver = Server::bind(
         "127.0.0.1:0",
         ServerConfig {
@@ -62,6 +63,7 @@ pub async fn run(mut settings: Settings, out: &Path) -> anyhow::Result<String> {
             Spool::open(&recv_dir.join("spool"), 0)?,
             recv_db.clone(),
             recv_instances.queue(),
+            recv_clock,
         ),
     )
     .await?;

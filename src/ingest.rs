@@ -12,6 +12,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
 use tracing::{debug, error, warn};
 
+use crate::clock::Clock;
 use crate::db::{Db, Inserted, InstanceQueue, InstanceRow, NewEvent, event};
 use crate::dimse::command::{status, trim_uid};
 use crate::dimse::server::{
@@ -35,16 +36,19 @@ pub struct IngestCore {
     spool: Spool,
     db: Db,
     instances: InstanceQueue,
+    /// Stamps associations and audit events.
+    clock: Clock,
     /// Woken after each stored instance (case assembly listens here).
     stored: Arc<Notify>,
 }
 
 impl Ingest {
-    pub fn new(spool: Spool, db: Db, instances: InstanceQueue) -> Self {
+    pub fn new(spool: Spool, db: Db, instances: InstanceQueue, clock: Clock) -> Self {
         Ingest(Arc::new(IngestCore {
             spool,
             db,
             instances,
+            clock,
             stored: Arc::new(Notify::new()),
         }))
     }
@@ -56,7 +60,7 @@ impl IngestCore {
     }
 
     async fn audit(&self, e: NewEvent<'_>) {
-        if let Err(err) = self.db.record(e).await {
+        if let Err(err) = self.db.record(e, self.clock.now()).await {
             // The audit log itself failing must not take the node down.
             error!(error = %err, "audit event could not be recorded");
         }
@@ -254,6 +258,7 @@ impl StoreService for Ingest {
                 &info.calling_ae,
                 &info.called_ae,
                 &info.peer.to_string(),
+                self.clock.now(),
             )
             .await
         {
@@ -289,7 +294,14 @@ impl StoreService for Ingest {
     ) {
         if let Err(e) = self
             .db
-            .association_closed(&info.id, outcome, stats.stored, stats.failed, stats.bytes)
+            .association_closed(
+                &info.id,
+                outcome,
+                stats.stored,
+                stats.failed,
+                stats.bytes,
+                self.clock.now(),
+            )
             .await
         {
             error!(error = %e, "association close could not be recorded");

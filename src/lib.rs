@@ -6,6 +6,7 @@
 
 pub mod app;
 pub mod cases;
+pub mod clock;
 pub mod config;
 pub mod db;
 pub mod demo;

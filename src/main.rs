@@ -414,7 +414,10 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
         Command::Outbox { json, action } => {
             let db = Db::connect(&settings.database_url()).await?;
             if let Some(OutboxAction::Retry { id }) = action {
-                return if db.retry_delivery(id).await? {
+                return if db
+                    .retry_delivery(id, her2map::clock::Clock::new().now())
+                    .await?
+                {
                     println!("delivery {id} is due now");
                     Ok(ExitCode::SUCCESS)
                 } else {

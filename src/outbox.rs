@@ -13,8 +13,9 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::clock::Clock;
 use crate::config::{ClientTlsSettings, ConfigError};
-use crate::db::{Db, DbError, OutboxRow, format_time, parse_time};
+use crate::db::{Db, DbError, OutboxRow, format_time};
 use crate::dimse::client::{ClientOptions, ClientTls};
 use crate::send::send_files;
 
@@ -92,6 +93,7 @@ pub struct Outbox {
     destinations: Vec<(DestinationSettings, Option<ClientTls>)>,
     settings: OutboxSettings,
     calling_ae: String,
+    clock: Clock,
 }
 
 impl Outbox {
@@ -121,7 +123,14 @@ impl Outbox {
             destinations,
             settings,
             calling_ae,
+            clock: Clock::new(),
         })
+    }
+
+    /// Take time from the node's clock (a fresh system clock otherwise).
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
     }
 
     fn backoff(&self, attempts_so_far: i64) -> Duration {
@@ -135,13 +144,13 @@ impl Outbox {
     }
 
     async fn record(&self, row: &OutboxRow, verdict: Verdict, status: &str) -> Result<(), DbError> {
-        let now = time::OffsetDateTime::now_utc();
+        let now = self.clock.now();
         let exhausted = row.attempts + 1 >= self.settings.max_attempts;
         let (state, next) = match verdict {
-            Verdict::Sent => ("sent", format_time(now)),
-            Verdict::Dead => ("dead", format_time(now)),
-            Verdict::Retry if exhausted => ("dead", format_time(now)),
-            Verdict::Retry => ("pending", format_time(now + self.backoff(row.attempts))),
+            Verdict::Sent => ("sent", now),
+            Verdict::Dead => ("dead", now),
+            Verdict::Retry if exhausted => ("dead", now),
+            Verdict::Retry => ("pending", now + self.backoff(row.attempts)),
         };
         match state {
             "sent" => {
@@ -151,15 +160,15 @@ impl Outbox {
                 warn!(destination = %row.destination, case = %row.case_id, %status, "delivery dead-lettered")
             }
             _ => {
-                warn!(destination = %row.destination, case = %row.case_id, %status, retry_at = %next, "delivery failed; will retry")
+                warn!(destination = %row.destination, case = %row.case_id, %status, retry_at = %format_time(next), "delivery failed; will retry")
             }
         }
-        self.db.record_delivery(row, state, status, &next).await
+        self.db.record_delivery(row, state, status, next, now).await
     }
 
     /// Try every due delivery once; returns how many rows were attempted.
     pub async fn deliver_due(&self) -> Result<usize, DbError> {
-        let due = self.db.due_deliveries(&crate::db::now(), 500).await?;
+        let due = self.db.due_deliveries(self.clock.now(), 500).await?;
         let mut by_dest: BTreeMap<String, Vec<OutboxRow>> = BTreeMap::new();
         for row in due {
             by_dest
@@ -239,10 +248,8 @@ impl Outbox {
                 error!(error = %e, "delivery round failed");
             }
             let mut sleep = Duration::from_secs(2);
-            if let Ok(Some(next)) = self.db.next_delivery_at().await
-                && let Some(at) = parse_time(&next)
-            {
-                let until = at - time::OffsetDateTime::now_utc();
+            if let Ok(Some(at)) = self.db.next_delivery_at().await {
+                let until = at - self.clock.now();
                 sleep = if until.is_positive() {
                     sleep.min(until.unsigned_abs())
                 } else {

@@ -79,6 +79,8 @@ pub enum PipelineError {
 
 pub struct Pipeline {
     pub db: Db,
+    /// The node's clock: stamps every transition, event and output.
+    pub clock: crate::clock::Clock,
     pub data_dir: PathBuf,
     pub engine: EngineHandle,
     pub imaging: ImagingSettings,
@@ -216,7 +218,7 @@ impl Pipeline {
 
     /// Run one case; failures end the case in `failed` with the reason.
     pub async fn process(&self, job: &CaseJob) {
-        let now = crate::db::now();
+        let now = self.clock.now();
         match self
             .db
             .transition_case(
@@ -224,7 +226,7 @@ impl Pipeline {
                 state::QUEUED,
                 state::RUNNING,
                 "imaging and inference",
-                &now,
+                now,
             )
             .await
         {
@@ -251,7 +253,7 @@ impl Pipeline {
                     state::RUNNING,
                     state::FAILED,
                     &reason,
-                    &crate::db::now(),
+                    self.clock.now(),
                 )
                 .await;
         }
@@ -264,7 +266,7 @@ impl Pipeline {
             detail: Some(detail),
             ..Default::default()
         };
-        if let Err(err) = self.db.record(e).await {
+        if let Err(err) = self.db.record(e, self.clock.now()).await {
             error!(error = %err, "audit event could not be recorded");
         }
     }
@@ -328,14 +330,13 @@ impl Pipeline {
         // new result.
         let digest = inputs_digest(&prepared);
         if case.revision > 0 && digest == case.inputs_digest {
-            let now = crate::db::now();
             self.db
                 .transition_case(
                     &case.id,
                     state::RUNNING,
                     state::DONE,
                     "late instances did not change the selected inputs: no new result",
-                    &now,
+                    self.clock.now(),
                 )
                 .await?;
             return Ok(());
@@ -381,7 +382,7 @@ impl Pipeline {
         .map_err(|e| PipelineError::Other(e.to_string()))??;
         for row in &rows {
             let dests = crate::outbox::destinations_for(&self.destinations, &row.kind);
-            self.db.add_output(row, &dests).await?;
+            self.db.add_output(row, &dests, self.clock.now()).await?;
         }
         self.outbox_wake.notify_waiters();
         times.reporting_ms = t.elapsed().as_secs_f64() * 1e3;
@@ -413,7 +414,7 @@ impl Pipeline {
         info!(case = %case.id, %summary, outputs = rows.len(), "case result");
 
         // Instances that arrived while the case ran reopen it.
-        let now = crate::db::now();
+        let now = self.clock.now();
         let latest = self.db.case(&case.id).await?.map(|c| c.last_instance_at);
         if latest.as_deref() != Some(seen_last.as_str()) {
             self.db
@@ -421,13 +422,13 @@ impl Pipeline {
                     &case.id,
                     state::RUNNING,
                     "instances arrived while the case ran",
-                    &now,
+                    now,
                 )
                 .await?;
         } else {
             let reason = format!("result: {summary}; {} objects queued", rows.len());
             self.db
-                .transition_case(&case.id, state::RUNNING, state::DONE, &reason, &now)
+                .transition_case(&case.id, state::RUNNING, state::DONE, &reason, now)
                 .await?;
         }
         Ok(())

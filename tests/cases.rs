@@ -84,7 +84,7 @@ async fn db() -> (tempfile::TempDir, Db) {
 }
 
 async fn insert(db: &Db, rows: &[InstanceRow]) {
-    let writer = InstanceWriter::start(db);
+    let writer = InstanceWriter::start(db, Clock::new());
     for r in rows {
         writer.insert(r).await.unwrap();
     }
@@ -218,20 +218,22 @@ async fn late_arrival_reopens_and_a_resend_changes_nothing() {
     clock.advance(Duration::from_secs(60));
     a.round(&tx, &stop).await.unwrap();
     let job = rx.try_recv().unwrap();
-    let now = her2map::db::now();
     db.transition_case(
         &job.case_id,
         state::QUEUED,
         state::DONE,
         "result sent",
-        &now,
+        clock.now(),
     )
     .await
     .unwrap();
 
     // A resend of a known instance is a duplicate: no new row, no change.
     assert_eq!(
-        InstanceWriter::start(&db).insert(&rows[0]).await.unwrap(),
+        InstanceWriter::start(&db, Clock::new())
+            .insert(&rows[0])
+            .await
+            .unwrap(),
         her2map::db::Inserted::Duplicate {
             existing_path: "x".into()
         }
@@ -330,7 +332,7 @@ async fn a_restart_rebuilds_timers_and_requeues_unfinished_cases() {
         state::QUEUED,
         state::RUNNING,
         "engine took it",
-        &her2map::db::now(),
+        clock.now(),
     )
     .await
     .unwrap();
@@ -400,7 +402,7 @@ async fn concurrent_inserts_each_get_their_own_answer() {
         copy.path = format!("second-{i}");
         rows.push(copy);
     }
-    let writer = InstanceWriter::start(&db);
+    let writer = InstanceWriter::start(&db, Clock::new());
     let mut tasks = tokio::task::JoinSet::new();
     for r in rows.clone() {
         let queue = writer.queue();

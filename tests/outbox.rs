@@ -10,6 +10,7 @@ use std::time::Duration;
 use common::*;
 use her2map::db::{Db, OutputRow};
 use her2map::outbox::{DestinationSettings, Outbox, OutboxSettings};
+use time::OffsetDateTime;
 
 fn settings(retry_base_ms: u64, timeout_secs: u64) -> OutboxSettings {
     OutboxSettings {
@@ -65,9 +66,17 @@ async fn queued_outputs(data_dir: &Path, n: usize, tag: &str, destinations: &[St
                 .to_string_lossy()
                 .into_owned(),
         };
-        assert!(db.add_output(&row, destinations).await.unwrap());
+        assert!(
+            db.add_output(&row, destinations, OffsetDateTime::now_utc())
+                .await
+                .unwrap()
+        );
         // Recording it again (a rerun) queues nothing more.
-        assert!(!db.add_output(&row, destinations).await.unwrap());
+        assert!(
+            !db.add_output(&row, destinations, OffsetDateTime::now_utc())
+                .await
+                .unwrap()
+        );
     }
     db
 }
@@ -189,7 +198,11 @@ async fn a_permanent_rejection_is_dead_lettered_after_one_try() {
         "no looping on dead letters"
     );
     // The operator puts one back.
-    assert!(db.retry_delivery(rows[0].id).await.unwrap());
+    assert!(
+        db.retry_delivery(rows[0].id, OffsetDateTime::now_utc())
+            .await
+            .unwrap()
+    );
     assert_eq!(states(&db).await, vec!["pending", "dead"]);
     node.stop().await;
 }

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use super::rules::{self, CaseRules, Decision};
+use crate::clock::Clock;
 use crate::db::{Assignment, CaseRow, Db, DbError, format_time, parse_time};
 
 /// Case states, as stored.
@@ -33,51 +34,6 @@ pub enum PatientKeyMode {
     IdIssuer,
     /// Patient ID alone, for sites whose PACS sends no issuer consistently.
     Id,
-}
-
-/// The time source of every case timer. The system clock is wall time at
-/// start plus tokio's monotonic clock since; tests use a manual clock they
-/// advance by hand (sqlx's pool timeouts do not survive
-/// `tokio::time::pause`, so the database cannot run under a paused runtime).
-#[derive(Debug, Clone)]
-pub enum Clock {
-    System {
-        wall0: OffsetDateTime,
-        t0: tokio::time::Instant,
-    },
-    Manual(Arc<std::sync::Mutex<OffsetDateTime>>),
-}
-
-impl Clock {
-    pub fn new() -> Self {
-        Clock::System {
-            wall0: OffsetDateTime::now_utc(),
-            t0: tokio::time::Instant::now(),
-        }
-    }
-    /// A clock that stands still until [`Clock::advance`].
-    pub fn manual(start: OffsetDateTime) -> Self {
-        Clock::Manual(Arc::new(std::sync::Mutex::new(start)))
-    }
-    pub fn now(&self) -> OffsetDateTime {
-        match self {
-            Clock::System { wall0, t0 } => *wall0 + (tokio::time::Instant::now() - *t0),
-            Clock::Manual(t) => *t.lock().unwrap_or_else(|e| e.into_inner()),
-        }
-    }
-    /// Move a manual clock forward (no effect on the system clock).
-    pub fn advance(&self, by: Duration) {
-        if let Clock::Manual(t) = self {
-            let mut t = t.lock().unwrap_or_else(|e| e.into_inner());
-            *t += by;
-        }
-    }
-}
-
-impl Default for Clock {
-    fn default() -> Self {
-        Self::new()
-    }
 }
 
 /// A case handed to the inference side.
@@ -166,11 +122,6 @@ impl Assembler {
         &self.rules
     }
 
-    fn now(&self) -> (OffsetDateTime, String) {
-        let t = self.clock.now();
-        (t, format_time(t))
-    }
-
     /// Put every unassigned stored instance into its patient's case. Each
     /// batch is decided in memory (a case opened or reopened for one
     /// instance is seen by the next) and recorded in one transaction.
@@ -181,7 +132,7 @@ impl Assembler {
             if batch.is_empty() {
                 return Ok(assigned);
             }
-            let (_, now) = self.now();
+            let now = self.clock.now();
             let mut cases: HashMap<String, Vec<CaseRow>> = HashMap::new();
             let mut steps = Vec::with_capacity(batch.len());
             for inst in &batch {
@@ -248,7 +199,7 @@ impl Assembler {
                     }
                 }
             }
-            self.db.assign_instances(&steps, &now).await?;
+            self.db.assign_instances(&steps, now).await?;
             assigned += batch.len();
         }
     }
@@ -256,7 +207,7 @@ impl Assembler {
     /// Apply the rules to every collecting case; returns the earliest future
     /// instant at which a decision may change.
     pub async fn evaluate(&self) -> Result<Option<OffsetDateTime>, DbError> {
-        let (now, now_s) = self.now();
+        let now = self.clock.now();
         let mut next: Option<OffsetDateTime> = None;
         for case in self.db.cases_in_states(&[state::COLLECTING]).await? {
             let members = self.db.case_members(&case.id).await?;
@@ -285,7 +236,7 @@ impl Assembler {
                                 state::COLLECTING,
                                 state::COLLECTING,
                                 &reason,
-                                &now_s,
+                                now,
                             )
                             .await?;
                     }
@@ -293,13 +244,13 @@ impl Assembler {
                 }
                 Decision::Ready { reason } => {
                     self.db
-                        .transition_case(&case.id, state::COLLECTING, state::READY, &reason, &now_s)
+                        .transition_case(&case.id, state::COLLECTING, state::READY, &reason, now)
                         .await?;
                     info!(case = %case.id, %reason, "case ready");
                 }
                 Decision::Hold { reason } => {
                     self.db
-                        .transition_case(&case.id, state::COLLECTING, state::HELD, &reason, &now_s)
+                        .transition_case(&case.id, state::COLLECTING, state::HELD, &reason, now)
                         .await?;
                     warn!(case = %case.id, %reason, "case held");
                 }
@@ -312,7 +263,7 @@ impl Assembler {
     /// so they are ready again (the outputs' UIDs are deterministic, so a
     /// rerun never duplicates at the destination).
     pub async fn recover(&self) -> Result<usize, DbError> {
-        let (_, now) = self.now();
+        let now = self.clock.now();
         let mut n = 0;
         for case in self
             .db
@@ -326,7 +277,7 @@ impl Assembler {
                     &case.state,
                     state::READY,
                     "node restarted: queued again",
-                    &now,
+                    now,
                 )
                 .await?
             {
@@ -352,7 +303,7 @@ impl Assembler {
                 },
                 _ = shutdown.cancelled() => return Ok(n),
             };
-            let (_, now) = self.now();
+            let now = self.clock.now();
             if self
                 .db
                 .transition_case(
@@ -360,7 +311,7 @@ impl Assembler {
                     state::READY,
                     state::QUEUED,
                     "queued for inference",
-                    &now,
+                    now,
                 )
                 .await?
             {
@@ -493,7 +444,8 @@ pub async fn operator_action(db: &Db, id: &str, action: &str) -> Result<String, 
         .await
         .map_err(|e| e.to_string())?
         .ok_or_else(|| format!("no case {id}"))?;
-    let now = crate::db::now();
+    // Replaced by ops::operator_action, which takes the node's clock.
+    let now = crate::clock::Clock::new().now();
     let (to, allowed): (&str, &[&str]) = match action {
         "run" => (
             state::READY,
@@ -511,7 +463,7 @@ pub async fn operator_action(db: &Db, id: &str, action: &str) -> Result<String, 
     }
     let reason = format!("operator: {action}");
     let moved = db
-        .transition_case(id, &case.state, to, &reason, &now)
+        .transition_case(id, &case.state, to, &reason, now)
         .await
         .map_err(|e| e.to_string())?;
     if moved {

@@ -10,5 +10,6 @@
 pub mod assembler;
 pub mod rules;
 
-pub use assembler::{Assembler, CaseJob, Clock, PatientKeyMode, state};
+pub use crate::clock::Clock;
+pub use assembler::{Assembler, CaseJob, PatientKeyMode, state};
 pub use rules::{CaseRules, Modality, Partial};

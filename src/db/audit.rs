@@ -5,7 +5,9 @@
 use serde::Serialize;
 use sqlx::Row;
 
-use super::{Db, DbError, now};
+use time::OffsetDateTime;
+
+use super::{Db, DbError, format_time};
 
 /// Audit event names: stable, snake_case, documented in the README.
 pub mod event {
@@ -77,9 +79,9 @@ const INSERT_EVENT: &str = "INSERT INTO events (time, event, association_id, sop
      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
 
 impl Db {
-    /// Append one audit event.
-    pub async fn record(&self, e: NewEvent<'_>) -> Result<(), DbError> {
-        bind_event(sqlx::query(INSERT_EVENT), &e)
+    /// Append one audit event, stamped `now`.
+    pub async fn record(&self, e: NewEvent<'_>, now: OffsetDateTime) -> Result<(), DbError> {
+        bind_event(sqlx::query(INSERT_EVENT), &e, &format_time(now))
             .execute(&self.pool)
             .await?;
         Ok(())
@@ -91,7 +93,9 @@ impl Db {
         calling_ae: &str,
         called_ae: &str,
         peer: &str,
+        now: OffsetDateTime,
     ) -> Result<(), DbError> {
+        let now = format_time(now);
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO associations (id, calling_ae, called_ae, peer, opened_at) \
@@ -101,7 +105,7 @@ impl Db {
         .bind(calling_ae)
         .bind(called_ae)
         .bind(peer)
-        .bind(now())
+        .bind(&now)
         .execute(&mut *tx)
         .await?;
         let e = NewEvent {
@@ -112,7 +116,7 @@ impl Db {
             })),
             ..Default::default()
         };
-        insert_event(&mut tx, &e).await?;
+        insert_event(&mut tx, &e, &now).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -124,13 +128,15 @@ impl Db {
         stored: u64,
         failed: u64,
         bytes: u64,
+        now: OffsetDateTime,
     ) -> Result<(), DbError> {
+        let now = format_time(now);
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "UPDATE associations SET closed_at = $1, outcome = $2, stored = $3, failed = $4, \
              bytes = $5 WHERE id = $6",
         )
-        .bind(now())
+        .bind(&now)
         .bind(outcome)
         .bind(stored as i64)
         .bind(failed as i64)
@@ -146,7 +152,7 @@ impl Db {
             })),
             ..Default::default()
         };
-        insert_event(&mut tx, &e).await?;
+        insert_event(&mut tx, &e, &now).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -177,8 +183,9 @@ impl Db {
 pub(super) async fn insert_event(
     tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
     e: &NewEvent<'_>,
+    now: &str,
 ) -> Result<(), DbError> {
-    bind_event(sqlx::query(INSERT_EVENT), e)
+    bind_event(sqlx::query(INSERT_EVENT), e, now)
         .execute(&mut **tx)
         .await?;
     Ok(())
@@ -187,8 +194,9 @@ pub(super) async fn insert_event(
 fn bind_event<'q>(
     q: sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>,
     e: &NewEvent<'q>,
+    now: &str,
 ) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments> {
-    q.bind(now())
+    q.bind(now.to_owned())
         .bind(e.event)
         .bind(e.association_id)
         .bind(e.sop_instance_uid)

@@ -5,7 +5,9 @@ use serde::Serialize;
 use sqlx::AssertSqlSafe;
 
 use super::audit::{NewEvent, insert_event};
-use super::{Db, DbError};
+use time::OffsetDateTime;
+
+use super::{Db, DbError, format_time};
 
 /// Case audit event names.
 pub mod case_event {
@@ -152,10 +154,15 @@ impl Db {
     /// Record a round of case assignment in one transaction (one commit,
     /// not one per instance: the assembler assigns a burst of instances at
     /// once while ingest competes for the same write lock).
-    pub async fn assign_instances(&self, steps: &[Assignment], now: &str) -> Result<(), DbError> {
+    pub async fn assign_instances(
+        &self,
+        steps: &[Assignment],
+        now: OffsetDateTime,
+    ) -> Result<(), DbError> {
         if steps.is_empty() {
             return Ok(());
         }
+        let now = &format_time(now);
         let mut tx = self.pool.begin().await?;
         for step in steps {
             match step {
@@ -208,8 +215,9 @@ impl Db {
         from: &str,
         to: &str,
         reason: &str,
-        now: &str,
+        now: OffsetDateTime,
     ) -> Result<bool, DbError> {
+        let now = &format_time(now);
         let mut tx = self.pool.begin().await?;
         let moved = sqlx::query(
             "UPDATE cases SET state = $1, reason = $2, updated_at = $3 WHERE id = $4 AND state = $5",
@@ -236,8 +244,9 @@ impl Db {
         id: &str,
         from: &str,
         reason: &str,
-        now: &str,
+        now: OffsetDateTime,
     ) -> Result<bool, DbError> {
+        let now = &format_time(now);
         let mut tx = self.pool.begin().await?;
         let moved = sqlx::query(
             "UPDATE cases SET state = 'collecting', revision = revision + 1, reason = $1, \
@@ -340,7 +349,7 @@ async fn open_case(
         case_id: Some(id),
         ..Default::default()
     };
-    insert_event(tx, &e).await
+    insert_event(tx, &e, now).await
 }
 
 /// Add an instance to an existing case, widening its study-date range;
@@ -418,6 +427,6 @@ async fn insert_transition(
         detail: Some(serde_json::json!({ "from": from, "to": to, "reason": reason })),
         ..Default::default()
     };
-    insert_event(tx, &e).await?;
+    insert_event(tx, &e, now).await?;
     Ok(())
 }

@@ -7,7 +7,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::audit::{NewEvent, event, insert_event};
-use super::{Db, DbError, now};
+use super::{Db, DbError, format_time};
+use crate::clock::Clock;
 
 /// One received instance, as indexed.
 #[derive(Debug, Clone)]
@@ -59,10 +60,11 @@ pub struct InstanceWriter {
 }
 
 impl InstanceWriter {
-    pub fn start(db: &Db) -> Self {
+    /// Start the writer; each row is stamped `received_at` by `clock`.
+    pub fn start(db: &Db, clock: Clock) -> Self {
         let (inserts, queue) = mpsc::channel(GROUP_COMMIT_MAX);
         let stop = CancellationToken::new();
-        let task = tokio::spawn(group_commit(db.pool.clone(), queue, stop.clone()));
+        let task = tokio::spawn(group_commit(db.pool.clone(), clock, queue, stop.clone()));
         InstanceWriter {
             queue: InstanceQueue { inserts },
             stop,
@@ -168,6 +170,7 @@ const GROUP_COMMIT_MAX: usize = 64;
 /// answered, later sends fail, and the writer ends once it is empty.
 async fn group_commit(
     pool: SqlitePool,
+    clock: Clock,
     mut queue: mpsc::Receiver<PendingInsert>,
     stop: CancellationToken,
 ) {
@@ -187,7 +190,7 @@ async fn group_commit(
             return;
         }
         let rows: Vec<&InstanceRow> = batch.iter().map(|p| &p.row).collect();
-        match insert_instances(&pool, &rows).await {
+        match insert_instances(&pool, &clock, &rows).await {
             Ok(results) => {
                 for (p, r) in batch.drain(..).zip(results) {
                     let _ = p.done.send(Ok(r));
@@ -200,7 +203,7 @@ async fn group_commit(
             Err(e) if violates_constraint(&e) => {
                 // One row's own fault: isolate it.
                 for p in batch.drain(..) {
-                    let r = insert_instances(&pool, &[&p.row])
+                    let r = insert_instances(&pool, &clock, &[&p.row])
                         .await
                         .map(|mut one| one.remove(0));
                     let _ = p.done.send(r);
@@ -227,6 +230,7 @@ fn violates_constraint(e: &DbError) -> bool {
 /// Insert rows and their `instance_stored` events in one transaction.
 async fn insert_instances(
     pool: &SqlitePool,
+    clock: &Clock,
     rows: &[&InstanceRow],
 ) -> Result<Vec<Inserted>, DbError> {
     // Insert first (ON CONFLICT DO NOTHING, SQLite >= 3.24 and PostgreSQL
@@ -236,6 +240,7 @@ async fn insert_instances(
     let mut tx = pool.begin().await?;
     let mut results = Vec::with_capacity(rows.len());
     for row in rows {
+        let now = format_time(clock.now());
         let inserted = sqlx::query(
             "INSERT INTO instances (sop_instance_uid, sop_class_uid, study_instance_uid, \
              series_instance_uid, patient_key, modality, study_date, transfer_syntax, size_bytes, \
@@ -254,7 +259,7 @@ async fn insert_instances(
         .bind(&row.transfer_syntax)
         .bind(row.size_bytes as i64)
         .bind(&row.path)
-        .bind(now())
+        .bind(&now)
         .bind(&row.association_id)
         .bind(&row.calling_ae)
         .bind(&row.patient_id_key)
@@ -293,7 +298,7 @@ async fn insert_instances(
             })),
             ..Default::default()
         };
-        insert_event(&mut tx, &e).await?;
+        insert_event(&mut tx, &e, &now).await?;
         results.push(Inserted::New);
     }
     tx.commit().await?;

@@ -37,13 +37,8 @@ pub enum DbError {
     Batch(String),
 }
 
-/// The current time as the audit log stores it: RFC 3339 UTC with
+/// Format an instant as the database stores it: RFC 3339 UTC with
 /// milliseconds, which sorts lexicographically.
-pub fn now() -> String {
-    format_time(time::OffsetDateTime::now_utc())
-}
-
-/// Format an instant as the database stores it.
 pub fn format_time(t: time::OffsetDateTime) -> String {
     let fmt = time::macros::format_description!(
         "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"

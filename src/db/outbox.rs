@@ -5,7 +5,9 @@ use serde::Serialize;
 use sqlx::AssertSqlSafe;
 
 use super::audit::{NewEvent, insert_event};
-use super::{Db, DbError, now};
+use time::OffsetDateTime;
+
+use super::{Db, DbError, format_time, parse_time};
 
 /// Outbox audit event names.
 pub mod outbox_event {
@@ -57,8 +59,9 @@ impl Db {
         &self,
         out: &OutputRow,
         destinations: &[String],
+        now: OffsetDateTime,
     ) -> Result<bool, DbError> {
-        let now = now();
+        let now = format_time(now);
         let mut tx = self.pool.begin().await?;
         let new = sqlx::query(
             "INSERT INTO outputs (sop_instance_uid, case_id, revision, kind, sop_class_uid, \
@@ -105,7 +108,7 @@ impl Db {
                 })),
                 ..Default::default()
             };
-            insert_event(&mut tx, &e).await?;
+            insert_event(&mut tx, &e, &now).await?;
         }
         tx.commit().await?;
         Ok(new)
@@ -124,13 +127,17 @@ impl Db {
     }
 
     /// Pending deliveries due at `now`, oldest first.
-    pub async fn due_deliveries(&self, now: &str, limit: i64) -> Result<Vec<OutboxRow>, DbError> {
+    pub async fn due_deliveries(
+        &self,
+        now: OffsetDateTime,
+        limit: i64,
+    ) -> Result<Vec<OutboxRow>, DbError> {
         let rows = sqlx::query_as(AssertSqlSafe(format!(
             "SELECT {OUTBOX_COLUMNS} FROM outbox o JOIN outputs p \
              ON p.sop_instance_uid = o.sop_instance_uid \
              WHERE o.state = 'pending' AND o.next_attempt_at <= $1 ORDER BY o.id LIMIT $2"
         )))
-        .bind(now)
+        .bind(format_time(now))
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
@@ -138,12 +145,12 @@ impl Db {
     }
 
     /// The earliest pending attempt time, if any.
-    pub async fn next_delivery_at(&self) -> Result<Option<String>, DbError> {
-        Ok(
+    pub async fn next_delivery_at(&self) -> Result<Option<OffsetDateTime>, DbError> {
+        let next: Option<String> =
             sqlx::query_scalar("SELECT MIN(next_attempt_at) FROM outbox WHERE state = 'pending'")
                 .fetch_one(&self.pool)
-                .await?,
-        )
+                .await?;
+        Ok(next.as_deref().and_then(parse_time))
     }
 
     pub async fn outbox(&self) -> Result<Vec<OutboxRow>, DbError> {
@@ -163,9 +170,10 @@ impl Db {
         row: &OutboxRow,
         state: &str,
         status: &str,
-        next_attempt_at: &str,
+        next_attempt_at: OffsetDateTime,
+        now: OffsetDateTime,
     ) -> Result<(), DbError> {
-        let now = now();
+        let (next_attempt_at, now) = (format_time(next_attempt_at), format_time(now));
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "UPDATE outbox SET state = $1, attempts = attempts + 1, last_status = $2, \
@@ -173,7 +181,7 @@ impl Db {
         )
         .bind(state)
         .bind(status)
-        .bind(next_attempt_at)
+        .bind(&next_attempt_at)
         .bind(&now)
         .bind(row.id)
         .execute(&mut *tx)
@@ -193,14 +201,14 @@ impl Db {
             })),
             ..Default::default()
         };
-        insert_event(&mut tx, &e).await?;
+        insert_event(&mut tx, &e, &now).await?;
         tx.commit().await?;
         Ok(())
     }
 
     /// Operator retry: a dead (or pending) row becomes due now.
-    pub async fn retry_delivery(&self, id: i64) -> Result<bool, DbError> {
-        let now = now();
+    pub async fn retry_delivery(&self, id: i64, now: OffsetDateTime) -> Result<bool, DbError> {
+        let now = format_time(now);
         let mut tx = self.pool.begin().await?;
         let n = sqlx::query(
             "UPDATE outbox SET state = 'pending', next_attempt_at = $1, updated_at = $2 \
@@ -218,7 +226,7 @@ impl Db {
                 detail: Some(serde_json::json!({ "outbox_id": id })),
                 ..Default::default()
             };
-            insert_event(&mut tx, &e).await?;
+            insert_event(&mut tx, &e, &now).await?;
         }
         tx.commit().await?;
         Ok(n == 1)
