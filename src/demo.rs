@@ -12,11 +12,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
 use crate::config::Settings;
-use crate::db::Db;
+use crate::db::{CaseState, Db, DeliveryState};
 use crate::dimse::client::ClientOptions;
 use crate::dimse::server::{Server, ServerConfig};
 use crate::ingest::Ingest;
 use crate::outbox::DestinationSettings;
+use crate::report::OutputKind;
 use crate::spool::Spool;
 
 const RECEIVER_AE: &str = "DEMO-PACS";
@@ -114,13 +115,13 @@ pub async fn run(mut settings: Settings, out: &Path) -> anyhow::Result<String> {
     loop {
         let cases = db.all_cases().await?;
         let rows = db.outbox().await?;
-        let failed = cases.iter().find(|c| c.state == "failed");
+        let failed = cases.iter().find(|c| c.state == CaseState::Failed);
         if let Some(c) = failed {
             bail!("the case failed: {}", c.reason);
         }
-        if cases.iter().any(|c| c.state == "done")
+        if cases.iter().any(|c| c.state == CaseState::Done)
             && !rows.is_empty()
-            && rows.iter().all(|r| r.state != "pending")
+            && rows.iter().all(|r| r.state != DeliveryState::Pending)
         {
             break;
         }
@@ -139,7 +140,7 @@ pub async fn run(mut settings: Settings, out: &Path) -> anyhow::Result<String> {
         let src = out.join("node").join(&row.path);
         let name = format!("{}-{}.dcm", row.kind, row.sop_instance_uid);
         std::fs::copy(&src, outputs_dir.join(&name))?;
-        if row.kind == "sc" {
+        if row.kind == OutputKind::HeatmapSc {
             let obj = dicom_object::open_file(&src)?;
             crate::report::sc::write_png(&obj, &outputs_dir.join(name.replace(".dcm", ".png")))?;
         }
@@ -208,9 +209,9 @@ pub async fn run(mut settings: Settings, out: &Path) -> anyhow::Result<String> {
     };
     s.push_str(&format!(
         "  objects delivered to {RECEIVER_AE}: {} ({} SR, {} heatmaps); received there: {received}\n",
-        rows.iter().filter(|r| r.state == "sent").count(),
-        rows.iter().filter(|r| r.kind == "sr").count(),
-        rows.iter().filter(|r| r.kind == "sc").count(),
+        rows.iter().filter(|r| r.state == DeliveryState::Sent).count(),
+        rows.iter().filter(|r| r.kind == OutputKind::Sr).count(),
+        rows.iter().filter(|r| r.kind == OutputKind::HeatmapSc).count(),
     ));
     s.push_str(&format!(
         "  time: send {} instances {:.1} s | stable age {} s | {imaging_text} | inference {:.0} ms | reporting {:.0} ms | last instance to delivered {:.1} s | total {:.1} s\n",

@@ -15,9 +15,10 @@ use tracing::{error, info, warn};
 
 use crate::clock::Clock;
 use crate::config::{ClientTlsSettings, ConfigError};
-use crate::db::{Db, DbError, OutboxRow, format_time};
+use crate::db::{Db, DbError, DeliveryState, OutboxRow, format_time};
 use crate::dimse::client::{ClientOptions, ClientTls};
-use crate::send::send_files;
+use crate::report::OutputKind;
+use crate::send::{SendFailure, send_files};
 
 /// `[[destinations]]`: where results go.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -47,10 +48,10 @@ impl DestinationSettings {
 }
 
 /// The names of the destinations an output of `kind` goes to.
-pub fn destinations_for(destinations: &[DestinationSettings], kind: &str) -> Vec<String> {
+pub fn destinations_for(destinations: &[DestinationSettings], kind: OutputKind) -> Vec<String> {
     destinations
         .iter()
-        .filter(|d| d.wants(kind))
+        .filter(|d| d.wants(kind.as_str()))
         .map(DestinationSettings::name)
         .collect()
 }
@@ -83,6 +84,16 @@ fn classify_status(code: u16) -> Verdict {
         Verdict::Retry
     } else {
         Verdict::Dead
+    }
+}
+
+/// A file the peer gave no status for: association trouble mid-batch is
+/// worth retrying; a file that is unusable (missing, not DICOM) or that the
+/// peer accepts no context for will fail the same way again.
+fn classify_failure(failure: &SendFailure) -> Verdict {
+    match failure {
+        SendFailure::Association(_) | SendFailure::NotSent => Verdict::Retry,
+        SendFailure::File(_) | SendFailure::NoContext { .. } => Verdict::Dead,
     }
 }
 
@@ -147,19 +158,19 @@ impl Outbox {
         let now = self.clock.now();
         let exhausted = row.attempts + 1 >= self.settings.max_attempts;
         let (state, next) = match verdict {
-            Verdict::Sent => ("sent", now),
-            Verdict::Dead => ("dead", now),
-            Verdict::Retry if exhausted => ("dead", now),
-            Verdict::Retry => ("pending", now + self.backoff(row.attempts)),
+            Verdict::Sent => (DeliveryState::Sent, now),
+            Verdict::Dead => (DeliveryState::Dead, now),
+            Verdict::Retry if exhausted => (DeliveryState::Dead, now),
+            Verdict::Retry => (DeliveryState::Pending, now + self.backoff(row.attempts)),
         };
         match state {
-            "sent" => {
+            DeliveryState::Sent => {
                 info!(destination = %row.destination, case = %row.case_id, "output delivered")
             }
-            "dead" => {
+            DeliveryState::Dead => {
                 warn!(destination = %row.destination, case = %row.case_id, %status, "delivery dead-lettered")
             }
-            _ => {
+            DeliveryState::Pending => {
                 warn!(destination = %row.destination, case = %row.case_id, %status, retry_at = %format_time(next), "delivery failed; will retry")
             }
         }
@@ -207,15 +218,10 @@ impl Outbox {
                                         .trim()
                                         .to_string(),
                                 ),
-                                // Association trouble mid-batch: try again.
-                                None if r.error.as_deref().is_some_and(|e| {
-                                    e.starts_with("association") || e.starts_with("not sent")
-                                }) =>
-                                {
-                                    (Verdict::Retry, r.error.clone().unwrap_or_default())
-                                }
-                                // The file itself is unusable (missing, not DICOM).
-                                None => (Verdict::Dead, r.error.clone().unwrap_or_default()),
+                                None => (
+                                    r.failure.as_ref().map_or(Verdict::Dead, classify_failure),
+                                    r.error.clone().unwrap_or_default(),
+                                ),
                             },
                             None => (Verdict::Retry, "not attempted".into()),
                         };
@@ -278,5 +284,20 @@ mod tests {
         assert_eq!(classify_status(0xA900), Verdict::Dead);
         assert_eq!(classify_status(0xC000), Verdict::Dead);
         assert_eq!(classify_status(0x0122), Verdict::Dead);
+    }
+
+    #[test]
+    fn files_without_a_status_retry_only_for_association_trouble() {
+        let retry = [
+            SendFailure::Association("reset".into()),
+            SendFailure::NotSent,
+        ];
+        assert!(retry.iter().all(|f| classify_failure(f) == Verdict::Retry));
+        let no_context = SendFailure::NoContext {
+            sop_class_uid: "1.2".into(),
+            transfer_syntax: "1.2.840.10008.1.2.1".into(),
+        };
+        let dead = [SendFailure::File("missing".into()), no_context];
+        assert!(dead.iter().all(|f| classify_failure(f) == Verdict::Dead));
     }
 }

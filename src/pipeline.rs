@@ -18,7 +18,7 @@ use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::cases::{CaseJob, state};
+use crate::cases::{CaseJob, CaseState};
 use crate::db::{Db, NewEvent, OutputRow};
 use crate::imaging::{self, ImagingSettings, InputGrid, PreparedCase, SelModality, SourceGeometry};
 use crate::inference::{EngineHandle, InferRequest, InferResponse, TensorData};
@@ -223,8 +223,8 @@ impl Pipeline {
             .db
             .transition_case(
                 &job.case_id,
-                state::QUEUED,
-                state::RUNNING,
+                CaseState::Queued,
+                CaseState::Running,
                 "imaging and inference",
                 now,
             )
@@ -250,8 +250,8 @@ impl Pipeline {
                 .db
                 .transition_case(
                     &job.case_id,
-                    state::RUNNING,
-                    state::FAILED,
+                    CaseState::Running,
+                    CaseState::Failed,
                     &reason,
                     self.clock.now(),
                 )
@@ -333,8 +333,8 @@ impl Pipeline {
             self.db
                 .transition_case(
                     &case.id,
-                    state::RUNNING,
-                    state::DONE,
+                    CaseState::Running,
+                    CaseState::Done,
                     "late instances did not change the selected inputs: no new result",
                     self.clock.now(),
                 )
@@ -381,7 +381,7 @@ impl Pipeline {
         .await
         .map_err(|e| PipelineError::Other(e.to_string()))??;
         for row in &rows {
-            let dests = crate::outbox::destinations_for(&self.destinations, &row.kind);
+            let dests = crate::outbox::destinations_for(&self.destinations, row.kind);
             self.db.add_output(row, &dests, self.clock.now()).await?;
         }
         self.outbox_wake.notify_waiters();
@@ -420,7 +420,7 @@ impl Pipeline {
             self.db
                 .reopen_case(
                     &case.id,
-                    state::RUNNING,
+                    CaseState::Running,
                     "instances arrived while the case ran",
                     now,
                 )
@@ -428,7 +428,7 @@ impl Pipeline {
         } else {
             let reason = format!("result: {summary}; {} objects queued", rows.len());
             self.db
-                .transition_case(&case.id, state::RUNNING, state::DONE, &reason, now)
+                .transition_case(&case.id, CaseState::Running, CaseState::Done, &reason, now)
                 .await?;
         }
         Ok(())
@@ -445,7 +445,7 @@ impl Pipeline {
             .case_outputs(case_id)
             .await?
             .into_iter()
-            .filter(|o| o.kind == "sr" && o.revision < revision)
+            .filter(|o| o.kind == OutputKind::Sr && o.revision < revision)
             .map(|o| report::PriorOutput {
                 sop_class_uid: o.sop_class_uid,
                 sop_instance_uid: o.sop_instance_uid,
@@ -490,10 +490,7 @@ fn write_outputs(
                 sop_instance_uid: sop,
                 case_id: case_id.to_string(),
                 revision,
-                kind: match kind {
-                    OutputKind::Sr => "sr".into(),
-                    OutputKind::HeatmapSc => "sc".into(),
-                },
+                kind,
                 sop_class_uid: text(tags::SOP_CLASS_UID),
                 study_instance_uid: text(tags::STUDY_INSTANCE_UID),
                 series_instance_uid: text(tags::SERIES_INSTANCE_UID),

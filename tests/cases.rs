@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use her2map::cases::{
-    Assembler, CaseJob, CaseRules, Clock, Modality, Partial, PatientKeyMode, state,
+    Assembler, CaseJob, CaseRules, CaseState, Clock, Modality, Partial, PatientKeyMode,
 };
 use her2map::db::{Db, InstanceRow, InstanceWriter};
 use tokio::sync::{Notify, mpsc};
@@ -105,7 +105,7 @@ fn clock() -> Clock {
     Clock::manual(time::OffsetDateTime::now_utc())
 }
 
-async fn states(db: &Db) -> Vec<String> {
+async fn states(db: &Db) -> Vec<CaseState> {
     db.all_cases()
         .await
         .unwrap()
@@ -127,16 +127,16 @@ async fn a_complete_case_runs_after_stable_age_exactly_once() {
     for r in &rows {
         insert(&db, std::slice::from_ref(r)).await;
         a.round(&tx, &stop).await.unwrap();
-        assert_eq!(states(&db).await, vec![state::COLLECTING]);
+        assert_eq!(states(&db).await, vec![CaseState::Collecting]);
         clock.advance(Duration::from_secs(10));
     }
     clock.advance(Duration::from_secs(49));
     let next = a.round(&tx, &stop).await.unwrap().expect("a deadline");
-    assert_eq!(states(&db).await, vec![state::COLLECTING]);
+    assert_eq!(states(&db).await, vec![CaseState::Collecting]);
     assert!(next > clock.now());
     clock.advance(Duration::from_secs(1));
     a.round(&tx, &stop).await.unwrap();
-    assert_eq!(states(&db).await, vec![state::QUEUED]);
+    assert_eq!(states(&db).await, vec![CaseState::Queued]);
     let job = rx.try_recv().unwrap();
     assert_eq!(job.revision, 0);
     // More rounds: nothing more.
@@ -220,8 +220,8 @@ async fn late_arrival_reopens_and_a_resend_changes_nothing() {
     let job = rx.try_recv().unwrap();
     db.transition_case(
         &job.case_id,
-        state::QUEUED,
-        state::DONE,
+        CaseState::Queued,
+        CaseState::Done,
         "result sent",
         clock.now(),
     )
@@ -239,13 +239,13 @@ async fn late_arrival_reopens_and_a_resend_changes_nothing() {
         }
     );
     assert_eq!(a.assign().await.unwrap(), 0);
-    assert_eq!(states(&db).await, vec![state::DONE]);
+    assert_eq!(states(&db).await, vec![CaseState::Done]);
 
     // A late MRI phase reopens the case as revision 1 and it runs again.
     insert(&db, &[p.row("MR", "p3", "", "", "20260101")]).await;
     a.round(&tx, &stop).await.unwrap();
     let case = db.case(&job.case_id).await.unwrap().unwrap();
-    assert_eq!((case.state.as_str(), case.revision), (state::COLLECTING, 1));
+    assert_eq!((case.state, case.revision), (CaseState::Collecting, 1));
     clock.advance(Duration::from_secs(60));
     a.round(&tx, &stop).await.unwrap();
     assert_eq!(
@@ -274,7 +274,7 @@ async fn max_wait_runs_with_what_is_there_or_holds() {
         a.round(&tx, &stop).await.unwrap();
         clock.advance(Duration::from_secs(3599));
         a.round(&tx, &stop).await.unwrap();
-        assert_eq!(states(&db).await, vec![state::COLLECTING]);
+        assert_eq!(states(&db).await, vec![CaseState::Collecting]);
         let views = her2map::cases::assembler::describe_cases(&db, a.rules())
             .await
             .unwrap();
@@ -288,7 +288,7 @@ async fn max_wait_runs_with_what_is_there_or_holds() {
         let case = &db.all_cases().await.unwrap()[0];
         match partial {
             Partial::Run => {
-                assert_eq!(case.state, state::QUEUED);
+                assert_eq!(case.state, CaseState::Queued);
                 assert!(rx.try_recv().is_ok());
                 let reasons = db.case_transitions(&case.id).await.unwrap();
                 assert!(
@@ -297,7 +297,7 @@ async fn max_wait_runs_with_what_is_there_or_holds() {
                 );
             }
             Partial::Hold => {
-                assert_eq!(case.state, state::HELD);
+                assert_eq!(case.state, CaseState::Held);
                 assert!(rx.try_recv().is_err());
                 // The operator releases... and forces it.
                 her2map::cases::assembler::operator_action(&db, &case.id, "run")
@@ -329,8 +329,8 @@ async fn a_restart_rebuilds_timers_and_requeues_unfinished_cases() {
     let job = rx.try_recv().unwrap();
     db.transition_case(
         &job.case_id,
-        state::QUEUED,
-        state::RUNNING,
+        CaseState::Queued,
+        CaseState::Running,
         "engine took it",
         clock.now(),
     )

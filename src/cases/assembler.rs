@@ -13,18 +13,7 @@ use tracing::{error, info, warn};
 
 use super::rules::{self, CaseRules, Decision};
 use crate::clock::Clock;
-use crate::db::{Assignment, CaseRow, Db, DbError, format_time, parse_time};
-
-/// Case states, as stored.
-pub mod state {
-    pub const COLLECTING: &str = "collecting";
-    pub const READY: &str = "ready";
-    pub const QUEUED: &str = "queued";
-    pub const RUNNING: &str = "running";
-    pub const HELD: &str = "held";
-    pub const DONE: &str = "done";
-    pub const FAILED: &str = "failed";
-}
+use crate::db::{Assignment, CaseRow, CaseState, Db, DbError, format_time, parse_time};
 
 /// How instances of one patient are recognised (`cases.patient_key`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -156,21 +145,21 @@ impl Assembler {
                 });
                 match target {
                     Some((case, (oldest, newest))) => {
-                        let reopen = matches!(case.state.as_str(), state::DONE | state::FAILED)
+                        let reopen = matches!(case.state, CaseState::Done | CaseState::Failed)
                             .then_some("late arrival: reopened");
                         if reopen.is_some() {
                             info!(case = %case.id, "late instance reopened the case");
                         }
                         steps.push(Assignment::Add {
                             case_id: case.id.clone(),
-                            from_state: case.state.clone(),
+                            from_state: case.state,
                             sop_instance_uid: inst.sop_instance_uid.clone(),
                             oldest: oldest.clone(),
                             newest: newest.clone(),
                             reopen,
                         });
                         if reopen.is_some() {
-                            case.state = state::COLLECTING.to_string();
+                            case.state = CaseState::Collecting;
                         }
                         case.oldest_study_date = oldest;
                         case.newest_study_date = newest;
@@ -190,7 +179,7 @@ impl Assembler {
                             CaseRow {
                                 id,
                                 patient_key: key.clone(),
-                                state: state::COLLECTING.to_string(),
+                                state: CaseState::Collecting,
                                 oldest_study_date: inst.study_date.clone(),
                                 newest_study_date: inst.study_date.clone(),
                                 ..Default::default()
@@ -209,7 +198,7 @@ impl Assembler {
     pub async fn evaluate(&self) -> Result<Option<OffsetDateTime>, DbError> {
         let now = self.clock.now();
         let mut next: Option<OffsetDateTime> = None;
-        for case in self.db.cases_in_states(&[state::COLLECTING]).await? {
+        for case in self.db.cases_in_states(&[CaseState::Collecting]).await? {
             let members = self.db.case_members(&case.id).await?;
             let c = rules::completeness(&members, &self.rules);
             let first = parse_time(&case.first_instance_at).unwrap_or(now);
@@ -233,8 +222,8 @@ impl Assembler {
                         self.db
                             .transition_case(
                                 &case.id,
-                                state::COLLECTING,
-                                state::COLLECTING,
+                                CaseState::Collecting,
+                                CaseState::Collecting,
                                 &reason,
                                 now,
                             )
@@ -244,13 +233,25 @@ impl Assembler {
                 }
                 Decision::Ready { reason } => {
                     self.db
-                        .transition_case(&case.id, state::COLLECTING, state::READY, &reason, now)
+                        .transition_case(
+                            &case.id,
+                            CaseState::Collecting,
+                            CaseState::Ready,
+                            &reason,
+                            now,
+                        )
                         .await?;
                     info!(case = %case.id, %reason, "case ready");
                 }
                 Decision::Hold { reason } => {
                     self.db
-                        .transition_case(&case.id, state::COLLECTING, state::HELD, &reason, now)
+                        .transition_case(
+                            &case.id,
+                            CaseState::Collecting,
+                            CaseState::Held,
+                            &reason,
+                            now,
+                        )
                         .await?;
                     warn!(case = %case.id, %reason, "case held");
                 }
@@ -267,15 +268,15 @@ impl Assembler {
         let mut n = 0;
         for case in self
             .db
-            .cases_in_states(&[state::QUEUED, state::RUNNING])
+            .cases_in_states(&[CaseState::Queued, CaseState::Running])
             .await?
         {
             if self
                 .db
                 .transition_case(
                     &case.id,
-                    &case.state,
-                    state::READY,
+                    case.state,
+                    CaseState::Ready,
                     "node restarted: queued again",
                     now,
                 )
@@ -295,7 +296,7 @@ impl Assembler {
         shutdown: &CancellationToken,
     ) -> Result<usize, DbError> {
         let mut n = 0;
-        for case in self.db.cases_in_states(&[state::READY]).await? {
+        for case in self.db.cases_in_states(&[CaseState::Ready]).await? {
             let permit = tokio::select! {
                 p = queue.reserve() => match p {
                     Ok(p) => p,
@@ -308,8 +309,8 @@ impl Assembler {
                 .db
                 .transition_case(
                     &case.id,
-                    state::READY,
-                    state::QUEUED,
+                    CaseState::Ready,
+                    CaseState::Queued,
                     "queued for inference",
                     now,
                 )
@@ -413,7 +414,7 @@ pub async fn describe_cases(db: &Db, rules: &CaseRules) -> Result<Vec<CaseView>,
     for case in db.all_cases().await? {
         let members = db.case_members(&case.id).await?;
         let c = rules::completeness(&members, rules);
-        let collecting = case.state == state::COLLECTING;
+        let collecting = case.state == CaseState::Collecting;
         let first = parse_time(&case.first_instance_at);
         let last = parse_time(&case.last_instance_at);
         out.push(CaseView {
@@ -446,24 +447,29 @@ pub async fn operator_action(db: &Db, id: &str, action: &str) -> Result<String, 
         .ok_or_else(|| format!("no case {id}"))?;
     // Replaced by ops::operator_action, which takes the node's clock.
     let now = crate::clock::Clock::new().now();
-    let (to, allowed): (&str, &[&str]) = match action {
+    let (to, allowed): (CaseState, &[CaseState]) = match action {
         "run" => (
-            state::READY,
-            &[state::COLLECTING, state::HELD, state::FAILED, state::DONE],
+            CaseState::Ready,
+            &[
+                CaseState::Collecting,
+                CaseState::Held,
+                CaseState::Failed,
+                CaseState::Done,
+            ],
         ),
         "hold" => (
-            state::HELD,
-            &[state::COLLECTING, state::READY, state::FAILED],
+            CaseState::Held,
+            &[CaseState::Collecting, CaseState::Ready, CaseState::Failed],
         ),
-        "release" => (state::COLLECTING, &[state::HELD]),
+        "release" => (CaseState::Collecting, &[CaseState::Held]),
         other => return Err(format!("unknown action {other}")),
     };
-    if !allowed.contains(&case.state.as_str()) {
+    if !allowed.contains(&case.state) {
         return Err(format!("case {id} is {}: cannot {action}", case.state));
     }
     let reason = format!("operator: {action}");
     let moved = db
-        .transition_case(id, &case.state, to, &reason, now)
+        .transition_case(id, case.state, to, &reason, now)
         .await
         .map_err(|e| e.to_string())?;
     if moved {

@@ -11,5 +11,6 @@ pub mod assembler;
 pub mod rules;
 
 pub use crate::clock::Clock;
-pub use assembler::{Assembler, CaseJob, PatientKeyMode, state};
+pub use crate::db::CaseState;
+pub use assembler::{Assembler, CaseJob, PatientKeyMode};
 pub use rules::{CaseRules, Modality, Partial};

@@ -7,7 +7,7 @@ use sqlx::AssertSqlSafe;
 use super::audit::{NewEvent, insert_event};
 use time::OffsetDateTime;
 
-use super::{Db, DbError, format_time};
+use super::{CaseState, Db, DbError, format_time};
 
 /// Case audit event names.
 pub mod case_event {
@@ -39,7 +39,7 @@ pub enum Assignment {
     /// again as a new revision, with this reason.
     Add {
         case_id: String,
-        from_state: String,
+        from_state: CaseState,
         sop_instance_uid: String,
         oldest: String,
         newest: String,
@@ -52,7 +52,8 @@ pub enum Assignment {
 pub struct CaseRow {
     pub id: String,
     pub patient_key: String,
-    pub state: String,
+    #[sqlx(try_from = "String")]
+    pub state: CaseState,
     pub revision: i64,
     pub reason: String,
     pub opened_at: String,
@@ -118,13 +119,13 @@ impl Db {
         Ok(rows)
     }
 
-    pub async fn cases_in_states(&self, states: &[&str]) -> Result<Vec<CaseRow>, DbError> {
+    pub async fn cases_in_states(&self, states: &[CaseState]) -> Result<Vec<CaseRow>, DbError> {
         let mut all = Vec::new();
         for state in states {
             let rows = sqlx::query_as(AssertSqlSafe(format!(
                 "SELECT {CASE_COLUMNS} FROM cases WHERE state = $1 ORDER BY opened_at"
             )))
-            .bind(*state)
+            .bind(state.as_str())
             .fetch_all(&self.pool)
             .await?;
             all.extend(rows);
@@ -193,7 +194,7 @@ impl Db {
                     add_to_case(
                         &mut tx,
                         case_id,
-                        from_state,
+                        *from_state,
                         sop_instance_uid,
                         (oldest, newest),
                         now,
@@ -212,8 +213,8 @@ impl Db {
     pub async fn transition_case(
         &self,
         id: &str,
-        from: &str,
-        to: &str,
+        from: CaseState,
+        to: CaseState,
         reason: &str,
         now: OffsetDateTime,
     ) -> Result<bool, DbError> {
@@ -222,11 +223,11 @@ impl Db {
         let moved = sqlx::query(
             "UPDATE cases SET state = $1, reason = $2, updated_at = $3 WHERE id = $4 AND state = $5",
         )
-        .bind(to)
+        .bind(to.as_str())
         .bind(reason)
         .bind(now)
         .bind(id)
-        .bind(from)
+        .bind(from.as_str())
         .execute(&mut *tx)
         .await?
         .rows_affected();
@@ -242,28 +243,29 @@ impl Db {
     pub async fn reopen_case(
         &self,
         id: &str,
-        from: &str,
+        from: CaseState,
         reason: &str,
         now: OffsetDateTime,
     ) -> Result<bool, DbError> {
         let now = &format_time(now);
         let mut tx = self.pool.begin().await?;
         let moved = sqlx::query(
-            "UPDATE cases SET state = 'collecting', revision = revision + 1, reason = $1, \
-             first_instance_at = $2, updated_at = $3 WHERE id = $4 AND state = $5",
+            "UPDATE cases SET state = $1, revision = revision + 1, reason = $2, \
+             first_instance_at = $3, updated_at = $4 WHERE id = $5 AND state = $6",
         )
+        .bind(CaseState::Collecting.as_str())
         .bind(reason)
         .bind(now)
         .bind(now)
         .bind(id)
-        .bind(from)
+        .bind(from.as_str())
         .execute(&mut *tx)
         .await?
         .rows_affected();
         if moved == 0 {
             return Ok(false);
         }
-        insert_transition(&mut tx, id, from, "collecting", reason, now).await?;
+        insert_transition(&mut tx, id, from, CaseState::Collecting, reason, now).await?;
         tx.commit().await?;
         Ok(true)
     }
@@ -322,10 +324,11 @@ async fn open_case(
     sqlx::query(
         "INSERT INTO cases (id, patient_key, state, revision, reason, opened_at, \
          first_instance_at, last_instance_at, oldest_study_date, newest_study_date, updated_at) \
-         VALUES ($1, $2, 'collecting', 0, 'first instance', $3, $4, $5, $6, $7, $8)",
+         VALUES ($1, $2, $3, 0, 'first instance', $4, $5, $6, $7, $8, $9)",
     )
     .bind(id)
     .bind(patient_key)
+    .bind(CaseState::Collecting.as_str())
     .bind(now)
     .bind(now)
     .bind(now)
@@ -357,7 +360,7 @@ async fn open_case(
 async fn add_to_case(
     tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
     case_id: &str,
-    from_state: &str,
+    from_state: CaseState,
     sop_instance_uid: &str,
     (oldest, newest): (&str, &str),
     now: &str,
@@ -389,15 +392,16 @@ async fn add_to_case(
     .await?;
     if let Some(reason) = reopen {
         sqlx::query(
-            "UPDATE cases SET state = 'collecting', revision = revision + 1, reason = $1, \
-             first_instance_at = $2 WHERE id = $3",
+            "UPDATE cases SET state = $1, revision = revision + 1, reason = $2, \
+             first_instance_at = $3 WHERE id = $4",
         )
+        .bind(CaseState::Collecting.as_str())
         .bind(reason)
         .bind(now)
         .bind(case_id)
         .execute(&mut **tx)
         .await?;
-        insert_transition(tx, case_id, from_state, "collecting", reason, now).await?;
+        insert_transition(tx, case_id, from_state, CaseState::Collecting, reason, now).await?;
     }
     Ok(())
 }
@@ -405,8 +409,8 @@ async fn add_to_case(
 async fn insert_transition(
     tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
     id: &str,
-    from: &str,
-    to: &str,
+    from: CaseState,
+    to: CaseState,
     reason: &str,
     now: &str,
 ) -> Result<(), DbError> {
@@ -416,15 +420,17 @@ async fn insert_transition(
     )
     .bind(id)
     .bind(now)
-    .bind(from)
-    .bind(to)
+    .bind(from.as_str())
+    .bind(to.as_str())
     .bind(reason)
     .execute(&mut **tx)
     .await?;
     let e = NewEvent {
         event: case_event::CASE_STATE_CHANGED,
         case_id: Some(id),
-        detail: Some(serde_json::json!({ "from": from, "to": to, "reason": reason })),
+        detail: Some(
+            serde_json::json!({ "from": from.as_str(), "to": to.as_str(), "reason": reason }),
+        ),
         ..Default::default()
     };
     insert_event(tx, &e, now).await?;

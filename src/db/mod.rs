@@ -18,11 +18,13 @@ mod audit;
 mod cases;
 mod instances;
 mod outbox;
+mod state;
 
 pub use audit::{AuditEvent, NewEvent, event};
 pub use cases::{Assignment, CaseMember, CaseRow, UnassignedInstance, case_event};
 pub use instances::{Inserted, InstanceQueue, InstanceRow, InstanceWriter};
 pub use outbox::{OutboxRow, OutputRow, outbox_event};
+pub use state::{CaseState, DeliveryState, UnknownName};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {

@@ -7,7 +7,8 @@ use sqlx::AssertSqlSafe;
 use super::audit::{NewEvent, insert_event};
 use time::OffsetDateTime;
 
-use super::{Db, DbError, format_time, parse_time};
+use super::{Db, DbError, DeliveryState, format_time, parse_time};
+use crate::report::OutputKind;
 
 /// Outbox audit event names.
 pub mod outbox_event {
@@ -24,7 +25,8 @@ pub struct OutputRow {
     pub sop_instance_uid: String,
     pub case_id: String,
     pub revision: i64,
-    pub kind: String,
+    #[sqlx(try_from = "String")]
+    pub kind: OutputKind,
     pub sop_class_uid: String,
     pub study_instance_uid: String,
     pub series_instance_uid: String,
@@ -37,14 +39,16 @@ pub struct OutboxRow {
     pub id: i64,
     pub sop_instance_uid: String,
     pub destination: String,
-    pub state: String,
+    #[sqlx(try_from = "String")]
+    pub state: DeliveryState,
     pub attempts: i64,
     pub last_status: String,
     pub next_attempt_at: String,
     pub created_at: String,
     pub updated_at: String,
     pub case_id: String,
-    pub kind: String,
+    #[sqlx(try_from = "String")]
+    pub kind: OutputKind,
     pub path: String,
 }
 
@@ -72,7 +76,7 @@ impl Db {
         .bind(&out.sop_instance_uid)
         .bind(&out.case_id)
         .bind(out.revision)
-        .bind(&out.kind)
+        .bind(out.kind.as_str())
         .bind(&out.sop_class_uid)
         .bind(&out.study_instance_uid)
         .bind(&out.series_instance_uid)
@@ -86,11 +90,12 @@ impl Db {
             for dest in destinations {
                 sqlx::query(
                     "INSERT INTO outbox (sop_instance_uid, destination, state, next_attempt_at, \
-                     created_at, updated_at) VALUES ($1, $2, 'pending', $3, $4, $5) \
+                     created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6) \
                      ON CONFLICT (sop_instance_uid, destination) DO NOTHING",
                 )
                 .bind(&out.sop_instance_uid)
                 .bind(dest)
+                .bind(DeliveryState::Pending.as_str())
                 .bind(&now)
                 .bind(&now)
                 .bind(&now)
@@ -103,7 +108,7 @@ impl Db {
                 study_instance_uid: Some(&out.study_instance_uid),
                 case_id: Some(&out.case_id),
                 detail: Some(serde_json::json!({
-                    "kind": out.kind, "revision": out.revision, "path": out.path,
+                    "kind": out.kind.as_str(), "revision": out.revision, "path": out.path,
                     "sop_class_uid": out.sop_class_uid, "destinations": destinations,
                 })),
                 ..Default::default()
@@ -135,8 +140,9 @@ impl Db {
         let rows = sqlx::query_as(AssertSqlSafe(format!(
             "SELECT {OUTBOX_COLUMNS} FROM outbox o JOIN outputs p \
              ON p.sop_instance_uid = o.sop_instance_uid \
-             WHERE o.state = 'pending' AND o.next_attempt_at <= $1 ORDER BY o.id LIMIT $2"
+             WHERE o.state = $1 AND o.next_attempt_at <= $2 ORDER BY o.id LIMIT $3"
         )))
+        .bind(DeliveryState::Pending.as_str())
         .bind(format_time(now))
         .bind(limit)
         .fetch_all(&self.pool)
@@ -147,7 +153,8 @@ impl Db {
     /// The earliest pending attempt time, if any.
     pub async fn next_delivery_at(&self) -> Result<Option<OffsetDateTime>, DbError> {
         let next: Option<String> =
-            sqlx::query_scalar("SELECT MIN(next_attempt_at) FROM outbox WHERE state = 'pending'")
+            sqlx::query_scalar("SELECT MIN(next_attempt_at) FROM outbox WHERE state = $1")
+                .bind(DeliveryState::Pending.as_str())
                 .fetch_one(&self.pool)
                 .await?;
         Ok(next.as_deref().and_then(parse_time))
@@ -163,12 +170,12 @@ impl Db {
         Ok(rows)
     }
 
-    /// Record one delivery attempt: `state` is 'sent', 'pending' (retry at
-    /// `next_attempt_at`) or 'dead'.
+    /// Record one delivery attempt: sent, pending (retry at
+    /// `next_attempt_at`) or dead.
     pub async fn record_delivery(
         &self,
         row: &OutboxRow,
-        state: &str,
+        state: DeliveryState,
         status: &str,
         next_attempt_at: OffsetDateTime,
         now: OffsetDateTime,
@@ -179,7 +186,7 @@ impl Db {
             "UPDATE outbox SET state = $1, attempts = attempts + 1, last_status = $2, \
              next_attempt_at = $3, updated_at = $4 WHERE id = $5",
         )
-        .bind(state)
+        .bind(state.as_str())
         .bind(status)
         .bind(&next_attempt_at)
         .bind(&now)
@@ -187,9 +194,9 @@ impl Db {
         .execute(&mut *tx)
         .await?;
         let event = match state {
-            "sent" => outbox_event::DELIVERY_SENT,
-            "dead" => outbox_event::DELIVERY_DEAD,
-            _ => outbox_event::DELIVERY_ATTEMPTED,
+            DeliveryState::Sent => outbox_event::DELIVERY_SENT,
+            DeliveryState::Dead => outbox_event::DELIVERY_DEAD,
+            DeliveryState::Pending => outbox_event::DELIVERY_ATTEMPTED,
         };
         let e = NewEvent {
             event,
@@ -197,7 +204,7 @@ impl Db {
             case_id: Some(&row.case_id),
             detail: Some(serde_json::json!({
                 "destination": row.destination, "attempt": row.attempts + 1,
-                "status": status, "next_attempt_at": (state == "pending").then_some(next_attempt_at),
+                "status": status, "next_attempt_at": (state == DeliveryState::Pending).then_some(next_attempt_at),
             })),
             ..Default::default()
         };
@@ -211,12 +218,15 @@ impl Db {
         let now = format_time(now);
         let mut tx = self.pool.begin().await?;
         let n = sqlx::query(
-            "UPDATE outbox SET state = 'pending', next_attempt_at = $1, updated_at = $2 \
-             WHERE id = $3 AND state IN ('dead', 'pending')",
+            "UPDATE outbox SET state = $1, next_attempt_at = $2, updated_at = $3 \
+             WHERE id = $4 AND state IN ($5, $6)",
         )
+        .bind(DeliveryState::Pending.as_str())
         .bind(&now)
         .bind(&now)
         .bind(id)
+        .bind(DeliveryState::Dead.as_str())
+        .bind(DeliveryState::Pending.as_str())
         .execute(&mut *tx)
         .await?
         .rows_affected();
