@@ -23,3 +23,4 @@ pub mod send;
 pub mod spool;
 pub mod synth;
 pub mod tls;
+pub mod worker;

@@ -19,6 +19,7 @@ use crate::db::{Db, DbError, DeliveryState, OutboxRow, format_time};
 use crate::dimse::client::{ClientOptions, ClientTls};
 use crate::report::OutputKind;
 use crate::send::{SendFailure, send_files};
+use crate::worker::{Timing, run_worker};
 
 /// `[[destinations]]`: where results go.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -96,6 +97,9 @@ fn classify_failure(failure: &SendFailure) -> Verdict {
         SendFailure::File(_) | SendFailure::NoContext { .. } => Verdict::Dead,
     }
 }
+
+/// The longest the worker sleeps without looking (operator retries).
+const POLL: Duration = Duration::from_secs(2);
 
 pub struct Outbox {
     db: Db,
@@ -246,28 +250,18 @@ impl Outbox {
     /// The delivery worker: wakes when outputs are queued, when the earliest
     /// retry is due, and every few seconds for operator retries.
     pub async fn run(self, wake: Arc<Notify>, shutdown: CancellationToken) {
-        loop {
-            let notified = wake.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if let Err(e) = self.deliver_due().await {
+        let timing = Timing {
+            poll: POLL,
+            coalesce: None,
+        };
+        let this = &self;
+        run_worker(wake, timing, &self.clock, shutdown, move || async move {
+            if let Err(e) = this.deliver_due().await {
                 error!(error = %e, "delivery round failed");
             }
-            let mut sleep = Duration::from_secs(2);
-            if let Ok(Some(at)) = self.db.next_delivery_at().await {
-                let until = at - self.clock.now();
-                sleep = if until.is_positive() {
-                    sleep.min(until.unsigned_abs())
-                } else {
-                    Duration::ZERO
-                };
-            }
-            tokio::select! {
-                _ = &mut notified => {}
-                _ = tokio::time::sleep(sleep) => {}
-                _ = shutdown.cancelled() => return,
-            }
-        }
+            this.db.next_delivery_at().await.ok().flatten()
+        })
+        .await;
     }
 }
 

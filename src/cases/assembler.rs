@@ -14,6 +14,7 @@ use tracing::{error, info, warn};
 use super::rules::{self, CaseRules, Decision};
 use crate::clock::Clock;
 use crate::db::{Assignment, CaseRow, CaseState, Db, DbError, format_time, parse_time};
+use crate::worker::{Timing, run_worker};
 
 /// How instances of one patient are recognised (`cases.patient_key`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -349,47 +350,27 @@ impl Assembler {
         if let Err(e) = self.recover().await {
             error!(error = %e, "case recovery failed");
         }
-        loop {
-            // Register interest before the round, so that an instance stored
-            // during the round still wakes the next one.
-            let notified = wake.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            let next = match self.round(&queue, &shutdown).await {
-                Ok(next) => next,
-                Err(e) => {
-                    error!(error = %e, "case assembly round failed");
-                    None
-                }
-            };
-            let mut sleep = POLL;
-            if let Some(at) = next {
-                let until = at - self.clock.now();
-                if until.is_positive() {
-                    sleep = sleep.min(until.unsigned_abs());
-                } else {
-                    sleep = Duration::ZERO;
-                }
-            }
-            tokio::select! {
-                _ = &mut notified => {}
-                _ = tokio::time::sleep(sleep) => continue,
-                _ = shutdown.cancelled() => return,
-            }
-            let give_up = tokio::time::Instant::now() + COALESCE_MAX;
-            loop {
-                let more = wake.notified();
-                tokio::select! {
-                    _ = more => {
-                        if tokio::time::Instant::now() >= give_up {
-                            break;
-                        }
+        let timing = Timing {
+            poll: POLL,
+            coalesce: Some((QUIET, COALESCE_MAX)),
+        };
+        let (this, queue, stop) = (&self, &queue, &shutdown);
+        run_worker(
+            wake,
+            timing,
+            &self.clock,
+            shutdown.clone(),
+            move || async move {
+                match this.round(queue, stop).await {
+                    Ok(next) => next,
+                    Err(e) => {
+                        error!(error = %e, "case assembly round failed");
+                        None
                     }
-                    _ = tokio::time::sleep(QUIET) => break,
-                    _ = shutdown.cancelled() => return,
                 }
-            }
-        }
+            },
+        )
+        .await;
     }
 }
 
