@@ -15,6 +15,7 @@ pub mod imaging;
 pub mod inference;
 pub mod ingest;
 pub mod model;
+pub mod ops;
 pub mod outbox;
 pub mod part10;
 pub mod pipeline;

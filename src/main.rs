@@ -364,24 +364,26 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
         Command::Cases { json, action } => {
             let db = Db::connect(&settings.database_url()).await?;
             if let Some(action) = action {
-                let (name, id) = match action {
-                    CasesAction::Run { id } => ("run", id),
-                    CasesAction::Hold { id } => ("hold", id),
-                    CasesAction::Release { id } => ("release", id),
+                use her2map::ops::CaseAction;
+                let (action, id) = match action {
+                    CasesAction::Run { id } => (CaseAction::Run, id),
+                    CasesAction::Hold { id } => (CaseAction::Hold, id),
+                    CasesAction::Release { id } => (CaseAction::Release, id),
                 };
-                return match her2map::cases::assembler::operator_action(&db, &id, name).await {
-                    Ok(msg) => {
-                        println!("{msg}");
+                let now = her2map::clock::Clock::new().now();
+                return match her2map::ops::case_action(&db, &id, action, now).await {
+                    Ok(moved) => {
+                        println!("{moved}");
                         Ok(ExitCode::SUCCESS)
                     }
-                    Err(msg) => {
-                        eprintln!("error: {msg}");
+                    Err(e) => {
+                        eprintln!("error: {e}");
                         Ok(ExitCode::FAILURE)
                     }
                 };
             }
             let rules = settings.case_rules();
-            let cases = her2map::cases::assembler::describe_cases(&db, &rules).await?;
+            let cases = her2map::ops::describe_cases(&db, &rules).await?;
             for c in &cases {
                 if json {
                     println!("{}", serde_json::to_string(c)?);
@@ -414,15 +416,17 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
         Command::Outbox { json, action } => {
             let db = Db::connect(&settings.database_url()).await?;
             if let Some(OutboxAction::Retry { id }) = action {
-                return if db
-                    .retry_delivery(id, her2map::clock::Clock::new().now())
-                    .await?
-                {
-                    println!("delivery {id} is due now");
-                    Ok(ExitCode::SUCCESS)
-                } else {
-                    eprintln!("error: no dead or pending delivery {id}");
-                    Ok(ExitCode::FAILURE)
+                let now = her2map::clock::Clock::new().now();
+                return match her2map::ops::retry_delivery(&db, id, now).await {
+                    Ok(()) => {
+                        println!("delivery {id} is due now");
+                        Ok(ExitCode::SUCCESS)
+                    }
+                    Err(her2map::ops::OpsError::Db(e)) => Err(e.into()),
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        Ok(ExitCode::FAILURE)
+                    }
                 };
             }
             for row in db.outbox().await? {

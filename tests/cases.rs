@@ -275,9 +275,7 @@ async fn max_wait_runs_with_what_is_there_or_holds() {
         clock.advance(Duration::from_secs(3599));
         a.round(&tx, &stop).await.unwrap();
         assert_eq!(states(&db).await, vec![CaseState::Collecting]);
-        let views = her2map::cases::assembler::describe_cases(&db, a.rules())
-            .await
-            .unwrap();
+        let views = her2map::ops::describe_cases(&db, a.rules()).await.unwrap();
         assert!(
             views[0].missing[0].starts_with("MR"),
             "{:?}",
@@ -300,7 +298,8 @@ async fn max_wait_runs_with_what_is_there_or_holds() {
                 assert_eq!(case.state, CaseState::Held);
                 assert!(rx.try_recv().is_err());
                 // The operator releases... and forces it.
-                her2map::cases::assembler::operator_action(&db, &case.id, "run")
+                let action = her2map::ops::CaseAction::Run;
+                her2map::ops::case_action(&db, &case.id, action, clock.now())
                     .await
                     .unwrap();
                 a.round(&tx, &stop).await.unwrap();

@@ -13,7 +13,7 @@ use tracing::{error, info, warn};
 
 use super::rules::{self, CaseRules, Decision};
 use crate::clock::Clock;
-use crate::db::{Assignment, CaseRow, CaseState, Db, DbError, format_time, parse_time};
+use crate::db::{Assignment, CaseRow, CaseState, Db, DbError, parse_time};
 use crate::worker::{Timing, run_worker};
 
 /// How instances of one patient are recognised (`cases.patient_key`).
@@ -371,91 +371,5 @@ impl Assembler {
             },
         )
         .await;
-    }
-}
-
-/// A case as operators see it (`her2map cases`).
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct CaseView {
-    #[serde(flatten)]
-    pub case: CaseRow,
-    pub present: Vec<&'static str>,
-    pub missing: Vec<String>,
-    pub lesion_side: Option<String>,
-    pub instances: usize,
-    /// When the case runs if nothing else arrives (collecting cases only).
-    pub ready_at: Option<String>,
-    /// When it runs partial / is held at the latest.
-    pub max_wait_at: Option<String>,
-}
-
-/// Describe every case for the operator.
-pub async fn describe_cases(db: &Db, rules: &CaseRules) -> Result<Vec<CaseView>, DbError> {
-    let mut out = Vec::new();
-    for case in db.all_cases().await? {
-        let members = db.case_members(&case.id).await?;
-        let c = rules::completeness(&members, rules);
-        let collecting = case.state == CaseState::Collecting;
-        let first = parse_time(&case.first_instance_at);
-        let last = parse_time(&case.last_instance_at);
-        out.push(CaseView {
-            present: c.usable.iter().map(|m| m.as_str()).collect(),
-            missing: c
-                .missing
-                .iter()
-                .map(|(m, what)| format!("{} ({what})", m.as_str()))
-                .collect(),
-            lesion_side: c.lesion_side.clone(),
-            instances: members.len(),
-            ready_at: (collecting && c.missing.is_empty())
-                .then(|| last.map(|t| format_time(t + rules.stable_age)))
-                .flatten(),
-            max_wait_at: collecting
-                .then(|| first.map(|t| format_time(t + rules.max_wait)))
-                .flatten(),
-            case,
-        });
-    }
-    Ok(out)
-}
-
-/// Operator actions on a case; each is a recorded transition.
-pub async fn operator_action(db: &Db, id: &str, action: &str) -> Result<String, String> {
-    let case = db
-        .case(id)
-        .await
-        .map_err(|e| e.to_string())?
-        .ok_or_else(|| format!("no case {id}"))?;
-    // Replaced by ops::operator_action, which takes the node's clock.
-    let now = crate::clock::Clock::new().now();
-    let (to, allowed): (CaseState, &[CaseState]) = match action {
-        "run" => (
-            CaseState::Ready,
-            &[
-                CaseState::Collecting,
-                CaseState::Held,
-                CaseState::Failed,
-                CaseState::Done,
-            ],
-        ),
-        "hold" => (
-            CaseState::Held,
-            &[CaseState::Collecting, CaseState::Ready, CaseState::Failed],
-        ),
-        "release" => (CaseState::Collecting, &[CaseState::Held]),
-        other => return Err(format!("unknown action {other}")),
-    };
-    if !allowed.contains(&case.state) {
-        return Err(format!("case {id} is {}: cannot {action}", case.state));
-    }
-    let reason = format!("operator: {action}");
-    let moved = db
-        .transition_case(id, case.state, to, &reason, now)
-        .await
-        .map_err(|e| e.to_string())?;
-    if moved {
-        Ok(format!("case {id}: {} -> {to}", case.state))
-    } else {
-        Err(format!("case {id} changed state meanwhile; try again"))
     }
 }
