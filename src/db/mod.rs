@@ -1,10 +1,14 @@
 //! The only module with SQL, split by table family: the audit log
-//! (associations, events: [`audit`]), the instance index and its
-//! group-commit writer ([`instances`]), cases ([`cases`]) and outputs with
-//! their outbox ([`outbox`]). This file owns the connection, the error type
-//! and the stored time format. Queries are runtime-checked and written in
-//! portable SQL with `$n` placeholders so the same text runs on PostgreSQL.
-//! Nothing outside `db` writes SQL.
+//! (associations, events: `audit`), the instance index and its group-commit
+//! writer (`instances`), cases (`cases`) and outputs with their outbox
+//! (`outbox`); the stored vocabularies (case and delivery states) are enums
+//! in `state`. This file owns the connection, the error type and the stored
+//! time format. Queries are runtime-checked, rows are read by column name,
+//! states are bound as parameters, and the SQL is portable with `$n`
+//! placeholders so the same text runs on PostgreSQL. Nothing outside `db`
+//! writes SQL. Every write takes its time from the caller (the node's
+//! `Clock`); the instance writer is started and stopped by its owner
+//! ([`InstanceWriter`]); the file's permissions belong to the storage layout.
 
 use std::path::Path;
 use std::str::FromStr;
