@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 
 use crate::cases::{Assembler, CaseJob, Clock};
 use crate::config::{Settings, resolve_host};
-use crate::db::{Db, NewEvent, event};
+use crate::db::{Db, InstanceWriter, NewEvent, event};
 use crate::dimse::server::{Server, ServerConfig};
 use crate::inference::Engine;
 use crate::ingest::Ingest;
@@ -26,6 +26,9 @@ pub struct App {
     addr: SocketAddr,
     tls_addr: Option<SocketAddr>,
     db: Db,
+    clock: Clock,
+    /// The instance writer, stopped after the server's last association.
+    instances: InstanceWriter,
     assembler: Assembler,
     wake: std::sync::Arc<tokio::sync::Notify>,
     jobs_tx: mpsc::Sender<CaseJob>,
@@ -45,14 +48,8 @@ impl App {
             None
         };
         let data_dir = &settings.storage.data_dir;
-        std::fs::create_dir_all(data_dir)
+        crate::spool::create_private_dir(data_dir)
             .with_context(|| format!("creating data_dir {}", data_dir.display()))?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700))
-                .with_context(|| format!("securing data_dir {}", data_dir.display()))?;
-        }
         let spool = Spool::open(&settings.spool_dir(), settings.storage.min_free_mb << 20)
             .with_context(|| format!("opening spool {}", settings.spool_dir().display()))?;
         let db = Db::connect_with(
@@ -61,6 +58,13 @@ impl App {
         )
         .await
         .context("opening the database")?;
+        if let Some(file) = db.file() {
+            crate::spool::make_private_file(file)
+                .with_context(|| format!("securing the database {}", file.display()))?;
+        }
+        // The one clock of the node: every timer and every stamped row.
+        let clock = Clock::new();
+        let instances = InstanceWriter::start(&db, clock.clone());
         // The model loads before the port opens: a node that cannot infer
         // must not accept studies it will never report on.
         let weights = settings.model.weights_path()?;
@@ -103,14 +107,14 @@ impl App {
             read_timeout: Duration::from_secs(d.read_timeout_secs),
             peers,
         };
-        let ingest = Ingest::new(spool, db.clone());
+        let ingest = Ingest::new(spool, db.clone(), instances.queue(), clock.clone());
         let wake = ingest.stored_notify();
         let assembler = Assembler::new(
             db.clone(),
             settings.case_rules(),
             settings.cases.patient_key,
             settings.cases.window_days,
-            Clock::new(),
+            clock.clone(),
         );
         let (hints_tx, hints_rx) = mpsc::channel(4);
         let assembler = assembler.with_prepare_hints(hints_tx);
@@ -118,6 +122,7 @@ impl App {
         let outbox_wake = std::sync::Arc::new(tokio::sync::Notify::new());
         let pipeline = Pipeline {
             db: db.clone(),
+            clock: clock.clone(),
             data_dir: settings.storage.data_dir.clone(),
             engine,
             imaging: settings.imaging.clone(),
@@ -138,7 +143,8 @@ impl App {
             settings.destinations.clone(),
             settings.outbox.clone(),
             settings.dicom.ae_title.trim().to_string(),
-        )?;
+        )?
+        .with_clock(clock.clone());
         let bind = format!("{}:{}", d.host, d.port);
         let mut server = Server::bind(&bind, config, ingest)
             .await
@@ -157,6 +163,8 @@ impl App {
             addr,
             tls_addr,
             db,
+            clock,
+            instances,
             assembler,
             wake,
             jobs_tx,
@@ -201,11 +209,14 @@ impl App {
         }
         let _ = self
             .db
-            .record(NewEvent {
-                event: event::NODE_STARTED,
-                detail: Some(detail),
-                ..Default::default()
-            })
+            .record(
+                NewEvent {
+                    event: event::NODE_STARTED,
+                    detail: Some(detail),
+                    ..Default::default()
+                },
+                self.clock.now(),
+            )
             .await;
         let assembler = tokio::spawn(self.assembler.run(
             self.wake.clone(),
@@ -217,6 +228,8 @@ impl App {
             .map(|jobs| tokio::spawn(self.pipeline.run(jobs, shutdown.clone())));
         let outbox = tokio::spawn(self.outbox.run(self.outbox_wake.clone(), shutdown.clone()));
         self.server.run(shutdown).await;
+        // The server has answered its last association: no row is coming.
+        self.instances.shutdown().await;
         let _ = assembler.await;
         let _ = outbox.await;
         if let Some(p) = pipeline {
@@ -224,10 +237,13 @@ impl App {
         }
         let _ = self
             .db
-            .record(NewEvent {
-                event: event::NODE_STOPPED,
-                ..Default::default()
-            })
+            .record(
+                NewEvent {
+                    event: event::NODE_STOPPED,
+                    ..Default::default()
+                },
+                self.clock.now(),
+            )
             .await;
         self.db.close().await;
         info!("stopped");

@@ -286,7 +286,9 @@ impl Settings {
                 return Err(invalid("destinations.host", "must not be empty"));
             }
             if let Some(kinds) = &d.outputs
-                && kinds.iter().any(|k| !matches!(k.as_str(), "sr" | "sc"))
+                && kinds
+                    .iter()
+                    .any(|k| k.parse::<crate::report::OutputKind>().is_err())
             {
                 return Err(invalid(
                     "destinations.outputs",

@@ -12,11 +12,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
 use crate::config::Settings;
-use crate::db::Db;
+use crate::db::{CaseState, Db, DeliveryState};
 use crate::dimse::client::ClientOptions;
 use crate::dimse::server::{Server, ServerConfig};
 use crate::ingest::Ingest;
 use crate::outbox::DestinationSettings;
+use crate::report::OutputKind;
 use crate::spool::Spool;
 
 const RECEIVER_AE: &str = "DEMO-PACS";
@@ -84,6 +85,7 @@ async fn write_patient(dir: &Path) -> anyhow::Result<crate::synth::SynthSummary>
 /// without a model.
 struct Receiver {
     db: Db,
+    instances: crate::db::InstanceWriter,
     port: u16,
     stop: CancellationToken,
     task: tokio::task::JoinHandle<()>,
@@ -92,6 +94,8 @@ struct Receiver {
 impl Receiver {
     async fn start(dir: &Path) -> anyhow::Result<Self> {
         let db = Db::connect(&format!("sqlite://{}", dir.join("received.db").display())).await?;
+        let clock = crate::clock::Clock::new();
+        let instances = crate::db::InstanceWriter::start(&db, clock.clone());
         let server = Server::bind(
             "127.0.0.1:0",
             ServerConfig {
@@ -103,7 +107,12 @@ impl Receiver {
                 read_timeout: Duration::from_secs(30),
                 peers: Vec::new(),
             },
-            Ingest::new(Spool::open(&dir.join("spool"), 0)?, db.clone()),
+            Ingest::new(
+                Spool::open(&dir.join("spool"), 0)?,
+                db.clone(),
+                instances.queue(),
+                clock,
+            ),
         )
         .await?;
         let port = server.local_addr()?.port();
@@ -111,6 +120,7 @@ impl Receiver {
         let task = tokio::spawn(server.run(stop.clone()));
         Ok(Receiver {
             db,
+            instances,
             port,
             stop,
             task,
@@ -120,6 +130,7 @@ impl Receiver {
     async fn stop(self) {
         self.stop.cancel();
         let _ = self.task.await;
+        self.instances.shutdown().await;
     }
 }
 
@@ -183,13 +194,13 @@ async fn wait_for_delivery(db: &Db) -> anyhow::Result<()> {
     loop {
         let cases = db.all_cases().await?;
         let rows = db.outbox().await?;
-        let failed = cases.iter().find(|c| c.state == "failed");
+        let failed = cases.iter().find(|c| c.state == CaseState::Failed);
         if let Some(c) = failed {
             bail!("the case failed: {}", c.reason);
         }
-        if cases.iter().any(|c| c.state == "done")
+        if cases.iter().any(|c| c.state == CaseState::Done)
             && !rows.is_empty()
-            && rows.iter().all(|r| r.state != "pending")
+            && rows.iter().all(|r| r.state != DeliveryState::Pending)
         {
             return Ok(());
         }
@@ -208,7 +219,7 @@ fn copy_outputs(out: &Path, rows: &[crate::db::OutboxRow]) -> anyhow::Result<()>
         let src = out.join("node").join(&row.path);
         let name = format!("{}-{}.dcm", row.kind, row.sop_instance_uid);
         std::fs::copy(&src, outputs_dir.join(&name))?;
-        if row.kind == "sc" {
+        if row.kind == OutputKind::HeatmapSc {
             let obj = dicom_object::open_file(&src)?;
             crate::report::sc::write_png(&obj, &outputs_dir.join(name.replace(".dcm", ".png")))?;
         }
@@ -261,9 +272,13 @@ impl DemoRun<'_> {
         let rows = self.rows;
         s.push_str(&format!(
             "  objects delivered to {RECEIVER_AE}: {} ({} SR, {} heatmaps); received there: {}\n",
-            rows.iter().filter(|r| r.state == "sent").count(),
-            rows.iter().filter(|r| r.kind == "sr").count(),
-            rows.iter().filter(|r| r.kind == "sc").count(),
+            rows.iter()
+                .filter(|r| r.state == DeliveryState::Sent)
+                .count(),
+            rows.iter().filter(|r| r.kind == OutputKind::Sr).count(),
+            rows.iter()
+                .filter(|r| r.kind == OutputKind::HeatmapSc)
+                .count(),
             self.received,
         ));
         s.push_str(&self.time_line(&result["times"], &imaging));

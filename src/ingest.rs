@@ -12,7 +12,8 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
 use tracing::{debug, error, warn};
 
-use crate::db::{Db, Inserted, InstanceRow, NewEvent, event};
+use crate::clock::Clock;
+use crate::db::{Db, Inserted, InstanceQueue, InstanceRow, NewEvent, event};
 use crate::dimse::command::{status, trim_uid};
 use crate::dimse::server::{
     AssociationInfo, AssociationStats, DimseStatus, InstanceSink, StoreRequest, StoreService,
@@ -35,15 +36,20 @@ impl std::ops::Deref for Ingest {
 pub struct IngestCore {
     spool: Spool,
     db: Db,
+    instances: InstanceQueue,
+    /// Stamps associations and audit events.
+    clock: Clock,
     /// Woken after each stored instance (case assembly listens here).
     stored: Arc<Notify>,
 }
 
 impl Ingest {
-    pub fn new(spool: Spool, db: Db) -> Self {
+    pub fn new(spool: Spool, db: Db, instances: InstanceQueue, clock: Clock) -> Self {
         Ingest(Arc::new(IngestCore {
             spool,
             db,
+            instances,
+            clock,
             stored: Arc::new(Notify::new()),
         }))
     }
@@ -55,7 +61,7 @@ impl IngestCore {
     }
 
     async fn audit(&self, e: NewEvent<'_>) {
-        if let Err(err) = self.db.record(e).await {
+        if let Err(err) = self.db.record(e, self.clock.now()).await {
             // The audit log itself failing must not take the node down.
             error!(error = %err, "audit event could not be recorded");
         }
@@ -256,6 +262,7 @@ impl StoreService for Ingest {
                 &info.calling_ae,
                 &info.called_ae,
                 &info.peer.to_string(),
+                self.clock.now(),
             )
             .await
         {
@@ -291,7 +298,14 @@ impl StoreService for Ingest {
     ) {
         if let Err(e) = self
             .db
-            .association_closed(&info.id, outcome, stats.stored, stats.failed, stats.bytes)
+            .association_closed(
+                &info.id,
+                outcome,
+                stats.stored,
+                stats.failed,
+                stats.bytes,
+                self.clock.now(),
+            )
             .await
         {
             error!(error = %e, "association close could not be recorded");
@@ -509,7 +523,7 @@ async fn commit(
             }
         }
     }
-    match ingest.db.insert_instance(&row).await {
+    match ingest.instances.insert(&row).await {
         Ok(Inserted::New) => {
             ingest.stored.notify_waiters();
             DimseStatus::SUCCESS

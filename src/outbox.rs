@@ -13,10 +13,13 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::clock::Clock;
 use crate::config::{ClientTlsSettings, ConfigError};
-use crate::db::{Db, DbError, OutboxRow, format_time, parse_time};
+use crate::db::{Db, DbError, DeliveryState, OutboxRow, format_time};
 use crate::dimse::client::{ClientOptions, ClientTls};
-use crate::send::send_files;
+use crate::report::OutputKind;
+use crate::send::{SendFailure, send_files};
+use crate::worker::{Timing, run_worker};
 
 /// `[[destinations]]`: where results go.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -46,10 +49,10 @@ impl DestinationSettings {
 }
 
 /// The names of the destinations an output of `kind` goes to.
-pub fn destinations_for(destinations: &[DestinationSettings], kind: &str) -> Vec<String> {
+pub fn destinations_for(destinations: &[DestinationSettings], kind: OutputKind) -> Vec<String> {
     destinations
         .iter()
-        .filter(|d| d.wants(kind))
+        .filter(|d| d.wants(kind.as_str()))
         .map(DestinationSettings::name)
         .collect()
 }
@@ -85,6 +88,19 @@ fn classify_status(code: u16) -> Verdict {
     }
 }
 
+/// A file the peer gave no status for: association trouble mid-batch is
+/// worth retrying; a file that is unusable (missing, not DICOM) or that the
+/// peer accepts no context for will fail the same way again.
+fn classify_failure(failure: &SendFailure) -> Verdict {
+    match failure {
+        SendFailure::Association(_) | SendFailure::NotSent => Verdict::Retry,
+        SendFailure::File(_) | SendFailure::NoContext { .. } => Verdict::Dead,
+    }
+}
+
+/// The longest the worker sleeps without looking (operator retries).
+const POLL: Duration = Duration::from_secs(2);
+
 pub struct Outbox {
     db: Db,
     data_dir: PathBuf,
@@ -92,6 +108,7 @@ pub struct Outbox {
     destinations: Vec<(DestinationSettings, Option<ClientTls>)>,
     settings: OutboxSettings,
     calling_ae: String,
+    clock: Clock,
 }
 
 impl Outbox {
@@ -121,7 +138,14 @@ impl Outbox {
             destinations,
             settings,
             calling_ae,
+            clock: Clock::new(),
         })
+    }
+
+    /// Take time from the node's clock (a fresh system clock otherwise).
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
     }
 
     fn backoff(&self, attempts_so_far: i64) -> Duration {
@@ -135,31 +159,31 @@ impl Outbox {
     }
 
     async fn record(&self, row: &OutboxRow, verdict: Verdict, status: &str) -> Result<(), DbError> {
-        let now = time::OffsetDateTime::now_utc();
+        let now = self.clock.now();
         let exhausted = row.attempts + 1 >= self.settings.max_attempts;
         let (state, next) = match verdict {
-            Verdict::Sent => ("sent", format_time(now)),
-            Verdict::Dead => ("dead", format_time(now)),
-            Verdict::Retry if exhausted => ("dead", format_time(now)),
-            Verdict::Retry => ("pending", format_time(now + self.backoff(row.attempts))),
+            Verdict::Sent => (DeliveryState::Sent, now),
+            Verdict::Dead => (DeliveryState::Dead, now),
+            Verdict::Retry if exhausted => (DeliveryState::Dead, now),
+            Verdict::Retry => (DeliveryState::Pending, now + self.backoff(row.attempts)),
         };
         match state {
-            "sent" => {
+            DeliveryState::Sent => {
                 info!(destination = %row.destination, case = %row.case_id, "output delivered")
             }
-            "dead" => {
+            DeliveryState::Dead => {
                 warn!(destination = %row.destination, case = %row.case_id, %status, "delivery dead-lettered")
             }
-            _ => {
-                warn!(destination = %row.destination, case = %row.case_id, %status, retry_at = %next, "delivery failed; will retry")
+            DeliveryState::Pending => {
+                warn!(destination = %row.destination, case = %row.case_id, %status, retry_at = %format_time(next), "delivery failed; will retry")
             }
         }
-        self.db.record_delivery(row, state, status, &next).await
+        self.db.record_delivery(row, state, status, next, now).await
     }
 
     /// Try every due delivery once; returns how many rows were attempted.
     pub async fn deliver_due(&self) -> Result<usize, DbError> {
-        let due = self.db.due_deliveries(&crate::db::now(), 500).await?;
+        let due = self.db.due_deliveries(self.clock.now(), 500).await?;
         let mut by_dest: BTreeMap<String, Vec<OutboxRow>> = BTreeMap::new();
         for row in due {
             by_dest
@@ -198,15 +222,10 @@ impl Outbox {
                                         .trim()
                                         .to_string(),
                                 ),
-                                // Association trouble mid-batch: try again.
-                                None if r.error.as_deref().is_some_and(|e| {
-                                    e.starts_with("association") || e.starts_with("not sent")
-                                }) =>
-                                {
-                                    (Verdict::Retry, r.error.clone().unwrap_or_default())
-                                }
-                                // The file itself is unusable (missing, not DICOM).
-                                None => (Verdict::Dead, r.error.clone().unwrap_or_default()),
+                                None => (
+                                    r.failure.as_ref().map_or(Verdict::Dead, classify_failure),
+                                    r.error.clone().unwrap_or_default(),
+                                ),
                             },
                             None => (Verdict::Retry, "not attempted".into()),
                         };
@@ -231,30 +250,18 @@ impl Outbox {
     /// The delivery worker: wakes when outputs are queued, when the earliest
     /// retry is due, and every few seconds for operator retries.
     pub async fn run(self, wake: Arc<Notify>, shutdown: CancellationToken) {
-        loop {
-            let notified = wake.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if let Err(e) = self.deliver_due().await {
+        let timing = Timing {
+            poll: POLL,
+            coalesce: None,
+        };
+        let this = &self;
+        run_worker(wake, timing, &self.clock, shutdown, move || async move {
+            if let Err(e) = this.deliver_due().await {
                 error!(error = %e, "delivery round failed");
             }
-            let mut sleep = Duration::from_secs(2);
-            if let Ok(Some(next)) = self.db.next_delivery_at().await
-                && let Some(at) = parse_time(&next)
-            {
-                let until = at - time::OffsetDateTime::now_utc();
-                sleep = if until.is_positive() {
-                    sleep.min(until.unsigned_abs())
-                } else {
-                    Duration::ZERO
-                };
-            }
-            tokio::select! {
-                _ = &mut notified => {}
-                _ = tokio::time::sleep(sleep) => {}
-                _ = shutdown.cancelled() => return,
-            }
-        }
+            this.db.next_delivery_at().await.ok().flatten()
+        })
+        .await;
     }
 }
 
@@ -271,5 +278,20 @@ mod tests {
         assert_eq!(classify_status(0xA900), Verdict::Dead);
         assert_eq!(classify_status(0xC000), Verdict::Dead);
         assert_eq!(classify_status(0x0122), Verdict::Dead);
+    }
+
+    #[test]
+    fn files_without_a_status_retry_only_for_association_trouble() {
+        let retry = [
+            SendFailure::Association("reset".into()),
+            SendFailure::NotSent,
+        ];
+        assert!(retry.iter().all(|f| classify_failure(f) == Verdict::Retry));
+        let no_context = SendFailure::NoContext {
+            sop_class_uid: "1.2".into(),
+            transfer_syntax: "1.2.840.10008.1.2.1".into(),
+        };
+        let dead = [SendFailure::File("missing".into()), no_context];
+        assert!(dead.iter().all(|f| classify_failure(f) == Verdict::Dead));
     }
 }

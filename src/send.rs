@@ -17,12 +17,48 @@ pub struct SendResult {
     pub sop_instance_uid: String,
     /// The DIMSE status, when the peer answered.
     pub status: Option<u16>,
+    /// The peer's Error Comment (0000,0902) with the status, or the text of
+    /// `failure`.
     pub error: Option<String>,
+    /// Why the peer gave no status for the file.
+    pub failure: Option<SendFailure>,
+}
+
+/// Why a file got no DIMSE status: what the outbox's retry policy needs to
+/// know (the association's own failures are [`ClientError`]s).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SendFailure {
+    /// The file could not be read as Part 10 (it will fail again).
+    #[error("{0}")]
+    File(String),
+    /// The peer accepted no presentation context for the file's SOP class
+    /// and transfer syntax (PS3.8 9.3.3.2).
+    #[error("peer accepted no presentation context for {sop_class_uid} in {transfer_syntax}")]
+    NoContext {
+        sop_class_uid: String,
+        transfer_syntax: String,
+    },
+    /// The association failed while the file was being sent.
+    #[error("association: {0}")]
+    Association(String),
+    /// Not attempted: the association had failed on an earlier file.
+    #[error("not sent: the association failed earlier")]
+    NotSent,
 }
 
 impl SendResult {
     pub fn ok(&self) -> bool {
         self.status.is_some_and(is_success_or_warning)
+    }
+
+    fn failed(path: &Path, sop_instance_uid: &str, failure: SendFailure) -> Self {
+        SendResult {
+            path: path.to_path_buf(),
+            sop_instance_uid: sop_instance_uid.to_string(),
+            status: None,
+            error: Some(failure.to_string()),
+            failure: Some(failure),
+        }
     }
 }
 
@@ -57,12 +93,7 @@ pub async fn send_files(
         match Part10Header::read(path) {
             Ok(h) => items.push((path.clone(), h)),
             Err(e) => {
-                let r = SendResult {
-                    path: path.clone(),
-                    sop_instance_uid: String::new(),
-                    status: None,
-                    error: Some(e.to_string()),
-                };
+                let r = SendResult::failed(path, "", SendFailure::File(e.to_string()));
                 progress(&r);
                 results.push(r);
             }
@@ -90,22 +121,15 @@ pub async fn send_files(
         for (path, header) in &items[start..end] {
             let r = send_one(&mut assoc, path, header).await;
             progress(&r);
-            let fatal = r.status.is_none()
-                && r.error
-                    .as_deref()
-                    .is_some_and(|e| e.starts_with("association"));
+            let fatal = matches!(r.failure, Some(SendFailure::Association(_)));
             results.push(r);
             if fatal {
                 // The association is gone: every file not yet sent is
                 // reported as such rather than silently skipped.
                 let sent = results.len();
                 for (path, header) in items.iter().skip(sent - (files.len() - items.len())) {
-                    let r = SendResult {
-                        path: path.clone(),
-                        sop_instance_uid: header.sop_instance_uid.clone(),
-                        status: None,
-                        error: Some("not sent: the association failed earlier".into()),
-                    };
+                    let r =
+                        SendResult::failed(path, &header.sop_instance_uid, SendFailure::NotSent);
                     progress(&r);
                     results.push(r);
                 }
@@ -119,25 +143,17 @@ pub async fn send_files(
 }
 
 async fn send_one(assoc: &mut ScuAssociation, path: &Path, header: &Part10Header) -> SendResult {
-    let mut result = SendResult {
-        path: path.to_path_buf(),
-        sop_instance_uid: header.sop_instance_uid.clone(),
-        status: None,
-        error: None,
-    };
+    let uid = &header.sop_instance_uid;
     let Some(pc_id) = assoc.context_for(&header.sop_class_uid, &header.transfer_syntax) else {
-        result.error = Some(format!(
-            "peer accepted no presentation context for {} in {}",
-            header.sop_class_uid, header.transfer_syntax
-        ));
-        return result;
+        let failure = SendFailure::NoContext {
+            sop_class_uid: header.sop_class_uid.clone(),
+            transfer_syntax: header.transfer_syntax.clone(),
+        };
+        return SendResult::failed(path, uid, failure);
     };
     let file = match open_dataset(path, header).await {
         Ok(f) => f,
-        Err(e) => {
-            result.error = Some(e.to_string());
-            return result;
-        }
+        Err(e) => return SendResult::failed(path, uid, SendFailure::File(e.to_string())),
     };
     let mut reader = tokio::io::BufReader::with_capacity(1 << 20, file);
     match assoc
@@ -149,13 +165,15 @@ async fn send_one(assoc: &mut ScuAssociation, path: &Path, header: &Part10Header
         )
         .await
     {
-        Ok(status) => {
-            result.status = Some(status.code);
-            result.error = status.comment;
-        }
-        Err(e) => result.error = Some(format!("association: {e}")),
+        Ok(status) => SendResult {
+            path: path.to_path_buf(),
+            sop_instance_uid: uid.clone(),
+            status: Some(status.code),
+            error: status.comment,
+            failure: None,
+        },
+        Err(e) => SendResult::failed(path, uid, SendFailure::Association(e.to_string())),
     }
-    result
 }
 
 async fn open_dataset(

@@ -342,13 +342,27 @@ pub fn sanitise_uid(uid: &str) -> String {
     format!("2.25.{}", u128::from_be_bytes(first))
 }
 
-fn create_private_dir(path: &Path) -> io::Result<()> {
+/// Create a folder (and its parents) readable by the owner only, whatever
+/// the umask: the data folder and the spool hold PHI.
+pub fn create_private_dir(path: &Path) -> io::Result<()> {
     std::fs::create_dir_all(path)?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))?;
     }
+    Ok(())
+}
+
+/// Make a file (the database) readable by the owner only.
+pub fn make_private_file(path: &Path) -> io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    #[cfg(not(unix))]
+    let _ = path;
     Ok(())
 }
 

@@ -5,9 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use her2map::cases::{
-    Assembler, CaseJob, CaseRules, Clock, Modality, Partial, PatientKeyMode, state,
+    Assembler, CaseJob, CaseRules, CaseState, Clock, Modality, Partial, PatientKeyMode,
 };
-use her2map::db::{Db, InstanceRow};
+use her2map::db::{Db, InstanceRow, InstanceWriter};
 use her2map::side::SideSetting;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -96,9 +96,11 @@ async fn db() -> (tempfile::TempDir, Db) {
 }
 
 async fn insert(db: &Db, rows: &[InstanceRow]) {
+    let writer = InstanceWriter::start(db, Clock::new());
     for r in rows {
-        db.insert_instance(r).await.unwrap();
+        writer.insert(r).await.unwrap();
     }
+    writer.shutdown().await;
 }
 
 fn assembler(db: &Db, rules: CaseRules, clock: &Clock) -> Assembler {
@@ -115,7 +117,7 @@ fn clock() -> Clock {
     Clock::manual(time::OffsetDateTime::now_utc())
 }
 
-async fn states(db: &Db) -> Vec<String> {
+async fn states(db: &Db) -> Vec<CaseState> {
     db.all_cases()
         .await
         .unwrap()
@@ -137,16 +139,16 @@ async fn a_complete_case_runs_after_stable_age_exactly_once() {
     for r in &rows {
         insert(&db, std::slice::from_ref(r)).await;
         a.round(&tx, &stop).await.unwrap();
-        assert_eq!(states(&db).await, vec![state::COLLECTING]);
+        assert_eq!(states(&db).await, vec![CaseState::Collecting]);
         clock.advance(Duration::from_secs(10));
     }
     clock.advance(Duration::from_secs(49));
     let next = a.round(&tx, &stop).await.unwrap().expect("a deadline");
-    assert_eq!(states(&db).await, vec![state::COLLECTING]);
+    assert_eq!(states(&db).await, vec![CaseState::Collecting]);
     assert!(next > clock.now());
     clock.advance(Duration::from_secs(1));
     a.round(&tx, &stop).await.unwrap();
-    assert_eq!(states(&db).await, vec![state::QUEUED]);
+    assert_eq!(states(&db).await, vec![CaseState::Queued]);
     let job = rx.try_recv().unwrap();
     assert_eq!(job.revision, 0);
     // More rounds: nothing more.
@@ -228,32 +230,34 @@ async fn late_arrival_reopens_and_a_resend_changes_nothing() {
     clock.advance(Duration::from_secs(60));
     a.round(&tx, &stop).await.unwrap();
     let job = rx.try_recv().unwrap();
-    let now = her2map::db::now();
     db.transition_case(
         &job.case_id,
-        state::QUEUED,
-        state::DONE,
+        CaseState::Queued,
+        CaseState::Done,
         "result sent",
-        &now,
+        clock.now(),
     )
     .await
     .unwrap();
 
     // A resend of a known instance is a duplicate: no new row, no change.
     assert_eq!(
-        db.insert_instance(&rows[0]).await.unwrap(),
+        InstanceWriter::start(&db, Clock::new())
+            .insert(&rows[0])
+            .await
+            .unwrap(),
         her2map::db::Inserted::Duplicate {
             existing_path: "x".into()
         }
     );
     assert_eq!(a.assign().await.unwrap(), 0);
-    assert_eq!(states(&db).await, vec![state::DONE]);
+    assert_eq!(states(&db).await, vec![CaseState::Done]);
 
     // A late MRI phase reopens the case as revision 1 and it runs again.
     insert(&db, &[p.row("MR", "p3", "", "", "20260101")]).await;
     a.round(&tx, &stop).await.unwrap();
     let case = db.case(&job.case_id).await.unwrap().unwrap();
-    assert_eq!((case.state.as_str(), case.revision), (state::COLLECTING, 1));
+    assert_eq!((case.state, case.revision), (CaseState::Collecting, 1));
     clock.advance(Duration::from_secs(60));
     a.round(&tx, &stop).await.unwrap();
     assert_eq!(
@@ -282,10 +286,8 @@ async fn max_wait_runs_with_what_is_there_or_holds() {
         a.round(&tx, &stop).await.unwrap();
         clock.advance(Duration::from_secs(3599));
         a.round(&tx, &stop).await.unwrap();
-        assert_eq!(states(&db).await, vec![state::COLLECTING]);
-        let views = her2map::cases::assembler::describe_cases(&db, a.rules())
-            .await
-            .unwrap();
+        assert_eq!(states(&db).await, vec![CaseState::Collecting]);
+        let views = her2map::ops::describe_cases(&db, a.rules()).await.unwrap();
         assert!(
             views[0].missing[0].starts_with("MR"),
             "{:?}",
@@ -296,7 +298,7 @@ async fn max_wait_runs_with_what_is_there_or_holds() {
         let case = &db.all_cases().await.unwrap()[0];
         match partial {
             Partial::Run => {
-                assert_eq!(case.state, state::QUEUED);
+                assert_eq!(case.state, CaseState::Queued);
                 assert!(rx.try_recv().is_ok());
                 let reasons = db.case_transitions(&case.id).await.unwrap();
                 assert!(
@@ -305,10 +307,11 @@ async fn max_wait_runs_with_what_is_there_or_holds() {
                 );
             }
             Partial::Hold => {
-                assert_eq!(case.state, state::HELD);
+                assert_eq!(case.state, CaseState::Held);
                 assert!(rx.try_recv().is_err());
                 // The operator releases... and forces it.
-                her2map::cases::assembler::operator_action(&db, &case.id, "run")
+                let action = her2map::ops::CaseAction::Run;
+                her2map::ops::case_action(&db, &case.id, action, clock.now())
                     .await
                     .unwrap();
                 a.round(&tx, &stop).await.unwrap();
@@ -337,10 +340,10 @@ async fn a_restart_rebuilds_timers_and_requeues_unfinished_cases() {
     let job = rx.try_recv().unwrap();
     db.transition_case(
         &job.case_id,
-        state::QUEUED,
-        state::RUNNING,
+        CaseState::Queued,
+        CaseState::Running,
         "engine took it",
-        &her2map::db::now(),
+        clock.now(),
     )
     .await
     .unwrap();
@@ -410,10 +413,11 @@ async fn concurrent_inserts_each_get_their_own_answer() {
         copy.path = format!("second-{i}");
         rows.push(copy);
     }
+    let writer = InstanceWriter::start(&db, Clock::new());
     let mut tasks = tokio::task::JoinSet::new();
     for r in rows.clone() {
-        let db = db.clone();
-        tasks.spawn(async move { (r.clone(), db.insert_instance(&r).await.unwrap()) });
+        let queue = writer.queue();
+        tasks.spawn(async move { (r.clone(), queue.insert(&r).await.unwrap()) });
     }
     let mut kept = std::collections::HashMap::new();
     let mut duplicates = Vec::new();

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
-use her2map::db::Db;
+use her2map::db::{CaseState, Db, DeliveryState};
 use her2map::dimse::client::ClientOptions;
 use her2map::dimse::command::status;
 use her2map::send::send_files;
@@ -201,10 +201,10 @@ async fn kill_9_during_inference_and_delivery_resumes_without_duplicates() {
             let cases = db.all_cases().await.unwrap();
             let outbox = db.outbox().await.unwrap();
             let hit = match stage {
-                "running" => cases.iter().any(|c| c.state == "running"),
+                "running" => cases.iter().any(|c| c.state == CaseState::Running),
                 _ => {
-                    outbox.iter().any(|o| o.state == "sent")
-                        && outbox.iter().any(|o| o.state == "pending")
+                    outbox.iter().any(|o| o.state == DeliveryState::Sent)
+                        && outbox.iter().any(|o| o.state == DeliveryState::Pending)
                 }
             };
             if hit {
@@ -227,9 +227,9 @@ async fn kill_9_during_inference_and_delivery_resumes_without_duplicates() {
                 .await
                 .unwrap()
                 .iter()
-                .all(|c| c.state == "done");
+                .all(|c| c.state == CaseState::Done);
             let outbox = db.outbox().await.unwrap();
-            if done && !outbox.is_empty() && outbox.iter().all(|o| o.state == "sent") {
+            if done && !outbox.is_empty() && outbox.iter().all(|o| o.state == DeliveryState::Sent) {
                 break;
             }
             assert!(

@@ -22,8 +22,10 @@ use common::*;
 use dicom_dictionary_std::tags;
 use dicom_object::InMemDicomObject;
 use her2map::config::PeerSettings;
+use her2map::db::{CaseState, DeliveryState};
 use her2map::dimse::client::ClientOptions;
 use her2map::outbox::DestinationSettings;
+use her2map::report::OutputKind;
 use her2map::send::{collect_files, send_files};
 use serde_json::Value;
 
@@ -338,13 +340,13 @@ async fn orthanc_routes_the_patient_to_the_node_and_stores_its_results() {
     wait_until("the result to be delivered to Orthanc", 90, || async {
         let cases = node.db.all_cases().await.unwrap();
         assert!(
-            cases.iter().all(|c| c.state != "failed"),
+            cases.iter().all(|c| c.state != CaseState::Failed),
             "case failed: {cases:?}"
         );
         let rows = node.db.outbox().await.unwrap();
-        cases.iter().any(|c| c.state == "done")
+        cases.iter().any(|c| c.state == CaseState::Done)
             && !rows.is_empty()
-            && rows.iter().all(|r| r.state == "sent")
+            && rows.iter().all(|r| r.state == DeliveryState::Sent)
     })
     .await;
     assert_eq!(
@@ -363,8 +365,14 @@ async fn orthanc_routes_the_patient_to_the_node_and_stores_its_results() {
         .clone();
     assert!(!sides.is_empty());
     let outputs = node.db.case_outputs(&case_id).await.unwrap();
-    let srs: Vec<_> = outputs.iter().filter(|o| o.kind == "sr").collect();
-    let scs: Vec<_> = outputs.iter().filter(|o| o.kind == "sc").collect();
+    let srs: Vec<_> = outputs
+        .iter()
+        .filter(|o| o.kind == OutputKind::Sr)
+        .collect();
+    let scs: Vec<_> = outputs
+        .iter()
+        .filter(|o| o.kind == OutputKind::HeatmapSc)
+        .collect();
     assert_eq!(srs.len(), 3, "one SR per study: {outputs:?}");
     assert!(scs.len() >= 4, "MG CC + MLO, US, MR heatmaps: {outputs:?}");
 

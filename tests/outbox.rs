@@ -8,8 +8,10 @@ use std::process::{Child, Command};
 use std::time::Duration;
 
 use common::*;
-use her2map::db::{Db, OutputRow};
+use her2map::db::{Db, DeliveryState, OutputRow};
 use her2map::outbox::{DestinationSettings, Outbox, OutboxSettings};
+use her2map::report::OutputKind;
+use time::OffsetDateTime;
 
 fn settings(retry_base_ms: u64, timeout_secs: u64) -> OutboxSettings {
     OutboxSettings {
@@ -55,7 +57,7 @@ async fn queued_outputs(data_dir: &Path, n: usize, tag: &str, destinations: &[St
             sop_instance_uid: h.sop_instance_uid,
             case_id: "case-1".into(),
             revision: 0,
-            kind: "sc".into(),
+            kind: OutputKind::HeatmapSc,
             sop_class_uid: h.sop_class_uid,
             study_instance_uid: "1.2.3".into(),
             series_instance_uid: "1.2.3.4".into(),
@@ -65,9 +67,17 @@ async fn queued_outputs(data_dir: &Path, n: usize, tag: &str, destinations: &[St
                 .to_string_lossy()
                 .into_owned(),
         };
-        assert!(db.add_output(&row, destinations).await.unwrap());
+        assert!(
+            db.add_output(&row, destinations, OffsetDateTime::now_utc())
+                .await
+                .unwrap()
+        );
         // Recording it again (a rerun) queues nothing more.
-        assert!(!db.add_output(&row, destinations).await.unwrap());
+        assert!(
+            !db.add_output(&row, destinations, OffsetDateTime::now_utc())
+                .await
+                .unwrap()
+        );
     }
     db
 }
@@ -108,7 +118,7 @@ impl Drop for StoreScp {
     }
 }
 
-async fn states(db: &Db) -> Vec<String> {
+async fn states(db: &Db) -> Vec<DeliveryState> {
     db.outbox()
         .await
         .unwrap()
@@ -135,7 +145,8 @@ async fn a_destination_down_at_first_receives_everything_once_it_is_up() {
     assert_eq!(outbox.deliver_due().await.unwrap(), 5);
     let rows = db.outbox().await.unwrap();
     assert!(
-        rows.iter().all(|r| r.state == "pending" && r.attempts == 1),
+        rows.iter()
+            .all(|r| r.state == DeliveryState::Pending && r.attempts == 1),
         "{rows:?}"
     );
     assert!(
@@ -146,7 +157,7 @@ async fn a_destination_down_at_first_receives_everything_once_it_is_up() {
 
     let scp = StoreScp::start(port);
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while states(&db).await.iter().any(|s| s != "sent") {
+    while states(&db).await.iter().any(|s| *s != DeliveryState::Sent) {
         assert!(std::time::Instant::now() < deadline, "not delivered");
         outbox.deliver_due().await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -179,7 +190,8 @@ async fn a_permanent_rejection_is_dead_lettered_after_one_try() {
     assert_eq!(outbox.deliver_due().await.unwrap(), 2);
     let rows = db.outbox().await.unwrap();
     assert!(
-        rows.iter().all(|r| r.state == "dead" && r.attempts == 1),
+        rows.iter()
+            .all(|r| r.state == DeliveryState::Dead && r.attempts == 1),
         "{rows:?}"
     );
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -189,8 +201,15 @@ async fn a_permanent_rejection_is_dead_lettered_after_one_try() {
         "no looping on dead letters"
     );
     // The operator puts one back.
-    assert!(db.retry_delivery(rows[0].id).await.unwrap());
-    assert_eq!(states(&db).await, vec!["pending", "dead"]);
+    assert!(
+        db.retry_delivery(rows[0].id, OffsetDateTime::now_utc())
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        states(&db).await,
+        vec![DeliveryState::Pending, DeliveryState::Dead]
+    );
     node.stop().await;
 }
 
@@ -224,8 +243,8 @@ async fn a_destination_that_never_answers_times_out_and_retries() {
     assert!(started.elapsed() < Duration::from_secs(5));
     let row = &db.outbox().await.unwrap()[0];
     assert_eq!(
-        (row.state.as_str(), row.attempts),
-        ("pending", 1),
+        (row.state, row.attempts),
+        (DeliveryState::Pending, 1),
         "{row:?}"
     );
     silent.abort();
@@ -281,7 +300,7 @@ async fn a_restart_in_the_middle_of_delivery_loses_and_duplicates_nothing() {
     )
     .unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while states(&db).await.iter().any(|s| s != "sent") {
+    while states(&db).await.iter().any(|s| *s != DeliveryState::Sent) {
         assert!(std::time::Instant::now() < deadline);
         second.deliver_due().await.unwrap();
     }
@@ -339,7 +358,7 @@ async fn a_tls_destination_gets_everything_once_the_node_has_its_certificate() {
 
     // No client certificate: storescp refuses the handshake.
     assert_eq!(outbox(d.clone()).deliver_due().await.unwrap(), 3);
-    assert_eq!(states(&db).await, vec!["pending"; 3]);
+    assert_eq!(states(&db).await, vec![DeliveryState::Pending; 3]);
     assert_eq!(scp.files(), 0);
 
     let tls = d.tls.as_mut().unwrap();
@@ -347,7 +366,7 @@ async fn a_tls_destination_gets_everything_once_the_node_has_its_certificate() {
     tls.private_key = pki.client_key.clone();
     let outbox = outbox(d);
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while states(&db).await.iter().any(|s| s != "sent") {
+    while states(&db).await.iter().any(|s| *s != DeliveryState::Sent) {
         assert!(std::time::Instant::now() < deadline, "not delivered");
         outbox.deliver_due().await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;

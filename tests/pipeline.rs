@@ -8,8 +8,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use common::*;
+use her2map::db::{CaseState, DeliveryState};
 use her2map::dimse::client::ClientOptions;
 use her2map::outbox::DestinationSettings;
+use her2map::report::OutputKind;
 use her2map::send::{collect_files, send_files};
 
 fn scu() -> ClientOptions {
@@ -74,18 +76,18 @@ async fn one_patient_in_pieces_across_restarts_gives_one_result() {
             tokio::time::sleep(Duration::from_millis(2500)).await;
             let cases = node.db.all_cases().await.unwrap();
             assert_eq!(cases.len(), 1, "one case for the patient");
-            assert_eq!(cases[0].state, "collecting", "{:?}", cases[0]);
+            assert_eq!(cases[0].state, CaseState::Collecting, "{:?}", cases[0]);
             node.stop().await;
             continue;
         }
         wait_until("the result to be delivered", 120, || async {
             let rows = node.db.outbox().await.unwrap();
-            !rows.is_empty() && rows.iter().all(|r| r.state == "sent")
+            !rows.is_empty() && rows.iter().all(|r| r.state == DeliveryState::Sent)
         })
         .await;
         let cases = node.db.all_cases().await.unwrap();
         assert_eq!(cases.len(), 1);
-        assert_eq!(cases[0].state, "done", "{:?}", cases[0]);
+        assert_eq!(cases[0].state, CaseState::Done, "{:?}", cases[0]);
         let queued: Vec<_> = node
             .db
             .events(0, Some("case_state_changed"), 1000)
@@ -113,8 +115,11 @@ async fn one_patient_in_pieces_across_restarts_gives_one_result() {
             .map(|s| her2map_study_uid(&study(s)[0]))
             .collect();
         let outputs = node.db.case_outputs(&cases[0].id).await.unwrap();
-        let srs = outputs.iter().filter(|o| o.kind == "sr").count();
-        let scs = outputs.iter().filter(|o| o.kind == "sc").count();
+        let srs = outputs.iter().filter(|o| o.kind == OutputKind::Sr).count();
+        let scs = outputs
+            .iter()
+            .filter(|o| o.kind == OutputKind::HeatmapSc)
+            .count();
         assert_eq!(srs, 3, "one SR per study");
         assert!(scs >= 4, "MG CC + MLO, US, MR slices: {scs}");
         // The heatmaps as pictures, for a person to look at.
@@ -122,7 +127,7 @@ async fn one_patient_in_pieces_across_restarts_gives_one_result() {
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/heatmaps/synth-patient");
         std::fs::create_dir_all(&pictures).unwrap();
         let mut mg_views = 0;
-        for o in outputs.iter().filter(|o| o.kind == "sc") {
+        for o in outputs.iter().filter(|o| o.kind == OutputKind::HeatmapSc) {
             let obj = dicom_object::open_file(data.path().join(&o.path)).unwrap();
             let png = pictures.join(format!("{}.png", o.sop_instance_uid));
             her2map::report::sc::write_png(&obj, &png).unwrap();
@@ -186,14 +191,14 @@ async fn inputs_prepared_during_the_stable_age_follow_late_instances() {
     // of these files starts and, for this small patient, ends.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let cases = node.db.all_cases().await.unwrap();
-    assert_eq!(cases[0].state, "collecting", "{:?}", cases[0]);
+    assert_eq!(cases[0].state, CaseState::Collecting, "{:?}", cases[0]);
     assert!(cases[0].reason.starts_with("complete"), "{:?}", cases[0]);
     let results = send_files(&node.address(), &scu(), &[last], |_| {})
         .await
         .unwrap();
     assert!(results[0].ok());
     wait_until("the case to finish", 120, || async {
-        node.db.all_cases().await.unwrap()[0].state == "done"
+        node.db.all_cases().await.unwrap()[0].state == CaseState::Done
     })
     .await;
     let imaging = node

@@ -12,18 +12,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use super::rules::{self, CaseRules, Decision};
-use crate::db::{Assignment, CaseRow, Db, DbError, format_time, parse_time};
-
-/// Case states, as stored.
-pub mod state {
-    pub const COLLECTING: &str = "collecting";
-    pub const READY: &str = "ready";
-    pub const QUEUED: &str = "queued";
-    pub const RUNNING: &str = "running";
-    pub const HELD: &str = "held";
-    pub const DONE: &str = "done";
-    pub const FAILED: &str = "failed";
-}
+use crate::clock::Clock;
+use crate::db::{Assignment, CaseRow, CaseState, Db, DbError, parse_time};
+use crate::worker::{Timing, run_worker};
 
 /// How instances of one patient are recognised (`cases.patient_key`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -33,51 +24,6 @@ pub enum PatientKeyMode {
     IdIssuer,
     /// Patient ID alone, for sites whose PACS sends no issuer consistently.
     Id,
-}
-
-/// The time source of every case timer. The system clock is wall time at
-/// start plus tokio's monotonic clock since; tests use a manual clock they
-/// advance by hand (sqlx's pool timeouts do not survive
-/// `tokio::time::pause`, so the database cannot run under a paused runtime).
-#[derive(Debug, Clone)]
-pub enum Clock {
-    System {
-        wall0: OffsetDateTime,
-        t0: tokio::time::Instant,
-    },
-    Manual(Arc<std::sync::Mutex<OffsetDateTime>>),
-}
-
-impl Clock {
-    pub fn new() -> Self {
-        Clock::System {
-            wall0: OffsetDateTime::now_utc(),
-            t0: tokio::time::Instant::now(),
-        }
-    }
-    /// A clock that stands still until [`Clock::advance`].
-    pub fn manual(start: OffsetDateTime) -> Self {
-        Clock::Manual(Arc::new(std::sync::Mutex::new(start)))
-    }
-    pub fn now(&self) -> OffsetDateTime {
-        match self {
-            Clock::System { wall0, t0 } => *wall0 + (tokio::time::Instant::now() - *t0),
-            Clock::Manual(t) => *t.lock().unwrap_or_else(|e| e.into_inner()),
-        }
-    }
-    /// Move a manual clock forward (no effect on the system clock).
-    pub fn advance(&self, by: Duration) {
-        if let Clock::Manual(t) = self {
-            let mut t = t.lock().unwrap_or_else(|e| e.into_inner());
-            *t += by;
-        }
-    }
-}
-
-impl Default for Clock {
-    fn default() -> Self {
-        Self::new()
-    }
 }
 
 /// A case handed to the inference side.
@@ -166,11 +112,6 @@ impl Assembler {
         &self.rules
     }
 
-    fn now(&self) -> (OffsetDateTime, String) {
-        let t = self.clock.now();
-        (t, format_time(t))
-    }
-
     /// Put every unassigned stored instance into its patient's case. Each
     /// batch is decided in memory (a case opened or reopened for one
     /// instance is seen by the next) and recorded in one transaction.
@@ -181,7 +122,7 @@ impl Assembler {
             if batch.is_empty() {
                 return Ok(assigned);
             }
-            let (_, now) = self.now();
+            let now = self.clock.now();
             let mut cases: HashMap<String, Vec<CaseRow>> = HashMap::new();
             let mut steps = Vec::with_capacity(batch.len());
             for inst in &batch {
@@ -205,21 +146,21 @@ impl Assembler {
                 });
                 match target {
                     Some((case, (oldest, newest))) => {
-                        let reopen = matches!(case.state.as_str(), state::DONE | state::FAILED)
+                        let reopen = matches!(case.state, CaseState::Done | CaseState::Failed)
                             .then_some("late arrival: reopened");
                         if reopen.is_some() {
                             info!(case = %case.id, "late instance reopened the case");
                         }
                         steps.push(Assignment::Add {
                             case_id: case.id.clone(),
-                            from_state: case.state.clone(),
+                            from_state: case.state,
                             sop_instance_uid: inst.sop_instance_uid.clone(),
                             oldest: oldest.clone(),
                             newest: newest.clone(),
                             reopen,
                         });
                         if reopen.is_some() {
-                            case.state = state::COLLECTING.to_string();
+                            case.state = CaseState::Collecting;
                         }
                         case.oldest_study_date = oldest;
                         case.newest_study_date = newest;
@@ -239,7 +180,7 @@ impl Assembler {
                             CaseRow {
                                 id,
                                 patient_key: key.clone(),
-                                state: state::COLLECTING.to_string(),
+                                state: CaseState::Collecting,
                                 oldest_study_date: inst.study_date.clone(),
                                 newest_study_date: inst.study_date.clone(),
                                 ..Default::default()
@@ -248,7 +189,7 @@ impl Assembler {
                     }
                 }
             }
-            self.db.assign_instances(&steps, &now).await?;
+            self.db.assign_instances(&steps, now).await?;
             assigned += batch.len();
         }
     }
@@ -256,9 +197,9 @@ impl Assembler {
     /// Apply the rules to every collecting case; returns the earliest future
     /// instant at which a decision may change.
     pub async fn evaluate(&self) -> Result<Option<OffsetDateTime>, DbError> {
-        let (now, now_s) = self.now();
+        let now = self.clock.now();
         let mut next: Option<OffsetDateTime> = None;
-        for case in self.db.cases_in_states(&[state::COLLECTING]).await? {
+        for case in self.db.cases_in_states(&[CaseState::Collecting]).await? {
             let members = self.db.case_members(&case.id).await?;
             let c = rules::completeness(&members, &self.rules);
             let first = parse_time(&case.first_instance_at).unwrap_or(now);
@@ -282,10 +223,10 @@ impl Assembler {
                         self.db
                             .transition_case(
                                 &case.id,
-                                state::COLLECTING,
-                                state::COLLECTING,
+                                CaseState::Collecting,
+                                CaseState::Collecting,
                                 &reason,
-                                &now_s,
+                                now,
                             )
                             .await?;
                     }
@@ -293,13 +234,25 @@ impl Assembler {
                 }
                 Decision::Ready { reason } => {
                     self.db
-                        .transition_case(&case.id, state::COLLECTING, state::READY, &reason, &now_s)
+                        .transition_case(
+                            &case.id,
+                            CaseState::Collecting,
+                            CaseState::Ready,
+                            &reason,
+                            now,
+                        )
                         .await?;
                     info!(case = %case.id, %reason, "case ready");
                 }
                 Decision::Hold { reason } => {
                     self.db
-                        .transition_case(&case.id, state::COLLECTING, state::HELD, &reason, &now_s)
+                        .transition_case(
+                            &case.id,
+                            CaseState::Collecting,
+                            CaseState::Held,
+                            &reason,
+                            now,
+                        )
                         .await?;
                     warn!(case = %case.id, %reason, "case held");
                 }
@@ -312,21 +265,21 @@ impl Assembler {
     /// so they are ready again (the outputs' UIDs are deterministic, so a
     /// rerun never duplicates at the destination).
     pub async fn recover(&self) -> Result<usize, DbError> {
-        let (_, now) = self.now();
+        let now = self.clock.now();
         let mut n = 0;
         for case in self
             .db
-            .cases_in_states(&[state::QUEUED, state::RUNNING])
+            .cases_in_states(&[CaseState::Queued, CaseState::Running])
             .await?
         {
             if self
                 .db
                 .transition_case(
                     &case.id,
-                    &case.state,
-                    state::READY,
+                    case.state,
+                    CaseState::Ready,
                     "node restarted: queued again",
-                    &now,
+                    now,
                 )
                 .await?
             {
@@ -344,7 +297,7 @@ impl Assembler {
         shutdown: &CancellationToken,
     ) -> Result<usize, DbError> {
         let mut n = 0;
-        for case in self.db.cases_in_states(&[state::READY]).await? {
+        for case in self.db.cases_in_states(&[CaseState::Ready]).await? {
             let permit = tokio::select! {
                 p = queue.reserve() => match p {
                     Ok(p) => p,
@@ -352,15 +305,15 @@ impl Assembler {
                 },
                 _ = shutdown.cancelled() => return Ok(n),
             };
-            let (_, now) = self.now();
+            let now = self.clock.now();
             if self
                 .db
                 .transition_case(
                     &case.id,
-                    state::READY,
-                    state::QUEUED,
+                    CaseState::Ready,
+                    CaseState::Queued,
                     "queued for inference",
-                    &now,
+                    now,
                 )
                 .await?
             {
@@ -397,126 +350,26 @@ impl Assembler {
         if let Err(e) = self.recover().await {
             error!(error = %e, "case recovery failed");
         }
-        loop {
-            // Register interest before the round, so that an instance stored
-            // during the round still wakes the next one.
-            let notified = wake.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            let next = match self.round(&queue, &shutdown).await {
-                Ok(next) => next,
-                Err(e) => {
-                    error!(error = %e, "case assembly round failed");
-                    None
-                }
-            };
-            let mut sleep = POLL;
-            if let Some(at) = next {
-                let until = at - self.clock.now();
-                if until.is_positive() {
-                    sleep = sleep.min(until.unsigned_abs());
-                } else {
-                    sleep = Duration::ZERO;
-                }
-            }
-            tokio::select! {
-                _ = &mut notified => {}
-                _ = tokio::time::sleep(sleep) => continue,
-                _ = shutdown.cancelled() => return,
-            }
-            let give_up = tokio::time::Instant::now() + COALESCE_MAX;
-            loop {
-                let more = wake.notified();
-                tokio::select! {
-                    _ = more => {
-                        if tokio::time::Instant::now() >= give_up {
-                            break;
-                        }
+        let timing = Timing {
+            poll: POLL,
+            coalesce: Some((QUIET, COALESCE_MAX)),
+        };
+        let (this, queue, stop) = (&self, &queue, &shutdown);
+        run_worker(
+            wake,
+            timing,
+            &self.clock,
+            shutdown.clone(),
+            move || async move {
+                match this.round(queue, stop).await {
+                    Ok(next) => next,
+                    Err(e) => {
+                        error!(error = %e, "case assembly round failed");
+                        None
                     }
-                    _ = tokio::time::sleep(QUIET) => break,
-                    _ = shutdown.cancelled() => return,
                 }
-            }
-        }
-    }
-}
-
-/// A case as operators see it (`her2map cases`).
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct CaseView {
-    #[serde(flatten)]
-    pub case: CaseRow,
-    pub present: Vec<&'static str>,
-    pub missing: Vec<String>,
-    pub lesion_side: Option<String>,
-    pub instances: usize,
-    /// When the case runs if nothing else arrives (collecting cases only).
-    pub ready_at: Option<String>,
-    /// When it runs partial / is held at the latest.
-    pub max_wait_at: Option<String>,
-}
-
-/// Describe every case for the operator.
-pub async fn describe_cases(db: &Db, rules: &CaseRules) -> Result<Vec<CaseView>, DbError> {
-    let mut out = Vec::new();
-    for case in db.all_cases().await? {
-        let members = db.case_members(&case.id).await?;
-        let c = rules::completeness(&members, rules);
-        let collecting = case.state == state::COLLECTING;
-        let first = parse_time(&case.first_instance_at);
-        let last = parse_time(&case.last_instance_at);
-        out.push(CaseView {
-            present: c.usable.iter().map(|m| m.as_str()).collect(),
-            missing: c
-                .missing
-                .iter()
-                .map(|(m, what)| format!("{} ({what})", m.as_str()))
-                .collect(),
-            lesion_side: c.lesion_side.clone(),
-            instances: members.len(),
-            ready_at: (collecting && c.missing.is_empty())
-                .then(|| last.map(|t| format_time(t + rules.stable_age)))
-                .flatten(),
-            max_wait_at: collecting
-                .then(|| first.map(|t| format_time(t + rules.max_wait)))
-                .flatten(),
-            case,
-        });
-    }
-    Ok(out)
-}
-
-/// Operator actions on a case; each is a recorded transition.
-pub async fn operator_action(db: &Db, id: &str, action: &str) -> Result<String, String> {
-    let case = db
-        .case(id)
-        .await
-        .map_err(|e| e.to_string())?
-        .ok_or_else(|| format!("no case {id}"))?;
-    let now = crate::db::now();
-    let (to, allowed): (&str, &[&str]) = match action {
-        "run" => (
-            state::READY,
-            &[state::COLLECTING, state::HELD, state::FAILED, state::DONE],
-        ),
-        "hold" => (
-            state::HELD,
-            &[state::COLLECTING, state::READY, state::FAILED],
-        ),
-        "release" => (state::COLLECTING, &[state::HELD]),
-        other => return Err(format!("unknown action {other}")),
-    };
-    if !allowed.contains(&case.state.as_str()) {
-        return Err(format!("case {id} is {}: cannot {action}", case.state));
-    }
-    let reason = format!("operator: {action}");
-    let moved = db
-        .transition_case(id, &case.state, to, &reason, &now)
-        .await
-        .map_err(|e| e.to_string())?;
-    if moved {
-        Ok(format!("case {id}: {} -> {to}", case.state))
-    } else {
-        Err(format!("case {id} changed state meanwhile; try again"))
+            },
+        )
+        .await;
     }
 }

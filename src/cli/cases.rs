@@ -35,18 +35,20 @@ pub async fn run(args: CasesArgs, settings: &Settings) -> anyhow::Result<ExitCod
 }
 
 async fn act(db: Db, action: CasesAction) -> anyhow::Result<ExitCode> {
-    let (name, id) = match action {
-        CasesAction::Run { id } => ("run", id),
-        CasesAction::Hold { id } => ("hold", id),
-        CasesAction::Release { id } => ("release", id),
+    use her2map::ops::CaseAction;
+    let (action, id) = match action {
+        CasesAction::Run { id } => (CaseAction::Run, id),
+        CasesAction::Hold { id } => (CaseAction::Hold, id),
+        CasesAction::Release { id } => (CaseAction::Release, id),
     };
-    match her2map::cases::assembler::operator_action(&db, &id, name).await {
-        Ok(msg) => {
-            println!("{msg}");
+    let now = her2map::clock::Clock::new().now();
+    match her2map::ops::case_action(&db, &id, action, now).await {
+        Ok(moved) => {
+            println!("{moved}");
             Ok(ExitCode::SUCCESS)
         }
-        Err(msg) => {
-            eprintln!("error: {msg}");
+        Err(e) => {
+            eprintln!("error: {e}");
             Ok(ExitCode::FAILURE)
         }
     }
@@ -54,7 +56,7 @@ async fn act(db: Db, action: CasesAction) -> anyhow::Result<ExitCode> {
 
 async fn list(db: Db, settings: &Settings, json: bool) -> anyhow::Result<ExitCode> {
     let rules = settings.case_rules();
-    let cases = her2map::cases::assembler::describe_cases(&db, &rules).await?;
+    let cases = her2map::ops::describe_cases(&db, &rules).await?;
     for c in &cases {
         if json {
             println!("{}", serde_json::to_string(c)?);

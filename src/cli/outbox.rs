@@ -23,12 +23,17 @@ enum OutboxAction {
 pub async fn run(args: OutboxArgs, settings: &Settings) -> anyhow::Result<ExitCode> {
     let db = Db::connect(&settings.database_url()).await?;
     if let Some(OutboxAction::Retry { id }) = args.action {
-        return if db.retry_delivery(id).await? {
-            println!("delivery {id} is due now");
-            Ok(ExitCode::SUCCESS)
-        } else {
-            eprintln!("error: no dead or pending delivery {id}");
-            Ok(ExitCode::FAILURE)
+        let now = her2map::clock::Clock::new().now();
+        return match her2map::ops::retry_delivery(&db, id, now).await {
+            Ok(()) => {
+                println!("delivery {id} is due now");
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(her2map::ops::OpsError::Db(e)) => Err(e.into()),
+            Err(e) => {
+                eprintln!("error: {e}");
+                Ok(ExitCode::FAILURE)
+            }
         };
     }
     for row in db.outbox().await? {

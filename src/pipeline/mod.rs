@@ -27,12 +27,12 @@ use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::cases::{CaseJob, state};
+use crate::cases::{CaseJob, CaseState};
 use crate::db::{CaseRow, Db, NewEvent, OutputRow};
 use crate::imaging::{ImagingSettings, InputGrid, PreparedCase};
 use crate::inference::{EngineHandle, InferResponse};
 use crate::model::MapConfig;
-use crate::report::{self, ReportSettings};
+use crate::report::{self, OutputKind, ReportSettings};
 
 pub use folder::infer_dicom_folder;
 pub use prepare::Speculation;
@@ -93,6 +93,8 @@ pub enum PipelineError {
 
 pub struct Pipeline {
     pub db: Db,
+    /// The node's clock: stamps every transition, event and output.
+    pub clock: crate::clock::Clock,
     pub data_dir: PathBuf,
     pub engine: EngineHandle,
     pub imaging: ImagingSettings,
@@ -129,15 +131,15 @@ impl Pipeline {
 
     /// Run one case; failures end the case in `failed` with the reason.
     pub async fn process(&self, job: &CaseJob) {
-        let now = crate::db::now();
+        let now = self.clock.now();
         match self
             .db
             .transition_case(
                 &job.case_id,
-                state::QUEUED,
-                state::RUNNING,
+                CaseState::Queued,
+                CaseState::Running,
                 "imaging and inference",
-                &now,
+                now,
             )
             .await
         {
@@ -161,10 +163,10 @@ impl Pipeline {
                 .db
                 .transition_case(
                     &job.case_id,
-                    state::RUNNING,
-                    state::FAILED,
+                    CaseState::Running,
+                    CaseState::Failed,
                     &reason,
-                    &crate::db::now(),
+                    self.clock.now(),
                 )
                 .await;
         }
@@ -177,7 +179,7 @@ impl Pipeline {
             detail: Some(detail),
             ..Default::default()
         };
-        if let Err(err) = self.db.record(e).await {
+        if let Err(err) = self.db.record(e, self.clock.now()).await {
             error!(error = %err, "audit event could not be recorded");
         }
     }
@@ -201,10 +203,10 @@ impl Pipeline {
             self.db
                 .transition_case(
                     &case.id,
-                    state::RUNNING,
-                    state::DONE,
+                    CaseState::Running,
+                    CaseState::Done,
                     reason,
-                    &crate::db::now(),
+                    self.clock.now(),
                 )
                 .await?;
             return Ok(());
@@ -332,8 +334,8 @@ impl Pipeline {
         .await
         .map_err(|e| PipelineError::Other(e.to_string()))??;
         for row in &rows {
-            let dests = crate::outbox::destinations_for(&self.destinations, &row.kind);
-            self.db.add_output(row, &dests).await?;
+            let dests = crate::outbox::destinations_for(&self.destinations, row.kind);
+            self.db.add_output(row, &dests, self.clock.now()).await?;
         }
         self.outbox_wake.notify_waiters();
         Ok((results, rows))
@@ -359,21 +361,21 @@ impl Pipeline {
             .collect::<Vec<_>>()
             .join(", ");
         info!(case = %case.id, %summary, outputs = objects, "case result");
-        let now = crate::db::now();
+        let now = self.clock.now();
         let latest = self.db.case(&case.id).await?.map(|c| c.last_instance_at);
         if latest.as_deref() != Some(case.last_instance_at.as_str()) {
             self.db
                 .reopen_case(
                     &case.id,
-                    state::RUNNING,
+                    CaseState::Running,
                     "instances arrived while the case ran",
-                    &now,
+                    now,
                 )
                 .await?;
         } else {
             let reason = format!("result: {summary}; {objects} objects queued");
             self.db
-                .transition_case(&case.id, state::RUNNING, state::DONE, &reason, &now)
+                .transition_case(&case.id, CaseState::Running, CaseState::Done, &reason, now)
                 .await?;
         }
         Ok(())
@@ -390,7 +392,7 @@ impl Pipeline {
             .case_outputs(case_id)
             .await?
             .into_iter()
-            .filter(|o| o.kind == "sr" && o.revision < revision)
+            .filter(|o| o.kind == OutputKind::Sr && o.revision < revision)
             .map(|o| report::PriorOutput {
                 sop_class_uid: o.sop_class_uid,
                 sop_instance_uid: o.sop_instance_uid,

@@ -211,6 +211,52 @@ pub enum OutputKind {
     HeatmapSc,
 }
 
+impl OutputKind {
+    /// The name as stored (`outputs.kind`) and as `destinations.outputs`
+    /// spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutputKind::Sr => "sr",
+            OutputKind::HeatmapSc => "sc",
+        }
+    }
+}
+
+/// An output kind no variant has.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown output kind {0:?}")]
+pub struct UnknownOutputKind(pub String);
+
+impl std::str::FromStr for OutputKind {
+    type Err = UnknownOutputKind;
+    fn from_str(s: &str) -> Result<Self, UnknownOutputKind> {
+        match s {
+            "sr" => Ok(OutputKind::Sr),
+            "sc" => Ok(OutputKind::HeatmapSc),
+            other => Err(UnknownOutputKind(other.to_string())),
+        }
+    }
+}
+
+impl TryFrom<String> for OutputKind {
+    type Error = UnknownOutputKind;
+    fn try_from(s: String) -> Result<Self, UnknownOutputKind> {
+        s.parse()
+    }
+}
+
+impl std::fmt::Display for OutputKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+impl serde::Serialize for OutputKind {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
 /// One DICOM object to send.
 #[derive(Clone, Debug)]
 pub struct OutputObject {
