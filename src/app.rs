@@ -40,7 +40,7 @@ impl App {
         // Certificates are read first: a bad file stops the node at once,
         // with the key's name, before anything opens.
         let tls = if settings.dicom.tls.enabled {
-            Some(crate::tls::server_config(&settings.dicom.tls)?)
+            Some(crate::dimse::tls::server_config(&settings.dicom.tls)?)
         } else {
             None
         };

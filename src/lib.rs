@@ -21,4 +21,3 @@ pub mod report;
 pub mod send;
 pub mod spool;
 pub mod synth;
-pub mod tls;
