@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use crate::cases::{Assembler, CaseJob, Clock};
 use crate::config::{Settings, resolve_host};
 use crate::db::{Db, NewEvent, event};
-use crate::dimse::server::{Server, ServerConfig};
+use crate::dimse::server::{ConnectionLimits, Server, ServerConfig};
 use crate::inference::Engine;
 use crate::ingest::Ingest;
 use crate::outbox::Outbox;
@@ -140,9 +140,15 @@ impl App {
             settings.dicom.ae_title.trim().to_string(),
         )?;
         let bind = format!("{}:{}", d.host, d.port);
+        let limits = ConnectionLimits {
+            artim_timeout: Duration::from_secs(d.artim_timeout_secs),
+            max_pending: d.max_pending_connections,
+            max_pending_per_address: d.max_pending_per_address,
+        };
         let mut server = Server::bind(&bind, config, ingest)
             .await
-            .with_context(|| format!("binding the DICOM port {bind}"))?;
+            .with_context(|| format!("binding the DICOM port {bind}"))?
+            .connection_limits(limits);
         if let Some(tls) = tls {
             let bind = format!("{}:{}", d.host, d.tls.port);
             server = server

@@ -124,6 +124,13 @@ pub struct DicomSettings {
     pub accept_any_storage: bool,
     pub accept_any_called_ae: bool,
     pub read_timeout_secs: u64,
+    /// PS3.8 9.1.5 ARTIM: seconds from TCP accept to a complete
+    /// A-ASSOCIATE-RQ (TLS handshake included) before the node closes.
+    pub artim_timeout_secs: u64,
+    /// Connections without an association yet, both ports together.
+    pub max_pending_connections: usize,
+    /// Of those, from one remote address.
+    pub max_pending_per_address: usize,
     #[serde(default)]
     pub peers: Vec<PeerSettings>,
     pub tls: TlsSettings,
@@ -310,6 +317,21 @@ impl Settings {
         if self.dicom.read_timeout_secs == 0 {
             return Err(invalid("dicom.read_timeout_secs", "must be at least 1"));
         }
+        if self.dicom.artim_timeout_secs == 0 {
+            return Err(invalid("dicom.artim_timeout_secs", "must be at least 1"));
+        }
+        if self.dicom.max_pending_connections == 0 {
+            return Err(invalid(
+                "dicom.max_pending_connections",
+                "must be at least 1",
+            ));
+        }
+        if self.dicom.max_pending_per_address == 0 {
+            return Err(invalid(
+                "dicom.max_pending_per_address",
+                "must be at least 1",
+            ));
+        }
         let tls = &self.dicom.tls;
         if tls.enabled {
             if tls.certificate.as_os_str().is_empty() {
@@ -439,6 +461,8 @@ mod tests {
         assert!(s.dicom.peers.is_empty());
         assert!(!s.dicom.tls.enabled);
         assert_eq!(s.dicom.tls.port, 2762);
+        assert_eq!(s.dicom.artim_timeout_secs, 10);
+        assert_eq!(s.dicom.max_pending_connections, 64);
         assert!(s.database_url().ends_with("data/her2map.db"));
     }
 

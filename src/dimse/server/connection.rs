@@ -18,12 +18,14 @@ use dicom_ul::pdu::{
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::{Instant, timeout_at};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use super::admission::{ARTIM_TIMEOUT, Pending, close_unanswered, first_pdu_ready};
 use super::exchange::{Exchange, close_gracefully};
-use super::{AssociationInfo, AssociationStats, ServerConfig, StoreService};
+use super::{AssociationInfo, AssociationStats, ServerConfig, Shared, StoreService};
 use crate::dimse::sop;
 
 /// The AE titles of a request, kept for the audit log of a rejection
@@ -47,30 +49,37 @@ enum Opening<T> {
     OverLimit(T),
     /// Turned away (already answered, or closed), with the audit reason.
     Rejected(String),
+    /// Closed by the node before an association: ARTIM expired.
+    Cut(&'static str),
     /// Could not even be set up: logged, nothing to audit.
     Dropped,
 }
 
-/// Serve one accepted connection to its end. `slot` is the association
-/// slot it may use, `None` when all are taken.
+/// Serve one admitted connection to its end. `pending` is its place among
+/// the connections without an association; it is given up once the
+/// A-ASSOCIATE-RQ has arrived.
 pub(super) async fn serve_connection<S: StoreService>(
     socket: TcpStream,
     peer: SocketAddr,
     transport: Transport,
-    config: &ServerConfig,
-    service: &S,
+    shared: &Shared<S>,
     shutdown: CancellationToken,
-    slot: Option<OwnedSemaphorePermit>,
+    pending: Pending,
 ) {
     let seen = Seen::default();
+    // PS3.8 9.1.5: ARTIM runs from the transport connection to a complete
+    // A-ASSOCIATE-RQ. dicom-ul's read timeout bounded that wait before
+    // ARTIM existed; the shorter of the two still does.
+    let limit = shared.admission.limits().artim_timeout;
+    let deadline = Instant::now() + limit.min(shared.config.read_timeout);
     match transport {
         Transport::Plain => {
-            let opening = open_plain(socket, peer, config, &seen, slot).await;
-            conclude(opening, &seen, peer, config, service, shutdown).await
+            let opening = open_plain(socket, peer, shared, &seen, deadline, pending).await;
+            conclude(opening, &seen, peer, shared, shutdown).await
         }
         Transport::Tls(tls) => {
-            let opening = open_tls(socket, peer, tls, config, &seen, slot).await;
-            conclude(opening, &seen, peer, config, service, shutdown).await
+            let opening = open_tls(socket, peer, tls, shared, &seen, deadline, pending).await;
+            conclude(opening, &seen, peer, shared, shutdown).await
         }
     }
 }
@@ -80,12 +89,12 @@ async fn conclude<S: StoreService, T>(
     opening: Opening<T>,
     seen: &Seen,
     peer: SocketAddr,
-    config: &ServerConfig,
-    service: &S,
+    shared: &Shared<S>,
     shutdown: CancellationToken,
 ) where
     T: AsyncRead + AsyncWrite + Unpin + Send,
 {
+    let (config, service) = (&shared.config, &shared.service);
     match opening {
         Opening::Established(assoc, slot) => {
             serve_association(assoc, peer, config, service, shutdown, slot).await
@@ -100,22 +109,35 @@ async fn conclude<S: StoreService, T>(
                 .association_rejected(peer, &calling, &called, &reason)
                 .await;
         }
+        Opening::Cut(reason) => shared.cut(reason, peer).await,
         Opening::Dropped => {}
     }
 }
 
-/// A plain TCP connection: the A-ASSOCIATE-RQ and its answer.
-async fn open_plain(
+/// A plain TCP connection: wait (ARTIM) for the whole A-ASSOCIATE-RQ
+/// without reading it, take an association slot only then, and let dicom-ul
+/// read and answer it.
+async fn open_plain<S: StoreService>(
     socket: TcpStream,
     peer: SocketAddr,
-    config: &ServerConfig,
+    shared: &Shared<S>,
     seen: &Seen,
-    slot: Option<OwnedSemaphorePermit>,
+    deadline: Instant,
+    pending: Pending,
 ) -> Opening<TcpStream> {
+    if timeout_at(deadline, first_pdu_ready(&socket))
+        .await
+        .is_err()
+    {
+        close_unanswered(socket).await;
+        return Opening::Cut(ARTIM_TIMEOUT);
+    }
+    let slot = shared.slots.clone().try_acquire_owned().ok();
+    drop(pending);
     let Some(slot) = slot else {
         return Opening::OverLimit(socket);
     };
-    let options = association_options(config, peer.ip(), seen.clone());
+    let options = association_options(&shared.config, peer.ip(), seen.clone(), None);
     // dicom-ul drops the connection without a word when the first PDU does
     // not parse (or exceeds the maximum length); keep a second handle on the
     // socket to answer that with an A-ABORT (PS3.8 9.3.8, state table AA-1).
@@ -126,12 +148,13 @@ async fn open_plain(
             return Opening::Dropped;
         }
     };
-    match options.establish_async(socket).await {
-        Ok(assoc) => {
+    match timeout_at(deadline, options.establish_async(socket)).await {
+        Err(_) => Opening::Cut(ARTIM_TIMEOUT),
+        Ok(Ok(assoc)) => {
             drop(spare);
             Opening::Established(assoc, slot)
         }
-        Err(e) => {
+        Ok(Err(e)) => {
             if malformed_first_pdu(&e) {
                 abort_and_close(spare).await;
             }
@@ -142,39 +165,58 @@ async fn open_plain(
 
 /// A DICOM TLS connection: TLS handshake (client certificate verified when
 /// the configuration asks for one), then the A-ASSOCIATE-RQ with the same
-/// access control as the plain port. A failed handshake is a rejection
-/// with its reason. The stream belongs to dicom-ul until the association is
-/// established, so an undecodable first PDU is answered by closing the
-/// connection (no A-ABORT on this port).
-async fn open_tls(
+/// access control as the plain port, all within ARTIM. A failed handshake
+/// is a rejection with its reason. The stream belongs to dicom-ul until the
+/// association is established, so an undecodable first PDU is answered by
+/// closing the connection (no A-ABORT on this port), and the association
+/// slot is taken by the access control, once the request is complete.
+async fn open_tls<S: StoreService>(
     socket: TcpStream,
     peer: SocketAddr,
     tls: Arc<rustls::ServerConfig>,
-    config: &ServerConfig,
+    shared: &Shared<S>,
     seen: &Seen,
-    slot: Option<OwnedSemaphorePermit>,
+    deadline: Instant,
+    pending: Pending,
 ) -> Opening<tokio_rustls::server::TlsStream<TcpStream>> {
-    let Some(slot) = slot else {
+    if shared.slots.available_permits() == 0 {
         // The over-limit answer goes out after the handshake.
         let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-        return match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(socket)).await {
+        return match timeout_at(deadline, acceptor.accept(socket)).await {
             Ok(Ok(stream)) => Opening::OverLimit(stream),
             Ok(Err(e)) => Opening::Rejected(format!("TLS handshake failed: {e}")),
-            Err(_) => Opening::Rejected("TLS handshake timed out".into()),
+            Err(_) => Opening::Cut(ARTIM_TIMEOUT),
         };
+    }
+    let claim = SlotClaim {
+        slots: shared.slots.clone(),
+        taken: Default::default(),
     };
-    let options = association_options(config, peer.ip(), seen.clone()).tls_config(tls);
-    let deadline = TLS_HANDSHAKE_TIMEOUT + config.read_timeout;
-    match tokio::time::timeout(deadline, options.establish_tls_async(socket)).await {
-        Ok(Ok(assoc)) => Opening::Established(assoc, slot),
-        Ok(Err(e)) => Opening::Rejected(describe_tls_establish_error(&e)),
-        Err(_) => Opening::Rejected("TLS handshake or association request timed out".into()),
+    let taken = claim.taken.clone();
+    let options =
+        association_options(&shared.config, peer.ip(), seen.clone(), Some(claim)).tls_config(tls);
+    let established = timeout_at(deadline, options.establish_tls_async(socket)).await;
+    drop(pending);
+    let slot = taken.lock().ok().and_then(|mut t| t.take());
+    match (established, slot) {
+        (Err(_), _) => Opening::Cut(ARTIM_TIMEOUT),
+        (Ok(Err(e)), _) => Opening::Rejected(describe_tls_establish_error(&e)),
+        (Ok(Ok(assoc)), Some(slot)) => Opening::Established(assoc, slot),
+        (Ok(Ok(assoc)), None) => {
+            // The last slot went to another association between the check
+            // above and this request: the A-ASSOCIATE-AC is out, so abort.
+            let _ = assoc.abort().await;
+            Opening::Rejected("local limit exceeded".into())
+        }
     }
 }
 
-/// How long a TLS peer may take to complete its handshake (dicom-ul's own
-/// read timeout only starts with the A-ASSOCIATE-RQ).
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// An association slot taken by the access control when it accepts a
+/// request (TLS port: the request is not visible to the node before).
+struct SlotClaim {
+    slots: Arc<Semaphore>,
+    taken: Arc<std::sync::Mutex<Option<OwnedSemaphorePermit>>>,
+}
 
 /// PS3.8 9.3.4: an association beyond the configured limit gets
 /// A-ASSOCIATE-RJ transient, source service-provider (presentation),
@@ -219,6 +261,7 @@ struct PeerPolicy<'a> {
     config: &'a ServerConfig,
     peer_ip: IpAddr,
     seen: Seen,
+    claim: Option<SlotClaim>,
 }
 
 impl AccessControl for PeerPolicy<'_> {
@@ -228,6 +271,24 @@ impl AccessControl for PeerPolicy<'_> {
         calling_ae_title: &str,
         called_ae_title: &str,
         _user_identity: Option<&UserIdentity>,
+    ) -> Result<(), AssociationRJServiceUserReason> {
+        let verdict = self.verdict(this_ae_title, calling_ae_title, called_ae_title);
+        if verdict.is_ok()
+            && let Some(claim) = &self.claim
+            && let Ok(mut taken) = claim.taken.lock()
+        {
+            *taken = claim.slots.clone().try_acquire_owned().ok();
+        }
+        verdict
+    }
+}
+
+impl PeerPolicy<'_> {
+    fn verdict(
+        &self,
+        this_ae_title: &str,
+        calling_ae_title: &str,
+        called_ae_title: &str,
     ) -> Result<(), AssociationRJServiceUserReason> {
         if let Ok(mut seen) = self.seen.lock() {
             *seen = (
@@ -255,7 +316,7 @@ impl AccessControl for PeerPolicy<'_> {
 
 /// Map IPv4-mapped IPv6 addresses to IPv4 so that `host = "127.0.0.1"`
 /// matches a dual-stack listener's peers.
-fn canonical_ip(ip: IpAddr) -> IpAddr {
+pub(super) fn canonical_ip(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
         v4 => v4,
@@ -266,6 +327,7 @@ fn association_options<'a>(
     config: &'a ServerConfig,
     peer_ip: IpAddr,
     seen: Seen,
+    claim: Option<SlotClaim>,
 ) -> ServerAssociationOptions<'a, PeerPolicy<'a>, dicom_ul::association::server::DefaultNegotiation>
 {
     let mut options = ServerAssociationOptions::new()
@@ -273,6 +335,7 @@ fn association_options<'a>(
             config,
             peer_ip,
             seen,
+            claim,
         })
         .ae_title(config.ae_title.clone())
         .max_pdu_length(config.max_pdu)

@@ -7,6 +7,11 @@
 //! connections completes a TLS handshake first, then gets exactly the same
 //! association handling (access control, limit, audit, exchange), which is
 //! generic over the stream.
+//!
+//! A connection goes through three stages, one submodule each: admission
+//! (pending-connection caps and the ARTIM timer, PS3.8 9.1.5), its opening
+//! (TLS, A-ASSOCIATE-RQ, access control, association slot) and the exchange.
+//! `max_associations` counts established associations only.
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -17,13 +22,17 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use super::command::status;
+use admission::{Admission, CUT_WINDOW, CutLog};
 use connection::{Transport, serve_connection};
 
+mod admission;
 mod connection;
 mod exchange;
+
+pub use admission::{ARTIM_TIMEOUT, CONNECTION_LIMIT, ConnectionLimits};
 
 /// How the SCP negotiates and whom it lets in.
 #[derive(Debug, Clone)]
@@ -130,22 +139,59 @@ pub struct Server<S: StoreService> {
     listener: TcpListener,
     /// The DICOM TLS listener and its rustls configuration, when enabled.
     tls: Option<(TcpListener, Arc<rustls::ServerConfig>)>,
-    config: Arc<ServerConfig>,
-    service: Arc<S>,
+    config: ServerConfig,
+    service: S,
+    limits: ConnectionLimits,
+}
+
+/// What every connection task of a running server shares.
+struct Shared<S> {
+    config: ServerConfig,
+    service: S,
+    /// Established associations (`max_associations`), both ports together.
     slots: Arc<Semaphore>,
+    admission: Arc<Admission>,
+    cuts: CutLog,
+}
+
+impl<S: StoreService> Shared<S> {
+    /// Audit a connection cut before it became an association, through the
+    /// rate limit (the AE titles are not known yet).
+    async fn cut(&self, reason: &'static str, peer: SocketAddr) {
+        let events = self.cuts.note(reason, peer);
+        if events.is_empty() {
+            debug!(%peer, reason, "connection cut (audit rate-limited)");
+        }
+        self.audit_cuts(events).await;
+    }
+
+    async fn audit_cuts(&self, events: Vec<admission::CutEvent>) {
+        for (peer, reason) in events {
+            warn!(%peer, %reason, "connection cut before association");
+            self.service
+                .association_rejected(peer, "", "", &reason)
+                .await;
+        }
+    }
 }
 
 impl<S: StoreService> Server<S> {
     pub async fn bind(addr: &str, config: ServerConfig, service: S) -> std::io::Result<Self> {
         let listener = TcpListener::bind(addr).await?;
-        let slots = Arc::new(Semaphore::new(config.max_associations));
         Ok(Server {
             listener,
             tls: None,
-            config: Arc::new(config),
-            service: Arc::new(service),
-            slots,
+            config,
+            service,
+            limits: ConnectionLimits::default(),
         })
+    }
+
+    /// The pre-association limits (ARTIM, pending-connection caps); the
+    /// defaults of [`ConnectionLimits`] otherwise.
+    pub fn connection_limits(mut self, limits: ConnectionLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// Also listen for DICOM TLS on `addr`; its associations share the
@@ -171,51 +217,91 @@ impl<S: StoreService> Server<S> {
     /// Accept associations until `shutdown` fires, then wait for the ones in
     /// flight: each finishes the instance it is receiving, then is aborted.
     pub async fn run(self, shutdown: CancellationToken) {
+        let known = self
+            .config
+            .peers
+            .iter()
+            .flat_map(|(_, hosts)| hosts.clone());
+        let admission = Arc::new(Admission::new(self.limits, known.collect::<Vec<_>>()));
+        let shared = Arc::new(Shared {
+            slots: Arc::new(Semaphore::new(self.config.max_associations)),
+            config: self.config,
+            service: self.service,
+            admission,
+            cuts: CutLog::new(),
+        });
         let tracker = TaskTracker::new();
-        let plain = self.accept_loop(&self.listener, Transport::Plain, &tracker, &shutdown);
+        let plain = accept_loop(
+            &shared,
+            &self.listener,
+            Transport::Plain,
+            &tracker,
+            &shutdown,
+        );
+        let summaries = audit_summaries(&shared, &shutdown);
         match &self.tls {
             Some((listener, tls)) => {
                 let transport = Transport::Tls(tls.clone());
-                let secure = self.accept_loop(listener, transport, &tracker, &shutdown);
-                tokio::join!(plain, secure);
+                let secure = accept_loop(&shared, listener, transport, &tracker, &shutdown);
+                tokio::join!(plain, secure, summaries);
             }
-            None => plain.await,
+            None => {
+                tokio::join!(plain, summaries);
+            }
         }
         tracker.close();
         tracker.wait().await;
+        shared.audit_cuts(shared.cuts.flush(true)).await;
     }
+}
 
-    async fn accept_loop(
-        &self,
-        listener: &TcpListener,
-        transport: Transport,
-        tracker: &TaskTracker,
-        shutdown: &CancellationToken,
-    ) {
-        loop {
-            let accepted = tokio::select! {
-                r = listener.accept() => r,
-                _ = shutdown.cancelled() => break,
-            };
-            let (socket, peer) = match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            // Nagle's algorithm stalls every small response by ~40 ms.
-            let _ = socket.set_nodelay(true);
-            let config = self.config.clone();
-            let service = self.service.clone();
-            let slot = self.slots.clone().try_acquire_owned().ok();
-            let shutdown = shutdown.clone();
-            let transport = transport.clone();
-            tracker.spawn(async move {
-                serve_connection(socket, peer, transport, &config, &*service, shutdown, slot).await
-            });
+/// Every [`CUT_WINDOW`], the summary events of cut connections that were
+/// not audited one by one.
+async fn audit_summaries<S: StoreService>(shared: &Shared<S>, shutdown: &CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(CUT_WINDOW) => {}
+            _ = shutdown.cancelled() => return,
         }
+        shared.audit_cuts(shared.cuts.flush(false)).await;
+    }
+}
+
+async fn accept_loop<S: StoreService>(
+    shared: &Arc<Shared<S>>,
+    listener: &TcpListener,
+    transport: Transport,
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+) {
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = shutdown.cancelled() => break,
+        };
+        let (socket, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let shared = shared.clone();
+        let Some(pending) = shared.admission.admit(peer.ip()) else {
+            // Closed at once, before a byte is read: a flood of connections
+            // costs a descriptor for microseconds, not an association slot.
+            drop(socket);
+            tracker.spawn(async move { shared.cut(admission::CONNECTION_LIMIT, peer).await });
+            continue;
+        };
+        // Nagle's algorithm stalls every small response by ~40 ms.
+        let _ = socket.set_nodelay(true);
+        let shutdown = shutdown.clone();
+        let transport = transport.clone();
+        tracker.spawn(async move {
+            serve_connection(socket, peer, transport, &shared, shutdown, pending).await
+        });
     }
 }
