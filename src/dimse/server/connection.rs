@@ -2,8 +2,10 @@
 //! association: the transport's opening (TLS handshake on the TLS port),
 //! the A-ASSOCIATE-RQ with access control and the association limit, then
 //! the exchange. Plain and TLS connections share this one path; only
-//! [`Transport::open`] knows which is which. It never touches disk or SQL:
-//! every outcome goes to the [`StoreService`].
+//! `open_plain` / `open_tls` know which is which (dicom-ul establishes an
+//! association on a `TcpStream` only, so the opening cannot be generic),
+//! and everything after it is generic over the stream. It never touches
+//! disk or SQL: every outcome goes to the [`StoreService`].
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
