@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use crate::cases::{Assembler, CaseJob, Clock};
 use crate::config::{Settings, resolve_host};
 use crate::db::{Db, InstanceWriter, NewEvent, event};
-use crate::dimse::server::{Server, ServerConfig};
+use crate::dimse::server::{ConnectionLimits, Server, ServerConfig};
 use crate::inference::Engine;
 use crate::ingest::Ingest;
 use crate::outbox::Outbox;
@@ -43,7 +43,7 @@ impl App {
         // Certificates are read first: a bad file stops the node at once,
         // with the key's name, before anything opens.
         let tls = if settings.dicom.tls.enabled {
-            Some(crate::tls::server_config(&settings.dicom.tls)?)
+            Some(crate::dimse::tls::server_config(&settings.dicom.tls)?)
         } else {
             None
         };
@@ -146,9 +146,15 @@ impl App {
         )?
         .with_clock(clock.clone());
         let bind = format!("{}:{}", d.host, d.port);
+        let limits = ConnectionLimits {
+            artim_timeout: Duration::from_secs(d.artim_timeout_secs),
+            max_pending: d.max_pending_connections,
+            max_pending_per_address: d.max_pending_per_address,
+        };
         let mut server = Server::bind(&bind, config, ingest)
             .await
-            .with_context(|| format!("binding the DICOM port {bind}"))?;
+            .with_context(|| format!("binding the DICOM port {bind}"))?
+            .connection_limits(limits);
         if let Some(tls) = tls {
             let bind = format!("{}:{}", d.host, d.tls.port);
             server = server

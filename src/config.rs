@@ -1,6 +1,15 @@
 //! The node's settings tree and its loader: the built-in `conf/default.toml`,
 //! an optional file given with `--config`, then `HER2MAP__SECTION__KEY`
 //! environment variables, each layer over the previous one.
+//!
+//! The module-graph rule: config is a leaf that aggregates the sections.
+//! A section is plain serde data, defined here, or in a module that never
+//! imports config (`imaging`, `report`, `cases`: their settings are their
+//! own vocabulary). Whatever turns a section into something live (the TLS
+//! loader in `dimse::tls`, the outbox, the SCP's wiring in `app`) imports
+//! config, never the reverse, and reports its own errors (`ConfigError` is
+//! for loading and validating the tree only). `scripts/check-module-cycles.py`
+//! fails on any import circle between the top-level modules.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -20,8 +29,8 @@ pub struct Settings {
     pub database: DatabaseSettings,
     pub cases: CasesSettings,
     #[serde(default)]
-    pub destinations: Vec<crate::outbox::DestinationSettings>,
-    pub outbox: crate::outbox::OutboxSettings,
+    pub destinations: Vec<DestinationSettings>,
+    pub outbox: OutboxSettings,
     pub imaging: crate::imaging::ImagingSettings,
     pub model: ModelSettings,
     pub report: crate::report::ReportSettings,
@@ -110,6 +119,13 @@ pub struct DicomSettings {
     pub accept_any_storage: bool,
     pub accept_any_called_ae: bool,
     pub read_timeout_secs: u64,
+    /// PS3.8 9.1.5 ARTIM: seconds from TCP accept to a complete
+    /// A-ASSOCIATE-RQ (TLS handshake included) before the node closes.
+    pub artim_timeout_secs: u64,
+    /// Connections without an association yet, both ports together.
+    pub max_pending_connections: usize,
+    /// Of those, from one remote address.
+    pub max_pending_per_address: usize,
     #[serde(default)]
     pub peers: Vec<PeerSettings>,
     pub tls: TlsSettings,
@@ -158,6 +174,43 @@ pub struct PeerSettings {
     pub ae_title: String,
     #[serde(default)]
     pub host: Option<String>,
+}
+
+/// `[[destinations]]`: where results go.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DestinationSettings {
+    pub ae_title: String,
+    pub host: String,
+    pub port: u16,
+    /// Output kinds this destination receives ("sr", "sc"); all when absent.
+    #[serde(default)]
+    pub outputs: Option<Vec<String>>,
+    /// DICOM TLS to this destination; plain TCP when absent.
+    #[serde(default)]
+    pub tls: Option<ClientTlsSettings>,
+}
+
+impl DestinationSettings {
+    /// The stable name of a destination in the outbox table.
+    pub fn name(&self) -> String {
+        format!("{}@{}:{}", self.ae_title.trim(), self.host, self.port)
+    }
+    pub fn wants(&self, kind: &str) -> bool {
+        self.outputs
+            .as_ref()
+            .is_none_or(|kinds| kinds.iter().any(|k| k.eq_ignore_ascii_case(kind)))
+    }
+}
+
+/// `[outbox]`: retry policy and timeouts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboxSettings {
+    pub retry_base_ms: u64,
+    pub retry_max_ms: u64,
+    pub max_attempts: i64,
+    pub timeout_secs: u64,
 }
 
 /// `[storage]`.
@@ -258,6 +311,21 @@ impl Settings {
         }
         if self.dicom.read_timeout_secs == 0 {
             return Err(invalid("dicom.read_timeout_secs", "must be at least 1"));
+        }
+        if self.dicom.artim_timeout_secs == 0 {
+            return Err(invalid("dicom.artim_timeout_secs", "must be at least 1"));
+        }
+        if self.dicom.max_pending_connections == 0 {
+            return Err(invalid(
+                "dicom.max_pending_connections",
+                "must be at least 1",
+            ));
+        }
+        if self.dicom.max_pending_per_address == 0 {
+            return Err(invalid(
+                "dicom.max_pending_per_address",
+                "must be at least 1",
+            ));
         }
         let tls = &self.dicom.tls;
         if tls.enabled {
@@ -390,6 +458,8 @@ mod tests {
         assert!(s.dicom.peers.is_empty());
         assert!(!s.dicom.tls.enabled);
         assert_eq!(s.dicom.tls.port, 2762);
+        assert_eq!(s.dicom.artim_timeout_secs, 10);
+        assert_eq!(s.dicom.max_pending_connections, 64);
         assert!(s.database_url().ends_with("data/her2map.db"));
     }
 

@@ -28,5 +28,4 @@ pub mod send;
 pub mod side;
 pub mod spool;
 pub mod synth;
-pub mod tls;
 pub mod worker;

@@ -8,45 +8,19 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::Deserialize;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+// The settings live in config (a leaf); re-exported where they were.
 use crate::clock::Clock;
-use crate::config::{ClientTlsSettings, ConfigError};
+pub use crate::config::{DestinationSettings, OutboxSettings};
 use crate::db::{Db, DbError, DeliveryState, OutboxRow, format_time};
 use crate::dimse::client::{ClientOptions, ClientTls};
+use crate::dimse::tls::TlsError;
 use crate::report::OutputKind;
 use crate::send::{SendFailure, send_files};
 use crate::worker::{Timing, run_worker};
-
-/// `[[destinations]]`: where results go.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct DestinationSettings {
-    pub ae_title: String,
-    pub host: String,
-    pub port: u16,
-    /// Output kinds this destination receives ("sr", "sc"); all when absent.
-    #[serde(default)]
-    pub outputs: Option<Vec<String>>,
-    /// DICOM TLS to this destination; plain TCP when absent.
-    #[serde(default)]
-    pub tls: Option<ClientTlsSettings>,
-}
-
-impl DestinationSettings {
-    /// The stable name of a destination in the outbox table.
-    pub fn name(&self) -> String {
-        format!("{}@{}:{}", self.ae_title.trim(), self.host, self.port)
-    }
-    pub fn wants(&self, kind: &str) -> bool {
-        self.outputs
-            .as_ref()
-            .is_none_or(|kinds| kinds.iter().any(|k| k.eq_ignore_ascii_case(kind)))
-    }
-}
 
 /// The names of the destinations an output of `kind` goes to.
 pub fn destinations_for(destinations: &[DestinationSettings], kind: OutputKind) -> Vec<String> {
@@ -55,16 +29,6 @@ pub fn destinations_for(destinations: &[DestinationSettings], kind: OutputKind) 
         .filter(|d| d.wants(kind.as_str()))
         .map(DestinationSettings::name)
         .collect()
-}
-
-/// `[outbox]`: retry policy and timeouts.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct OutboxSettings {
-    pub retry_base_ms: u64,
-    pub retry_max_ms: u64,
-    pub max_attempts: i64,
-    pub timeout_secs: u64,
 }
 
 /// What one attempt means for a row.
@@ -120,18 +84,24 @@ impl Outbox {
         destinations: Vec<DestinationSettings>,
         settings: OutboxSettings,
         calling_ae: String,
-    ) -> Result<Self, ConfigError> {
+    ) -> Result<Self, TlsError> {
         let destinations = destinations
             .into_iter()
             .map(|d| {
                 let tls = d
                     .tls
                     .as_ref()
-                    .map(|t| crate::tls::client_tls(t, &d.host, &crate::tls::DESTINATION_KEYS))
+                    .map(|t| {
+                        crate::dimse::tls::client_tls(
+                            t,
+                            &d.host,
+                            &crate::dimse::tls::DESTINATION_KEYS,
+                        )
+                    })
                     .transpose()?;
                 Ok((d, tls))
             })
-            .collect::<Result<_, ConfigError>>()?;
+            .collect::<Result<_, TlsError>>()?;
         Ok(Outbox {
             db,
             data_dir,

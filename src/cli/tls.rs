@@ -39,13 +39,8 @@ impl TlsArgs {
         };
         let host = address.rsplit_once(':').map_or(address, |(h, _)| h);
         let host = host.trim_start_matches('[').trim_end_matches(']');
-        her2map::tls::client_tls(&settings, host, &her2map::tls::COMMAND_LINE_KEYS)
+        her2map::dimse::tls::client_tls(&settings, host, &her2map::dimse::tls::COMMAND_LINE_KEYS)
             .map(Some)
-            .map_err(|e| match e {
-                her2map::config::ConfigError::Invalid { key, message } => {
-                    anyhow::anyhow!("{key}: {message}")
-                }
-                other => other.into(),
-            })
+            .map_err(|e| anyhow::anyhow!("{}: {}", e.key, e.message))
     }
 }

@@ -7,3 +7,4 @@ pub mod client;
 pub mod command;
 pub mod server;
 pub mod sop;
+pub mod tls;

@@ -4,6 +4,10 @@
 //! `send`/`echo --tls-*`; the peer verified against a configured CA, the
 //! node's own certificate offered when configured). TLS 1.2 and 1.3 only
 //! (rustls' safe defaults, ring provider). Every error names its key.
+//!
+//! It reads the `[dicom.tls]` and `[destinations.tls]` sections of
+//! [`crate::config`] and owns nothing else of the configuration; its errors
+//! are its own ([`TlsError`]), so config never depends on this module.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -12,21 +16,29 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 
-use crate::config::{ClientTlsSettings, ConfigError, TlsSettings};
+use crate::config::{ClientTlsSettings, TlsSettings};
 use crate::dimse::client::ClientTls;
 
-fn invalid(key: &'static str, path: &Path, message: impl std::fmt::Display) -> ConfigError {
-    ConfigError::Invalid {
+/// TLS files that could not be turned into a rustls configuration; the
+/// message names the configuration key (or command-line option) that gave
+/// them, worded as a configuration error since that is what the operator
+/// has to fix.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration key `{key}`: {message}")]
+pub struct TlsError {
+    pub key: &'static str,
+    pub message: String,
+}
+
+fn invalid(key: &'static str, path: &Path, message: impl std::fmt::Display) -> TlsError {
+    TlsError {
         key,
         message: format!("{}: {message}", path.display()),
     }
 }
 
 /// The certificates of a PEM file: at least one, all readable.
-fn certificates(
-    key: &'static str,
-    path: &Path,
-) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
+fn certificates(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs = CertificateDer::pem_file_iter(path)
         .map_err(|e| invalid(key, path, e))?
         .collect::<Result<Vec<_>, _>>()
@@ -38,7 +50,7 @@ fn certificates(
 }
 
 /// Build the TLS configuration of the DICOM TLS listener.
-pub fn server_config(settings: &TlsSettings) -> Result<Arc<rustls::ServerConfig>, ConfigError> {
+pub fn server_config(settings: &TlsSettings) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let chain = certificates("dicom.tls.certificate", &settings.certificate)?;
     let key = PrivateKeyDer::from_pem_file(&settings.private_key).map_err(|e| {
@@ -50,7 +62,7 @@ pub fn server_config(settings: &TlsSettings) -> Result<Arc<rustls::ServerConfig>
     })?;
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| ConfigError::Invalid {
+        .map_err(|e| TlsError {
             key: "dicom.tls",
             message: e.to_string(),
         })?;
@@ -104,10 +116,10 @@ pub fn client_tls(
     settings: &ClientTlsSettings,
     host: &str,
     keys: &ClientTlsKeys,
-) -> Result<ClientTls, ConfigError> {
+) -> Result<ClientTls, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     if settings.ca.as_os_str().is_empty() {
-        return Err(ConfigError::Invalid {
+        return Err(TlsError {
             key: keys.ca,
             message: "required: the CA certificates that sign the peer's certificate".into(),
         });
@@ -120,7 +132,7 @@ pub fn client_tls(
     }
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| ConfigError::Invalid {
+        .map_err(|e| TlsError {
             key: keys.ca,
             message: e.to_string(),
         })?
@@ -146,13 +158,13 @@ pub fn client_tls(
             })?
         }
         (false, true) => {
-            return Err(ConfigError::Invalid {
+            return Err(TlsError {
                 key: keys.private_key,
                 message: "required with a certificate".into(),
             });
         }
         (true, false) => {
-            return Err(ConfigError::Invalid {
+            return Err(TlsError {
                 key: keys.certificate,
                 message: "required with a private key".into(),
             });
