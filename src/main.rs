@@ -6,7 +6,6 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use her2map::app::App;
 use her2map::config::{LogFormat, Settings};
-use her2map::db::Db;
 use her2map::dimse::client::{ClientOptions, echo};
 use her2map::send::{SendResult, collect_files, send_files};
 use tokio_util::sync::CancellationToken;
@@ -362,7 +361,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Cases { json, action } => {
-            let db = Db::connect(&settings.database_url()).await?;
+            let db = her2map::app::open_database(&settings).await?;
             if let Some(action) = action {
                 use her2map::ops::CaseAction;
                 let (action, id) = match action {
@@ -414,7 +413,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Outbox { json, action } => {
-            let db = Db::connect(&settings.database_url()).await?;
+            let db = her2map::app::open_database(&settings).await?;
             if let Some(OutboxAction::Retry { id }) = action {
                 let now = her2map::clock::Clock::new().now();
                 return match her2map::ops::retry_delivery(&db, id, now).await {
@@ -449,7 +448,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Audit { json, event, tail } => {
-            let db = Db::connect(&settings.database_url()).await?;
+            let db = her2map::app::open_database(&settings).await?;
             let mut events = db.events(0, event.as_deref(), i64::MAX).await?;
             if let Some(n) = tail {
                 let skip = events.len().saturating_sub(n);
