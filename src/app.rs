@@ -38,6 +38,22 @@ pub struct App {
     pipeline: Pipeline,
 }
 
+/// Open (creating and migrating) the node's database, owner-only: it holds
+/// PHI. The one way the node and the CLI's commands open it.
+pub async fn open_database(settings: &Settings) -> anyhow::Result<Db> {
+    let db = Db::connect_with(
+        &settings.database_url(),
+        Duration::from_millis(settings.database.busy_timeout_ms),
+    )
+    .await
+    .context("opening the database")?;
+    if let Some(file) = db.file() {
+        crate::spool::make_private_file(file)
+            .with_context(|| format!("securing the database {}", file.display()))?;
+    }
+    Ok(db)
+}
+
 impl App {
     pub async fn build(settings: Settings) -> anyhow::Result<App> {
         // Certificates are read first: a bad file stops the node at once,
@@ -52,16 +68,7 @@ impl App {
             .with_context(|| format!("creating data_dir {}", data_dir.display()))?;
         let spool = Spool::open(&settings.spool_dir(), settings.storage.min_free_mb << 20)
             .with_context(|| format!("opening spool {}", settings.spool_dir().display()))?;
-        let db = Db::connect_with(
-            &settings.database_url(),
-            Duration::from_millis(settings.database.busy_timeout_ms),
-        )
-        .await
-        .context("opening the database")?;
-        if let Some(file) = db.file() {
-            crate::spool::make_private_file(file)
-                .with_context(|| format!("securing the database {}", file.display()))?;
-        }
+        let db = open_database(&settings).await?;
         // The one clock of the node: every timer and every stamped row.
         let clock = Clock::new();
         let instances = InstanceWriter::start(&db, clock.clone());

@@ -3,7 +3,6 @@
 use std::process::ExitCode;
 
 use her2map::config::Settings;
-use her2map::db::Db;
 
 #[derive(clap::Args)]
 pub struct AuditArgs {
@@ -19,7 +18,7 @@ pub struct AuditArgs {
 }
 
 pub async fn run(args: AuditArgs, settings: &Settings) -> anyhow::Result<ExitCode> {
-    let db = Db::connect(&settings.database_url()).await?;
+    let db = her2map::app::open_database(settings).await?;
     let mut events = db.events(0, args.event.as_deref(), i64::MAX).await?;
     if let Some(n) = args.tail {
         let skip = events.len().saturating_sub(n);

@@ -27,7 +27,7 @@ enum CasesAction {
 }
 
 pub async fn run(args: CasesArgs, settings: &Settings) -> anyhow::Result<ExitCode> {
-    let db = Db::connect(&settings.database_url()).await?;
+    let db = her2map::app::open_database(settings).await?;
     match args.action {
         Some(action) => act(db, action).await,
         None => list(db, settings, args.json).await,

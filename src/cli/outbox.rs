@@ -4,7 +4,6 @@ use std::process::ExitCode;
 
 use clap::Subcommand;
 use her2map::config::Settings;
-use her2map::db::Db;
 
 #[derive(clap::Args)]
 pub struct OutboxArgs {
@@ -21,7 +20,7 @@ enum OutboxAction {
 }
 
 pub async fn run(args: OutboxArgs, settings: &Settings) -> anyhow::Result<ExitCode> {
-    let db = Db::connect(&settings.database_url()).await?;
+    let db = her2map::app::open_database(settings).await?;
     if let Some(OutboxAction::Retry { id }) = args.action {
         let now = her2map::clock::Clock::new().now();
         return match her2map::ops::retry_delivery(&db, id, now).await {

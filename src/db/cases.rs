@@ -86,8 +86,10 @@ pub struct CaseMember {
 #[derive(sqlx::FromRow)]
 struct TransitionRow {
     time: String,
-    from_state: String,
-    to_state: String,
+    #[sqlx(try_from = "String")]
+    from_state: CaseState,
+    #[sqlx(try_from = "String")]
+    to_state: CaseState,
     reason: String,
 }
 
@@ -299,7 +301,7 @@ impl Db {
     pub async fn case_transitions(
         &self,
         id: &str,
-    ) -> Result<Vec<(String, String, String, String)>, DbError> {
+    ) -> Result<Vec<(String, CaseState, CaseState, String)>, DbError> {
         let rows: Vec<TransitionRow> = sqlx::query_as(
             "SELECT time, from_state, to_state, reason FROM case_transitions \
              WHERE case_id = $1 ORDER BY seq",

@@ -46,7 +46,7 @@ impl Default for ConnectionLimits {
         ConnectionLimits {
             artim_timeout: Duration::from_secs(10),
             max_pending: 64,
-            max_pending_per_address: 16,
+            max_pending_per_address: 32,
         }
     }
 }
