@@ -15,7 +15,7 @@ use crate::cases::{Assembler, CaseJob, Clock};
 use crate::config::{Settings, resolve_host};
 use crate::db::{Db, InstanceWriter, NewEvent, event};
 use crate::dimse::server::{ConnectionLimits, Server, ServerConfig};
-use crate::inference::Engine;
+use crate::inference::{Engine, EngineHandle};
 use crate::ingest::Ingest;
 use crate::outbox::Outbox;
 use crate::pipeline::{ModelIdentity, Pipeline};
@@ -55,6 +55,9 @@ pub async fn open_database(settings: &Settings) -> anyhow::Result<Db> {
 }
 
 impl App {
+    /// Build the node from its settings, in the order that makes a broken
+    /// configuration fail before anything is opened to the network: TLS
+    /// files, storage and database, the model, then the DICOM port.
     pub async fn build(settings: Settings) -> anyhow::Result<App> {
         // Certificates are read first: a bad file stops the node at once,
         // with the key's name, before anything opens.
@@ -63,112 +66,17 @@ impl App {
         } else {
             None
         };
-        let data_dir = &settings.storage.data_dir;
-        crate::spool::create_private_dir(data_dir)
-            .with_context(|| format!("creating data_dir {}", data_dir.display()))?;
-        let spool = Spool::open(&settings.spool_dir(), settings.storage.min_free_mb << 20)
-            .with_context(|| format!("opening spool {}", settings.spool_dir().display()))?;
-        let db = open_database(&settings).await?;
+        let (spool, db) = open_storage(&settings).await?;
         // The one clock of the node: every timer and every stamped row.
         let clock = Clock::new();
         let instances = InstanceWriter::start(&db, clock.clone());
         // The model loads before the port opens: a node that cannot infer
         // must not accept studies it will never report on.
-        let weights = settings.model.weights_path()?;
-        let (w, device, queue) = (
-            weights.clone(),
-            settings.model.device.clone(),
-            settings.model.queue,
-        );
-        let engine = tokio::task::spawn_blocking(move || Engine::start(&w, &device, queue))
-            .await?
-            .with_context(|| format!("loading the model weights {}", weights.display()))?;
-        info!(
-            weights = %weights.display(),
-            sha256 = %engine.weights_sha256(),
-            device = %settings.model.device,
-            demo = settings.model.demo,
-            "model loaded"
-        );
-        let d = &settings.dicom;
-        let peers = d
-            .peers
-            .iter()
-            .map(|p| {
-                let hosts = p.host.as_deref().map(resolve_host).unwrap_or_default();
-                if p.host.is_some() && hosts.is_empty() {
-                    anyhow::bail!(
-                        "configuration key `dicom.peers.host`: {:?} does not resolve",
-                        p.host
-                    );
-                }
-                Ok((p.ae_title.trim().to_string(), hosts))
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        let config = ServerConfig {
-            ae_title: d.ae_title.trim().to_string(),
-            max_pdu: d.max_pdu,
-            max_associations: d.max_associations,
-            accept_any_storage: d.accept_any_storage,
-            accept_any_called_ae: d.accept_any_called_ae,
-            read_timeout: Duration::from_secs(d.read_timeout_secs),
-            peers,
-        };
+        let engine = load_model(&settings).await?;
         let ingest = Ingest::new(spool, db.clone(), instances.queue(), clock.clone());
         let wake = ingest.stored_notify();
-        let assembler = Assembler::new(
-            db.clone(),
-            settings.case_rules(),
-            settings.cases.patient_key,
-            settings.cases.window_days,
-            clock.clone(),
-        );
-        let (hints_tx, hints_rx) = mpsc::channel(4);
-        let assembler = assembler.with_prepare_hints(hints_tx);
-        let (jobs_tx, jobs_rx) = mpsc::channel(settings.cases.queue);
-        let outbox_wake = std::sync::Arc::new(tokio::sync::Notify::new());
-        let pipeline = Pipeline {
-            db: db.clone(),
-            clock: clock.clone(),
-            data_dir: settings.storage.data_dir.clone(),
-            engine,
-            imaging: settings.imaging.clone(),
-            report: settings.report.clone(),
-            identity: ModelIdentity {
-                name: "HER2 MAP (Model3)".into(),
-                version: format!("her2map {} (Candle port)", env!("CARGO_PKG_VERSION")),
-                demo: settings.model.demo,
-            },
-            destinations: settings.destinations.clone(),
-            outbox_wake: outbox_wake.clone(),
-            prepare_hints: Some(hints_rx),
-            speculation: Default::default(),
-        };
-        let outbox = Outbox::new(
-            db.clone(),
-            settings.storage.data_dir.clone(),
-            settings.destinations.clone(),
-            settings.outbox.clone(),
-            settings.dicom.ae_title.trim().to_string(),
-        )?
-        .with_clock(clock.clone());
-        let bind = format!("{}:{}", d.host, d.port);
-        let limits = ConnectionLimits {
-            artim_timeout: Duration::from_secs(d.artim_timeout_secs),
-            max_pending: d.max_pending_connections,
-            max_pending_per_address: d.max_pending_per_address,
-        };
-        let mut server = Server::bind(&bind, config, ingest)
-            .await
-            .with_context(|| format!("binding the DICOM port {bind}"))?
-            .connection_limits(limits);
-        if let Some(tls) = tls {
-            let bind = format!("{}:{}", d.host, d.tls.port);
-            server = server
-                .bind_tls(&bind, tls)
-                .await
-                .with_context(|| format!("binding the DICOM TLS port {bind}"))?;
-        }
+        let workers = Workers::new(&settings, &db, &clock, engine)?;
+        let server = bind_server(&settings, ingest, tls).await?;
         let addr = server.local_addr()?;
         let tls_addr = server.tls_local_addr()?;
         Ok(App {
@@ -178,13 +86,13 @@ impl App {
             db,
             clock,
             instances,
-            assembler,
+            assembler: workers.assembler,
             wake,
-            jobs_tx,
-            jobs_rx: Some(jobs_rx),
-            outbox,
-            outbox_wake,
-            pipeline,
+            jobs_tx: workers.jobs_tx,
+            jobs_rx: Some(workers.jobs_rx),
+            outbox: workers.outbox,
+            outbox_wake: workers.outbox_wake,
+            pipeline: workers.pipeline,
         })
     }
 
@@ -261,5 +169,153 @@ impl App {
         self.db.close().await;
         info!("stopped");
         Ok(())
+    }
+}
+
+/// The data folder (owner-only), the spool and the database.
+async fn open_storage(settings: &Settings) -> anyhow::Result<(Spool, Db)> {
+    let data_dir = &settings.storage.data_dir;
+    crate::spool::create_private_dir(data_dir)
+        .with_context(|| format!("creating data_dir {}", data_dir.display()))?;
+    let spool = Spool::open(&settings.spool_dir(), settings.storage.min_free_mb << 20)
+        .with_context(|| format!("opening spool {}", settings.spool_dir().display()))?;
+    let db = open_database(settings).await?;
+    Ok((spool, db))
+}
+
+/// The model weights on the engine's own thread (loaded off the runtime).
+async fn load_model(settings: &Settings) -> anyhow::Result<EngineHandle> {
+    let weights = settings.model.weights_path()?;
+    let (w, device, queue) = (
+        weights.clone(),
+        settings.model.device.clone(),
+        settings.model.queue,
+    );
+    let engine = tokio::task::spawn_blocking(move || Engine::start(&w, &device, queue))
+        .await?
+        .with_context(|| format!("loading the model weights {}", weights.display()))?;
+    info!(
+        weights = %weights.display(),
+        sha256 = %engine.weights_sha256(),
+        device = %settings.model.device,
+        demo = settings.model.demo,
+        "model loaded"
+    );
+    Ok(engine)
+}
+
+/// The SCP on its plain port (and TLS port), with the peers' hosts resolved
+/// and the pre-association limits.
+async fn bind_server(
+    settings: &Settings,
+    ingest: Ingest,
+    tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+) -> anyhow::Result<Server<Ingest>> {
+    let d = &settings.dicom;
+    let peers = d
+        .peers
+        .iter()
+        .map(|p| {
+            let hosts = p.host.as_deref().map(resolve_host).unwrap_or_default();
+            if p.host.is_some() && hosts.is_empty() {
+                anyhow::bail!(
+                    "configuration key `dicom.peers.host`: {:?} does not resolve",
+                    p.host
+                );
+            }
+            Ok((p.ae_title.trim().to_string(), hosts))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let config = ServerConfig {
+        ae_title: d.ae_title.trim().to_string(),
+        max_pdu: d.max_pdu,
+        max_associations: d.max_associations,
+        accept_any_storage: d.accept_any_storage,
+        accept_any_called_ae: d.accept_any_called_ae,
+        read_timeout: Duration::from_secs(d.read_timeout_secs),
+        peers,
+    };
+    let bind = format!("{}:{}", d.host, d.port);
+    let limits = ConnectionLimits {
+        artim_timeout: Duration::from_secs(d.artim_timeout_secs),
+        max_pending: d.max_pending_connections,
+        max_pending_per_address: d.max_pending_per_address,
+    };
+    let mut server = Server::bind(&bind, config, ingest)
+        .await
+        .with_context(|| format!("binding the DICOM port {bind}"))?
+        .connection_limits(limits);
+    if let Some(tls) = tls {
+        let bind = format!("{}:{}", d.host, d.tls.port);
+        server = server
+            .bind_tls(&bind, tls)
+            .await
+            .with_context(|| format!("binding the DICOM TLS port {bind}"))?;
+    }
+    Ok(server)
+}
+
+/// The tasks behind ingest: the case assembler, the pipeline that runs
+/// ready cases, and the outbox, with the channels between them.
+struct Workers {
+    assembler: Assembler,
+    jobs_tx: mpsc::Sender<CaseJob>,
+    jobs_rx: mpsc::Receiver<CaseJob>,
+    pipeline: Pipeline,
+    outbox: Outbox,
+    outbox_wake: std::sync::Arc<tokio::sync::Notify>,
+}
+
+impl Workers {
+    fn new(
+        settings: &Settings,
+        db: &Db,
+        clock: &Clock,
+        engine: EngineHandle,
+    ) -> anyhow::Result<Self> {
+        let (hints_tx, hints_rx) = mpsc::channel(4);
+        let assembler = Assembler::new(
+            db.clone(),
+            settings.case_rules(),
+            settings.cases.patient_key,
+            settings.cases.window_days,
+            clock.clone(),
+        )
+        .with_prepare_hints(hints_tx);
+        let (jobs_tx, jobs_rx) = mpsc::channel(settings.cases.queue);
+        let outbox_wake = std::sync::Arc::new(tokio::sync::Notify::new());
+        let pipeline = Pipeline {
+            db: db.clone(),
+            clock: clock.clone(),
+            data_dir: settings.storage.data_dir.clone(),
+            engine,
+            imaging: settings.imaging.clone(),
+            report: settings.report.clone(),
+            identity: ModelIdentity {
+                name: "HER2 MAP (Model3)".into(),
+                version: format!("her2map {} (Candle port)", env!("CARGO_PKG_VERSION")),
+                demo: settings.model.demo,
+            },
+            destinations: settings.destinations.clone(),
+            outbox_wake: outbox_wake.clone(),
+            prepare_hints: Some(hints_rx),
+            speculation: Default::default(),
+        };
+        let outbox = Outbox::new(
+            db.clone(),
+            settings.storage.data_dir.clone(),
+            settings.destinations.clone(),
+            settings.outbox.clone(),
+            settings.dicom.ae_title.trim().to_string(),
+        )?
+        .with_clock(clock.clone());
+        Ok(Workers {
+            assembler,
+            jobs_tx,
+            jobs_rx,
+            pipeline,
+            outbox,
+            outbox_wake,
+        })
     }
 }

@@ -174,36 +174,7 @@ impl MapModel {
         }
         let clinical = inputs.clinical.to_dtype(DType::F32)?;
 
-        // Validate and collect the branches to run (absent in every sample:
-        // skipped, not run on zeros).
-        let mut jobs: Vec<(Modality, Tensor)> = Vec::with_capacity(3);
-        for branch in Modality::MODEL_ORDER {
-            if !inputs.flags.iter().any(|f| f[branch.branch()]) {
-                continue;
-            }
-            let x = match branch {
-                Modality::US => &inputs.us,
-                Modality::MR => &inputs.mri,
-                Modality::MG => &inputs.mg,
-            }
-            .as_ref()
-            .ok_or_else(|| {
-                ModelError::Input(format!(
-                    "{} flag is set but no {} tensor was given",
-                    branch.key(),
-                    branch.key()
-                ))
-            })?
-            .to_dtype(DType::F32)?;
-            if x.dim(0)? != b {
-                return Err(ModelError::Input(format!(
-                    "{} batch is {}, clinical batch is {b}",
-                    branch.key(),
-                    x.dim(0)?
-                )));
-            }
-            jobs.push((branch, x));
-        }
+        let jobs = branch_inputs(inputs, b)?;
         // Branches run one after the other, each using every core inside its
         // ops (running them concurrently gained nothing measurable on the
         // 2-core target and raised peak RSS by ~120 MiB).
@@ -216,27 +187,7 @@ impl MapModel {
             cams_raw[branch.branch()] = Some(run.cam);
         }
 
-        // Masked mean with per-sample weights.
-        let w: Vec<f32> = inputs
-            .flags
-            .iter()
-            .flat_map(|f| f.iter().map(|&x| if x { 1f32 } else { 0f32 }))
-            .collect();
-        let w = Tensor::from_vec(w, (b, 3), &self.device)?;
-        let count = w.sum_keepdim(1)?;
-        let mut sum: Option<Tensor> = None;
-        for (k, emb) in embeddings.iter().enumerate() {
-            if let Some(e) = emb {
-                let term = e.broadcast_mul(&w.narrow(1, k, 1)?)?;
-                sum = Some(match sum {
-                    Some(s) => (s + term)?,
-                    None => term,
-                });
-            }
-        }
-        // Non-empty: every sample has a flag, so some branch ran.
-        let sum = sum.ok_or(ModelError::NoModality { sample: 0 })?;
-        let fused = sum.broadcast_div(&count)?;
+        let fused = self.masked_mean(&inputs.flags, &embeddings, b)?;
 
         let logits = self.apply_head(&fused, &clinical)?;
         let probs = class1_prob(&logits)?;
@@ -272,6 +223,36 @@ impl MapModel {
             cams_grid,
             cams_raw,
         })
+    }
+
+    /// The fusion: the mean of each sample's branch embeddings over the
+    /// branches it has (the reference's masked mean), so a missing
+    /// modality's branch neither runs nor counts.
+    fn masked_mean(
+        &self,
+        flags: &[[bool; 3]],
+        embeddings: &[Option<Tensor>; 3],
+        b: usize,
+    ) -> Result<Tensor> {
+        let w: Vec<f32> = flags
+            .iter()
+            .flat_map(|f| f.iter().map(|&x| if x { 1f32 } else { 0f32 }))
+            .collect();
+        let w = Tensor::from_vec(w, (b, 3), &self.device)?;
+        let count = w.sum_keepdim(1)?;
+        let mut sum: Option<Tensor> = None;
+        for (k, emb) in embeddings.iter().enumerate() {
+            if let Some(e) = emb {
+                let term = e.broadcast_mul(&w.narrow(1, k, 1)?)?;
+                sum = Some(match sum {
+                    Some(s) => (s + term)?,
+                    None => term,
+                });
+            }
+        }
+        // Non-empty: every sample has a flag, so some branch ran.
+        let sum = sum.ok_or(ModelError::NoModality { sample: 0 })?;
+        Ok(sum.broadcast_div(&count)?)
     }
 
     /// One branch: embedding and raw class-1 CAM on its feature grid.
@@ -320,6 +301,40 @@ impl MapModel {
     fn apply_head(&self, emb: &Tensor, clinical: &Tensor) -> candle_core::Result<Tensor> {
         self.head.forward(&Tensor::cat(&[emb, clinical], 1)?)
     }
+}
+
+/// The input of each branch to run, validated against the batch: a branch
+/// absent from every sample is skipped, not run on zeros.
+fn branch_inputs(inputs: &MapInputs, b: usize) -> Result<Vec<(Modality, Tensor)>> {
+    let mut jobs: Vec<(Modality, Tensor)> = Vec::with_capacity(3);
+    for branch in Modality::MODEL_ORDER {
+        if !inputs.flags.iter().any(|f| f[branch.branch()]) {
+            continue;
+        }
+        let x = match branch {
+            Modality::US => &inputs.us,
+            Modality::MR => &inputs.mri,
+            Modality::MG => &inputs.mg,
+        }
+        .as_ref()
+        .ok_or_else(|| {
+            ModelError::Input(format!(
+                "{} flag is set but no {} tensor was given",
+                branch.key(),
+                branch.key()
+            ))
+        })?
+        .to_dtype(DType::F32)?;
+        if x.dim(0)? != b {
+            return Err(ModelError::Input(format!(
+                "{} batch is {}, clinical batch is {b}",
+                branch.key(),
+                x.dim(0)?
+            )));
+        }
+        jobs.push((branch, x));
+    }
+    Ok(jobs)
 }
 
 struct BranchRun {

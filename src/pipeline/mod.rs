@@ -322,6 +322,7 @@ impl Pipeline {
             identity: self.identity.clone(),
             settings: self.report.clone(),
             predecessors: self.predecessors(&case.id, case.revision).await?,
+            now: self.clock.now(),
         };
         let (results, written) =
             tokio::task::spawn_blocking(move || job.build(&prepared, &response))

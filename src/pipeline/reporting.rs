@@ -20,6 +20,8 @@ pub(super) struct ReportJob {
     pub(super) identity: ModelIdentity,
     pub(super) settings: ReportSettings,
     pub(super) predecessors: Vec<report::PriorOutput>,
+    /// When the objects are made (the node's clock): their content date/time.
+    pub(super) now: time::OffsetDateTime,
 }
 
 type Built = (Vec<SideResult>, Vec<(OutputKind, DefaultDicomObject)>);
@@ -111,7 +113,7 @@ impl ReportJob {
             heatmaps: &heatmaps,
             predecessors,
             settings,
-            now: time::OffsetDateTime::now_utc(),
+            now: self.now,
         };
         let outputs = report::build_outputs(&input)?;
         let side_result = SideResult {
