@@ -286,11 +286,13 @@ impl Settings {
                 return Err(invalid("destinations.host", "must not be empty"));
             }
             if let Some(kinds) = &d.outputs
-                && kinds.iter().any(|k| !matches!(k.as_str(), "sr" | "sc"))
+                && kinds
+                    .iter()
+                    .any(|k| !matches!(k.as_str(), "sr" | "sc" | "gsps"))
             {
                 return Err(invalid(
                     "destinations.outputs",
-                    "kinds are \"sr\" and \"sc\"",
+                    "kinds are \"sr\", \"sc\" and \"gsps\"",
                 ));
             }
         }

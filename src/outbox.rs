@@ -25,7 +25,8 @@ pub struct DestinationSettings {
     pub ae_title: String,
     pub host: String,
     pub port: u16,
-    /// Output kinds this destination receives ("sr", "sc"); all when absent.
+    /// Output kinds this destination receives ("sr", "sc", "gsps"; the summary
+    /// card is an "sc"); all when absent.
     #[serde(default)]
     pub outputs: Option<Vec<String>>,
     /// DICOM TLS to this destination; plain TCP when absent.

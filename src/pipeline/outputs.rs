@@ -45,10 +45,7 @@ pub(super) fn write_outputs(
                 sop_instance_uid: sop,
                 case_id: case_id.to_string(),
                 revision,
-                kind: match kind {
-                    OutputKind::Sr => "sr".into(),
-                    OutputKind::HeatmapSc => "sc".into(),
-                },
+                kind: kind.as_str().into(),
                 sop_class_uid: text(tags::SOP_CLASS_UID),
                 study_instance_uid: text(tags::STUDY_INSTANCE_UID),
                 series_instance_uid: text(tags::SERIES_INSTANCE_UID),
