@@ -199,10 +199,11 @@ pub(crate) fn render(prep: &Prepared) -> Vec<u8> {
     rgb
 }
 
-/// The blended heatmap shrunk (nearest neighbour) into a THUMB box at (x, y).
+/// The blended heatmap scaled (nearest neighbour) into a THUMB box at (x, y).
 fn thumbnail(rgb: &mut [u8], x: u32, y: u32, h: &super::Heatmap) {
     let blended = colormap::blend(&h.base, &h.cam);
-    let f = (THUMB as f32 / h.cols.max(h.rows) as f32).min(1.0);
+    // Small images (MRI slices) are enlarged to fill the box too.
+    let f = THUMB as f32 / h.cols.max(h.rows) as f32;
     let (w, hh) = (
         ((h.cols as f32 * f) as u32).max(1),
         ((h.rows as f32 * f) as u32).max(1),
