@@ -48,6 +48,8 @@ def describe(path):
         if key in ds and len(ds[key].value):
             ref = ds[key][0].ReferencedSOPInstanceUID
             break
+    if not ref and "ReferencedSeriesSequence" in ds:  # a presentation state
+        ref = ds.ReferencedSeriesSequence[0].ReferencedImageSequence[0].ReferencedSOPInstanceUID
     key = (ds.SOPClassUID, ds.StudyInstanceUID, ref, str(ds.get("ReferencedFrameNumber", "")))
     uids = {}
     body = normalise(ds, uids)

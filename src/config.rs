@@ -183,7 +183,8 @@ pub struct DestinationSettings {
     pub ae_title: String,
     pub host: String,
     pub port: u16,
-    /// Output kinds this destination receives ("sr", "sc"); all when absent.
+    /// Output kinds this destination receives ("sr", "sc", "gsps"; the summary
+    /// card is an "sc"); all when absent.
     #[serde(default)]
     pub outputs: Option<Vec<String>>,
     /// DICOM TLS to this destination; plain TCP when absent.
@@ -356,11 +357,11 @@ impl Settings {
             if let Some(kinds) = &d.outputs
                 && kinds
                     .iter()
-                    .any(|k| k.parse::<crate::report::OutputKind>().is_err())
+                    .any(|k| !crate::report::OutputKind::FILTER_NAMES.contains(&k.as_str()))
             {
                 return Err(invalid(
                     "destinations.outputs",
-                    "kinds are \"sr\" and \"sc\"",
+                    "kinds are \"sr\", \"sc\" and \"gsps\"",
                 ));
             }
         }

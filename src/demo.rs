@@ -219,7 +219,7 @@ fn copy_outputs(out: &Path, rows: &[crate::db::OutboxRow]) -> anyhow::Result<()>
         let src = out.join("node").join(&row.path);
         let name = format!("{}-{}.dcm", row.kind, row.sop_instance_uid);
         std::fs::copy(&src, outputs_dir.join(&name))?;
-        if row.kind == OutputKind::HeatmapSc {
+        if matches!(row.kind, OutputKind::HeatmapSc | OutputKind::SummarySc) {
             let obj = dicom_object::open_file(&src)?;
             crate::report::sc::write_png(&obj, &outputs_dir.join(name.replace(".dcm", ".png")))?;
         }
@@ -270,21 +270,22 @@ impl DemoRun<'_> {
             s.push_str(&side_lines(side));
         }
         let rows = self.rows;
+        let of = |kind: OutputKind| rows.iter().filter(|r| r.kind == kind).count();
         s.push_str(&format!(
-            "  objects delivered to {RECEIVER_AE}: {} ({} SR, {} heatmaps); received there: {}\n",
+            "  objects delivered to {RECEIVER_AE}: {} ({} SR, {} heatmaps, {} summary cards, {} presentation states); received there: {}\n",
             rows.iter()
                 .filter(|r| r.state == DeliveryState::Sent)
                 .count(),
-            rows.iter().filter(|r| r.kind == OutputKind::Sr).count(),
-            rows.iter()
-                .filter(|r| r.kind == OutputKind::HeatmapSc)
-                .count(),
+            of(OutputKind::Sr),
+            of(OutputKind::HeatmapSc),
+            of(OutputKind::SummarySc),
+            of(OutputKind::Gsps),
             self.received,
         ));
         s.push_str(&self.time_line(&result["times"], &imaging));
         s.push_str("  DEMO WEIGHTS: random, reduced-size parameters. NOT FOR DIAGNOSTIC USE.\n");
         s.push_str(&format!(
-            "  left in {}: outputs/ (SR, heatmaps .dcm + .png), audit.jsonl, node/ (spool, database), received/\n",
+            "  left in {}: outputs/ (SR, heatmaps and summary cards .dcm + .png, GSPS), audit.jsonl, node/ (spool, database), received/\n",
             self.out.display()
         ));
         s

@@ -26,7 +26,7 @@ use crate::worker::{Timing, run_worker};
 pub fn destinations_for(destinations: &[DestinationSettings], kind: OutputKind) -> Vec<String> {
     destinations
         .iter()
-        .filter(|d| d.wants(kind.as_str()))
+        .filter(|d| d.wants(kind.filter_name()))
         .map(DestinationSettings::name)
         .collect()
 }

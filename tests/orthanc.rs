@@ -375,6 +375,14 @@ async fn orthanc_routes_the_patient_to_the_node_and_stores_its_results() {
         .collect();
     assert_eq!(srs.len(), 3, "one SR per study: {outputs:?}");
     assert!(scs.len() >= 4, "MG CC + MLO, US, MR heatmaps: {outputs:?}");
+    let states = outputs
+        .iter()
+        .filter(|o| o.kind == OutputKind::Gsps)
+        .count();
+    assert!(
+        states >= 4,
+        "a presentation state per source image: {outputs:?}"
+    );
 
     tokio::task::block_in_place(|| {
         // The patient in Orthanc: one patient, the three original studies,
@@ -434,9 +442,10 @@ async fn orthanc_routes_the_patient_to_the_node_and_stores_its_results() {
                 "{o:?} filed under another study"
             );
             let modality = tags["Modality"].as_str().unwrap_or_default();
-            match o.kind.as_str() {
-                "sr" => assert_eq!(modality, "SR", "{tags}"),
-                "sc" => {
+            match o.kind {
+                OutputKind::Sr => assert_eq!(modality, "SR", "{tags}"),
+                // The heatmaps and the summary card: Secondary Captures.
+                OutputKind::HeatmapSc | OutputKind::SummarySc => {
                     assert_eq!(modality, "OT", "{tags}");
                     // Orthanc renders the heatmap.
                     let png = orthanc.get(&format!("/instances/{id}/preview"));
@@ -453,7 +462,7 @@ async fn orthanc_routes_the_patient_to_the_node_and_stores_its_results() {
                     let img = image::load_from_memory(&png).expect("preview decodes");
                     assert!(img.width() >= 32 && img.height() >= 32);
                 }
-                other => panic!("unexpected output kind {other}"),
+                OutputKind::Gsps => assert_eq!(modality, "PR", "{tags}"),
             }
         }
 
@@ -466,7 +475,18 @@ async fn orthanc_routes_the_patient_to_the_node_and_stores_its_results() {
             let sr = dicom_object::open_file(&path).expect("SR from Orthanc parses");
             let mut groups = Vec::new();
             her2_groups(&sr, &mut groups);
-            assert_eq!(groups.len(), sides.len(), "{groups:?} vs {sides:?}");
+            // The index-lesion group of each side, and one ROI group per
+            // source image of that side, each with the side's P and status.
+            assert!(groups.len() > sides.len(), "{groups:?} vs {sides:?}");
+            for g in &groups {
+                let p: f64 = g.prob.as_deref().unwrap().trim().parse().unwrap();
+                assert!(
+                    sides
+                        .iter()
+                        .any(|s| (s["prob"].as_f64().unwrap() - p).abs() <= 1e-6),
+                    "group {g:?} of no side"
+                );
+            }
             for side in &sides {
                 let prob = side["prob"].as_f64().unwrap();
                 let positive = side["positive"].as_bool().unwrap();

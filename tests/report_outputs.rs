@@ -12,13 +12,14 @@ use dicom_object::open_file;
 use her2map::report::sc::{CropBox, cam_to_base_grid};
 use her2map::report::{
     BranchScores, Heatmap, ModelResult, OutputKind, OutputObject, PriorOutput, ReportInput,
-    ReportSettings, SourceInstance, StudyAttributes, StudyPolicy, build_outputs,
+    ReportSettings, Roi, SourceInstance, StudyAttributes, StudyPolicy, build_outputs,
 };
 use time::macros::datetime;
 
 const MG_CLASS: &str = "1.2.840.10008.5.1.4.1.1.1.2"; // Digital Mammography - For Presentation
 const US_CLASS: &str = "1.2.840.10008.5.1.4.1.1.6.1"; // Ultrasound Image
 const MR_CLASS: &str = "1.2.840.10008.5.1.4.1.1.4.1"; // Enhanced MR Image
+const SC_CLASS: &str = "1.2.840.10008.5.1.4.1.1.7"; // Secondary Capture Image
 
 fn study(date: &str, time: &str, acc: &str, desc: &str) -> StudyAttributes {
     StudyAttributes {
@@ -151,6 +152,20 @@ fn synth(rows: u32, cols: u32, cy: f32, cx: f32) -> (Vec<u8>, Vec<f32>) {
     (base, cam)
 }
 
+/// A square ROI of a quarter of the shorter side around (cy, cx) (fractions).
+fn roi(rows: u32, cols: u32, cy: f32, cx: f32) -> Roi {
+    let half = rows.min(cols) as f32 / 8.0;
+    let (y, x) = (cy * rows as f32, cx * cols as f32);
+    Roi {
+        points: Roi::rectangle(x - half, y - half, x + half, y + half),
+        image_rows: rows,
+        image_cols: cols,
+        method: "mg-blob".into(),
+        window: None,
+        monochrome1: false,
+    }
+}
+
 fn heatmaps(ev: &[SourceInstance]) -> Vec<Heatmap> {
     let mk = |src: &SourceInstance, rows, cols, cy, cx, label: &str| {
         let (base, cam) = synth(rows, cols, cy, cx);
@@ -161,6 +176,7 @@ fn heatmaps(ev: &[SourceInstance]) -> Vec<Heatmap> {
             rows,
             cols,
             label: label.into(),
+            roi: Some(roi(rows, cols, cy, cx)),
         }
     };
     vec![
@@ -189,6 +205,14 @@ fn heatmaps(ev: &[SourceInstance]) -> Vec<Heatmap> {
                 rows: 240,
                 cols: 320,
                 label: "US L".into(),
+                roi: Some(Roi {
+                    points: Roi::rectangle(80.0, 40.0, 240.0, 200.0),
+                    image_rows: 240,
+                    image_cols: 320,
+                    method: "us-region".into(),
+                    window: Some((128.0, 256.0)),
+                    monochrome1: false,
+                }),
             }
         },
         mk(&ev[3], 256, 256, 0.55, 0.30, "MR slice 42"),
@@ -248,6 +272,8 @@ fn write_all(outs: &[OutputObject], dir: &Path) -> Vec<(PathBuf, OutputKind)> {
             let name = match o.kind {
                 OutputKind::Sr => format!("sr_{i}.dcm"),
                 OutputKind::HeatmapSc => format!("sc_{i}.dcm"),
+                OutputKind::SummarySc => format!("summary_{i}.dcm"),
+                OutputKind::Gsps => format!("gsps_{i}.dcm"),
             };
             let p = dir.join(name);
             o.object.write_to_file(&p).expect("write");
@@ -268,6 +294,21 @@ fn dsrdump(path: &Path) -> (bool, String) {
         String::from_utf8_lossy(&out.stderr)
     );
     (out.status.success(), text)
+}
+
+/// DCMTK's HTML rendering of an SR (fails the test when dsr2html fails).
+fn dsr2html(path: &Path) -> String {
+    let out = Command::new(tool("dsr2html"))
+        .arg(path)
+        .output()
+        .expect("run dsr2html");
+    assert!(
+        out.status.success(),
+        "dsr2html {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[test]
@@ -311,6 +352,15 @@ fn every_output_passes_dciodvfy_and_dsrdump() {
             assert!(text.contains("10828004"), "positive code missing:\n{text}");
             assert!(text.contains("NOT FOR DIAGNOSTIC USE"), "{text}");
             assert!(text.contains("UNVERIFIED WEIGHTS"), "{text}");
+            // The ROI groups: an Image Region SCOORD on each heatmap source.
+            assert_eq!(
+                text.matches("(111030,DCM,\"Image Region\")").count(),
+                4,
+                "{text}"
+            );
+            let html = dsr2html(&p);
+            assert!(html.contains("Image Region"), "dsr2html:\n{html}");
+            std::fs::write(p.with_extension("html"), &html).unwrap();
         }
     }
     all_warnings.sort();
@@ -579,8 +629,10 @@ fn srs_reference_all_evidence_and_each_other() {
         assert_eq!(str_of(o, tags::MODALITY), "SR");
         assert_eq!(str_of(o, tags::PATIENT_ID), "PAT-0001");
         assert_eq!(str_of(o, tags::SPECIFIC_CHARACTER_SET), "ISO_IR 192");
-        // Every instance used is referenced once, in CRPE (own study) or POE (others).
+        // Every instance used is referenced once, in CRPE (own study) or POE
+        // (others); the heatmap SCs the ROI groups show are in POE.
         let mut refs = Vec::new();
+        let mut sc_refs = Vec::new();
         for seq_tag in [
             tags::CURRENT_REQUESTED_PROCEDURE_EVIDENCE_SEQUENCE,
             tags::PERTINENT_OTHER_EVIDENCE_SEQUENCE,
@@ -590,11 +642,6 @@ fn srs_reference_all_evidence_and_each_other() {
             };
             for st in seq.items().unwrap() {
                 let study = str_of(st, tags::STUDY_INSTANCE_UID);
-                if seq_tag == tags::CURRENT_REQUESTED_PROCEDURE_EVIDENCE_SEQUENCE {
-                    assert_eq!(study, sr.study_instance_uid);
-                } else {
-                    assert_ne!(study, sr.study_instance_uid);
-                }
                 for se in st
                     .element(tags::REFERENCED_SERIES_SEQUENCE)
                     .unwrap()
@@ -607,11 +654,30 @@ fn srs_reference_all_evidence_and_each_other() {
                         .items()
                         .unwrap()
                     {
-                        refs.push(str_of(sop, tags::REFERENCED_SOP_INSTANCE_UID));
+                        let uid = str_of(sop, tags::REFERENCED_SOP_INSTANCE_UID);
+                        if str_of(sop, tags::REFERENCED_SOP_CLASS_UID) == SC_CLASS {
+                            assert_eq!(seq_tag, tags::PERTINENT_OTHER_EVIDENCE_SEQUENCE);
+                            sc_refs.push(uid);
+                            continue;
+                        }
+                        if seq_tag == tags::CURRENT_REQUESTED_PROCEDURE_EVIDENCE_SEQUENCE {
+                            assert_eq!(study, sr.study_instance_uid);
+                        } else {
+                            assert_ne!(study, sr.study_instance_uid);
+                        }
+                        refs.push(uid);
                     }
                 }
             }
         }
+        sc_refs.sort();
+        let mut heatmap_uids: Vec<String> = outs
+            .iter()
+            .filter(|o| o.kind == OutputKind::HeatmapSc)
+            .map(|o| o.sop_instance_uid.clone())
+            .collect();
+        heatmap_uids.sort();
+        assert_eq!(sc_refs, heatmap_uids, "the heatmaps of the ROI groups");
         refs.sort();
         assert_eq!(
             refs,
@@ -830,6 +896,7 @@ fn large_heatmap_with_demo_weights_passes_dciodvfy() {
         rows: 1200,
         cols: 960,
         label: "MG L CC".into(),
+        roi: None,
     }];
     let mut res = result(0.42);
     res.demo = true;
@@ -869,4 +936,270 @@ fn large_heatmap_with_demo_weights_passes_dciodvfy() {
     let img =
         image::RgbImage::from_raw(960, rows, px[..(960 * rows * 3) as usize].to_vec()).unwrap();
     img.save(dir.join("large_demo.png")).unwrap();
+}
+
+/// A plain MONOCHROME2 image with the UIDs of `src` (as many frames as its
+/// frame number needs): a ramp of 500..2500 in 12 bits per frame.
+fn source_image(src: &SourceInstance, rows: u32, cols: u32, path: &Path) {
+    let frames = src.frame.unwrap_or(1);
+    use dicom_core::{DataElement, PrimitiveValue, VR};
+    use dicom_object::{FileMetaTableBuilder, InMemDicomObject};
+    let mut o = InMemDicomObject::new_empty();
+    let put = |o: &mut InMemDicomObject, tag, vr, v: &str| {
+        o.put(DataElement::new(tag, vr, PrimitiveValue::from(v)));
+    };
+    put(&mut o, tags::SOP_CLASS_UID, VR::UI, &src.sop_class_uid);
+    put(
+        &mut o,
+        tags::SOP_INSTANCE_UID,
+        VR::UI,
+        &src.sop_instance_uid,
+    );
+    put(
+        &mut o,
+        tags::STUDY_INSTANCE_UID,
+        VR::UI,
+        &src.study_instance_uid,
+    );
+    put(
+        &mut o,
+        tags::SERIES_INSTANCE_UID,
+        VR::UI,
+        &src.series_instance_uid,
+    );
+    put(&mut o, tags::MODALITY, VR::CS, &src.modality);
+    put(
+        &mut o,
+        tags::PHOTOMETRIC_INTERPRETATION,
+        VR::CS,
+        "MONOCHROME2",
+    );
+    for (tag, v) in [
+        (tags::SAMPLES_PER_PIXEL, 1u16),
+        (tags::ROWS, rows as u16),
+        (tags::COLUMNS, cols as u16),
+        (tags::BITS_ALLOCATED, 16),
+        (tags::BITS_STORED, 12),
+        (tags::HIGH_BIT, 11),
+        (tags::PIXEL_REPRESENTATION, 0),
+    ] {
+        o.put(DataElement::new(tag, VR::US, PrimitiveValue::from(v)));
+    }
+    if frames > 1 {
+        put(&mut o, tags::NUMBER_OF_FRAMES, VR::IS, &frames.to_string());
+    }
+    let px: Vec<u16> = (0..rows * cols * frames)
+        .map(|i| 500 + (2000 * (i % (rows * cols)) / (rows * cols)) as u16)
+        .collect();
+    o.put(DataElement::new(
+        tags::PIXEL_DATA,
+        VR::OW,
+        PrimitiveValue::U16(px.into()),
+    ));
+    let file = o
+        .with_meta(
+            FileMetaTableBuilder::new()
+                .transfer_syntax("1.2.840.10008.1.2.1")
+                .media_storage_sop_class_uid(&src.sop_class_uid)
+                .media_storage_sop_instance_uid(&src.sop_instance_uid),
+        )
+        .unwrap();
+    file.write_to_file(path).unwrap();
+}
+
+/// (width, height, pixels) of a binary 8-bit PGM.
+fn read_pgm(path: &Path) -> (usize, usize, Vec<u8>) {
+    let bytes = std::fs::read(path).unwrap();
+    let mut fields = Vec::new();
+    let mut i = 0;
+    while fields.len() < 4 {
+        while bytes[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        if bytes[i] == b'#' {
+            while bytes[i] != b'\n' {
+                i += 1;
+            }
+            continue;
+        }
+        let start = i;
+        while !bytes[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        fields.push(String::from_utf8_lossy(&bytes[start..i]).into_owned());
+    }
+    assert_eq!(fields[0], "P5", "binary PGM");
+    let (w, h): (usize, usize) = (fields[1].parse().unwrap(), fields[2].parse().unwrap());
+    let px = bytes[i + 1..].to_vec();
+    assert_eq!(px.len(), w * h, "8-bit PGM");
+    (w, h, px)
+}
+
+/// Each presentation state, read and applied to its image by DCMTK's dcmp2pgm,
+/// carries the ROI outline where the ROI is (and nowhere well inside or
+/// outside it) and the text annotation.
+#[test]
+fn presentation_states_draw_the_roi_outline_with_dcmp2pgm() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target")
+        .join("gsps-out");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let ev = evidence();
+    let hm = heatmaps(&ev);
+    let outs = build(&result(0.73), &[], &settings());
+    let states: Vec<_> = outs.iter().filter(|o| o.kind == OutputKind::Gsps).collect();
+    assert_eq!(
+        states.len(),
+        hm.len(),
+        "one GSPS per heatmap source with an ROI"
+    );
+    for (k, (ps, h)) in states.iter().zip(&hm).enumerate() {
+        let roi = h.roi.as_ref().unwrap();
+        let img = dir.join(format!("image_{k}.dcm"));
+        source_image(&h.source, roi.image_rows, roi.image_cols, &img);
+        let ps_path = dir.join(format!("gsps_{k}.dcm"));
+        ps.object.write_to_file(&ps_path).unwrap();
+        let (errors, _, text) = dciodvfy(&ps_path);
+        assert!(errors.is_empty(), "dciodvfy {}:\n{text}", ps_path.display());
+        // dcmp2pgm renders the image through the state (displayed area, VOI,
+        // presentation LUT) but burns in neither graphics nor state overlays
+        // (its man page: "textual and graphical annotations will not be
+        // visible"); with -v it dumps the state as DCMTK parsed it, the
+        // polyline, and writes each activated overlay as ovl_*.pgm: that
+        // bitmap is what is checked.
+        let case_dir = dir.join(format!("render_{k}"));
+        std::fs::create_dir_all(&case_dir).unwrap();
+        let out = Command::new(tool("dcmp2pgm"))
+            .current_dir(&case_dir)
+            .arg("-v")
+            .arg("--frame")
+            .arg(h.source.frame.unwrap_or(1).to_string())
+            .arg("--pstate")
+            .arg(&ps_path)
+            .arg(&img)
+            .arg(case_dir.join("render.pgm"))
+            .output()
+            .expect("run dcmp2pgm");
+        let log = String::from_utf8_lossy(&out.stderr).into_owned()
+            + &String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "dcmp2pgm: {log}");
+        let (rw, rh, _) = read_pgm(&case_dir.join("render.pgm"));
+        assert_eq!((rw as u32, rh as u32), (roi.image_cols, roi.image_rows));
+        assert!(log.contains("Number of activated overlays: 1"), "{log}");
+        // DCMTK 3.6.7 lists a frame's annotations only for single-frame
+        // images here (it does not match Referenced Frame Number to --frame).
+        if h.source.frame.is_none() {
+            assert!(log.contains("type=polyline filled=no units=pixel"), "{log}");
+            assert!(log.contains("HER2 MAP P(HER2+) 0.73"), "{log}");
+        }
+        let pgm = case_dir.join("ovl_0101.pgm");
+        let (w, ht, px) = read_pgm(&pgm);
+        assert_eq!((w as u32, ht as u32), (roi.image_cols, roi.image_rows));
+        let at = |x: f32, y: f32| px[(y as usize).min(ht - 1) * w + (x as usize).min(w - 1)];
+        let xs: Vec<f32> = roi.points.iter().map(|p| p.0).collect();
+        let ys: Vec<f32> = roi.points.iter().map(|p| p.1).collect();
+        let (x0, x1) = (
+            xs.iter().cloned().fold(f32::MAX, f32::min),
+            xs.iter().cloned().fold(f32::MIN, f32::max),
+        );
+        let (y0, y1) = (
+            ys.iter().cloned().fold(f32::MAX, f32::min),
+            ys.iter().cloned().fold(f32::MIN, f32::max),
+        );
+        let (xm, ym) = ((x0 + x1) / 2.0, (y0 + y1) / 2.0);
+        // On each edge of the rectangle: white; 6 px inside and outside: not.
+        for (ex, ey, nx, ny) in [
+            (xm, y0, 0.0, 1.0),
+            (xm, y1.min(ht as f32 - 1.0), 0.0, -1.0),
+            (x0, ym, 1.0, 0.0),
+            (x1.min(w as f32 - 1.0), ym, -1.0, 0.0),
+        ] {
+            assert_eq!(
+                at(ex, ey),
+                255,
+                "outline at ({ex}, {ey}) in {}",
+                pgm.display()
+            );
+            assert!(
+                at(ex + 6.0 * nx, ey + 6.0 * ny) < 250,
+                "inside at ({ex}, {ey})"
+            );
+            assert!(
+                at(ex - 6.0 * nx, ey - 6.0 * ny) < 250,
+                "outside at ({ex}, {ey})"
+            );
+        }
+        let white = px.iter().filter(|&&v| v == 255).count();
+        let perimeter = 2.0 * ((x1 - x0) + (y1 - y0));
+        assert!(
+            (white as f32) < perimeter * 3.0 + 16.0,
+            "{white} white pixels: more than an outline"
+        );
+    }
+}
+
+/// The report card renders legibly: mostly black with text and thumbnails,
+/// and passes dciodvfy; a small MRI slice gets a legend that fits.
+#[test]
+fn summary_card_and_small_heatmap_legend() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target")
+        .join("report-out");
+    std::fs::create_dir_all(&dir).unwrap();
+    let outs = build(&result(0.73), &[], &settings());
+    let cards: Vec<_> = outs
+        .iter()
+        .filter(|o| o.kind == OutputKind::SummarySc)
+        .collect();
+    assert_eq!(cards.len(), 3, "one card per study");
+    assert_eq!(cards[0].kind.filter_name(), "sc", "the card goes where SCs go");
+    let png = dir.join("summary.png");
+    her2map::report::sc::write_png(&cards[0].object, &png).unwrap();
+    let img = image::open(&png).unwrap().to_rgb8();
+    let lit = img
+        .pixels()
+        .filter(|p| p.0.iter().any(|&c| c > 100))
+        .count();
+    let frac = lit as f64 / (img.width() * img.height()) as f64;
+    assert!((0.02..0.5).contains(&frac), "lit fraction {frac}");
+
+    // A 64x64 MR slice: enlarged so the legend neither splits words nor
+    // outgrows the image.
+    let ev = evidence();
+    let (base, cam) = synth(64, 64, 0.5, 0.5);
+    let hm = vec![Heatmap {
+        source: ev[3].clone(),
+        base,
+        cam,
+        rows: 64,
+        cols: 64,
+        label: "MR slice 7".into(),
+        roi: None,
+    }];
+    let res = result(0.42);
+    let s = settings();
+    let outs = build_outputs(&ReportInput {
+        case_id: "case-small",
+        result: &res,
+        evidence: &ev,
+        heatmaps: &hm,
+        predecessors: &[],
+        settings: &s,
+        now: datetime!(2024-02-01 12:30:00 UTC),
+    })
+    .unwrap();
+    let sc = outs
+        .iter()
+        .find(|o| o.kind == OutputKind::HeatmapSc)
+        .unwrap();
+    let rows: u32 = sc.object.element(tags::ROWS).unwrap().to_int().unwrap();
+    let cols: u32 = sc.object.element(tags::COLUMNS).unwrap().to_int().unwrap();
+    assert!(cols >= 320, "enlarged to {cols}");
+    assert!(
+        rows - cols < cols,
+        "legend band {} vs image {cols}",
+        rows - cols
+    );
+    her2map::report::sc::write_png(&sc.object, &dir.join("small-mr-heatmap.png")).unwrap();
 }

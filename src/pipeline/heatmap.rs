@@ -41,7 +41,8 @@ pub(super) fn heatmaps(
                     .first()
                     .and_then(|uid| headers.get(uid))
                     .map(|h| {
-                        planar_heatmap(h, s, *frame, *crop, &cams.input, sample).map(|hm| vec![hm])
+                        planar_heatmap(h, s, *frame, *crop, &cams.input, sample)
+                            .map(|hm| vec![with_planar_roi(hm, h, s, &p.selections)])
                     })
                     .unwrap_or_else(|| Ok(Vec::new())),
                 SourceGeometry::Volume { .. } => mri_heatmaps(s, headers, &cams.input, sample),
@@ -53,6 +54,90 @@ pub(super) fn heatmaps(
         })
         .collect();
     made.into_iter().flatten().collect()
+}
+
+/// The ROI of a planar input on its source: the tumour crop of the same
+/// instance where there is one (MG), else the input's own crop (US region).
+fn with_planar_roi(
+    mut hm: report::Heatmap,
+    h: &Header,
+    s: &imaging::Selection,
+    all: &[imaging::Selection],
+) -> report::Heatmap {
+    let uid = s.sop_instance_uids.first();
+    let chosen = all
+        .iter()
+        .find(|c| c.role.contains("crop") && c.sop_instance_uids.first() == uid)
+        .unwrap_or(s);
+    if let SourceGeometry::Planar {
+        cols, rows, crop, ..
+    } = &chosen.geometry
+    {
+        let [x0, y0, x1, y1] = crop.map(|v| v as f32);
+        hm.roi = Some(report::Roi {
+            points: report::Roi::rectangle(x0, y0, x1, y1),
+            image_rows: *rows as u32,
+            image_cols: *cols as u32,
+            method: chosen.roi_provider.clone(),
+            window: h.window,
+            monochrome1: h.monochrome1,
+        });
+    }
+    hm
+}
+
+/// The ROI of the MRI input on one source slice: the model's cube (axis
+/// aligned in patient space) projected onto the slice, in source pixels;
+/// `None` when the slice misses the cube.
+#[allow(clippy::too_many_arguments)]
+fn mri_roi(
+    h: &Header,
+    sl: usize,
+    (origin, row_dir, col_dir, normal): (&[f64; 3], &[f64; 3], &[f64; 3], &[f64; 3]),
+    spacing: &[f64; 3],
+    center: &[f64; 3],
+    side: f64,
+    method: &str,
+) -> Option<report::Roi> {
+    let dot = |a: &[f64; 3], b: &[f64; 3]| a[0] * b[0] + a[1] * b[1] + a[2] * b[2];
+    let plane = sl as f64 * spacing[0];
+    let (mut c0, mut r0, mut c1, mut r1) = (f64::MAX, f64::MAX, f64::MIN, f64::MIN);
+    let (mut d0, mut d1) = (f64::MAX, f64::MIN);
+    for corner in 0..8 {
+        let mut q = [0.0; 3];
+        for a in 0..3 {
+            let sign = if corner >> a & 1 == 1 { 0.5 } else { -0.5 };
+            q[a] = center[a] + sign * side - origin[a];
+        }
+        let d = dot(&q, normal) - plane;
+        d0 = d0.min(d);
+        d1 = d1.max(d);
+        let c = dot(&q, row_dir) / spacing[2];
+        let r = dot(&q, col_dir) / spacing[1];
+        c0 = c0.min(c);
+        c1 = c1.max(c);
+        r0 = r0.min(r);
+        r1 = r1.max(r);
+    }
+    let (cols, rows) = (h.cols as f64, h.rows as f64);
+    let clamp = |v: f64, hi: f64| v.clamp(0.0, hi) as f32;
+    let (x0, x1, y0, y1) = (
+        clamp(c0, cols),
+        clamp(c1, cols),
+        clamp(r0, rows),
+        clamp(r1, rows),
+    );
+    if d0 > 0.0 || d1 < 0.0 || x1 - x0 < 1.0 || y1 - y0 < 1.0 || h.rows == 0 || h.cols == 0 {
+        return None;
+    }
+    Some(report::Roi {
+        points: report::Roi::rectangle(x0, y0, x1, y1),
+        image_rows: h.rows,
+        image_cols: h.cols,
+        method: method.to_string(),
+        window: h.window,
+        monochrome1: h.monochrome1,
+    })
 }
 
 /// The heatmap background of a source frame: the one imaging kept from its
@@ -128,6 +213,7 @@ fn planar_heatmap(
         rows: g.height as u32,
         cols: g.width as u32,
         label: label.split_whitespace().collect::<Vec<_>>().join(" "),
+        roi: None,
     })
 }
 
@@ -248,6 +334,15 @@ fn mri_heatmaps(
             rows: g.height as u32,
             cols: g.width as u32,
             label: format!("MR slice {}", sl + 1),
+            roi: mri_roi(
+                h,
+                sl,
+                (origin, row_dir, col_dir, normal),
+                spacing,
+                box_center_mm,
+                *box_side_mm,
+                &s.roi_provider,
+            ),
         });
     }
     Ok(out)

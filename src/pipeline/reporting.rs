@@ -146,6 +146,12 @@ pub(super) struct Header {
     pub(super) laterality: Option<String>,
     pub(super) view: Option<String>,
     pub(super) study: report::StudyAttributes,
+    /// Rows and Columns of the source image.
+    pub(super) rows: u32,
+    pub(super) cols: u32,
+    /// First VOI window (centre, width), for the presentation state.
+    pub(super) window: Option<(f64, f64)>,
+    pub(super) monochrome1: bool,
 }
 
 impl Header {
@@ -155,7 +161,14 @@ impl Header {
         let o = &m.header;
         let text = |tag| imaging::attrs::text(o, tag).unwrap_or_default();
         let opt = |tag| imaging::attrs::text(o, tag);
+        let first = |tag| imaging::attrs::floats(o, tag).first().copied();
+        let int = |tag| first(tag).map_or(0, |v| v as u32);
         Header {
+            rows: int(tags::ROWS),
+            cols: int(tags::COLUMNS),
+            window: first(tags::WINDOW_CENTER).zip(first(tags::WINDOW_WIDTH)),
+            monochrome1: opt(tags::PHOTOMETRIC_INTERPRETATION)
+                .is_some_and(|p| p.trim() == "MONOCHROME1"),
             path: m.path.clone(),
             sop_class_uid: m.sop_class.clone(),
             sop_instance_uid: m.sop_instance.clone(),

@@ -49,6 +49,8 @@ pub const MEASUREMENT_GROUP: Code = c("125007", "DCM", "Measurement Group");
 pub const TRACKING_IDENTIFIER: Code = c("112039", "DCM", "Tracking Identifier");
 pub const TRACKING_UNIQUE_IDENTIFIER: Code = c("112040", "DCM", "Tracking Unique Identifier");
 pub const FINDING: Code = c("121071", "DCM", "Finding");
+pub const IMAGE_REGION: Code = c("111030", "DCM", "Image Region");
+pub const ILLUSTRATION_OF_ROI: Code = c("121200", "DCM", "Illustration of ROI");
 pub const MALIGNANT_NEOPLASM_OF_BREAST: Code =
     c("254837009", "SCT", "Malignant neoplasm of breast");
 pub const FINDING_SITE: Code = c("363698007", "SCT", "Finding Site");

@@ -1,20 +1,27 @@
-//! Result objects of the node: a TID 1500 Structured Report per target study and one
-//! RGB Secondary Capture heatmap per model input image (see `docs/report.md`).
+//! Result objects of the node: a TID 1500 Structured Report per target study, one
+//! RGB Secondary Capture heatmap per model input image, a Grayscale Softcopy
+//! Presentation State per source image (the ROI drawn on the radiologist's own
+//! image) and a summary "report card" Secondary Capture per target study (see
+//! `docs/report.md`).
 //!
 //! The entry point is [`build_outputs`]; it is pure (no I/O, no logging of PHI) and
 //! deterministic: the same [`ReportInput`] always yields the same objects and UIDs.
 //!
 //! Submodules: [`sr`] (the SR document, PS3.3 §A.35.13 Comprehensive 3D SR IOD /
 //! §A.35.2 Enhanced SR IOD, PS3.16 TID 1500), [`sc`] (PS3.3 §A.8.1 Secondary Capture
-//! Image IOD), [`colormap`], [`font`], [`uid`], [`codes`] and the data set helpers
-//! in [`ds`].
+//! Image IOD), [`gsps`] (PS3.3 §A.33.1 Grayscale Softcopy Presentation State IOD),
+//! [`summary`] (the report card, an SC), [`roi_groups`] (the SR's TID 1410 groups),
+//! [`colormap`], [`font`], [`uid`], [`codes`] and the data set helpers in [`ds`].
 
 pub mod codes;
 pub mod colormap;
 pub mod ds;
 pub mod font;
+pub mod gsps;
+pub mod roi_groups;
 pub mod sc;
 pub mod sr;
+pub mod summary;
 pub mod uid;
 
 use std::collections::BTreeMap;
@@ -26,6 +33,14 @@ use time::OffsetDateTime;
 pub const SR_SERIES_NUMBER: u16 = 9901;
 /// Series Number of the heatmap series the node creates.
 pub const SC_SERIES_NUMBER: u16 = 9902;
+/// Series Number of the summary ("report card") series.
+pub const SUMMARY_SERIES_NUMBER: u16 = 9903;
+/// Series Number of the presentation state series.
+pub const GSPS_SERIES_NUMBER: u16 = 9904;
+/// Series Description of the summary series.
+pub const SUMMARY_SERIES_DESCRIPTION: &str = "HER2 MAP summary (research)";
+/// Series Description of the presentation state series.
+pub const GSPS_SERIES_DESCRIPTION: &str = "HER2 MAP region of interest (research)";
 /// Series Description of the SR series.
 pub const SR_SERIES_DESCRIPTION: &str = "HER2 MAP report (research)";
 /// Series Description of an amended SR series.
@@ -40,6 +55,22 @@ pub const COMPREHENSIVE_3D_SR: &str = "1.2.840.10008.5.1.4.1.1.88.34";
 pub const ENHANCED_SR: &str = "1.2.840.10008.5.1.4.1.1.88.22";
 /// Secondary Capture Image Storage.
 pub const SECONDARY_CAPTURE: &str = "1.2.840.10008.5.1.4.1.1.7";
+/// Grayscale Softcopy Presentation State Storage.
+pub const GRAYSCALE_SOFTCOPY_PS: &str = "1.2.840.10008.5.1.4.1.1.11.1";
+
+/// An output the `[report] outputs` setting can switch on or off.
+#[derive(Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputChoice {
+    /// The TID 1500 SR.
+    Sr,
+    /// One heatmap SC per model input image.
+    Heatmaps,
+    /// One summary "report card" SC per target study.
+    Summary,
+    /// One GSPS per source image with the ROI outline.
+    Gsps,
+}
 
 /// Which studies receive an SR.
 #[derive(Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -85,6 +116,15 @@ pub struct ReportSettings {
     pub verified_weights_sha256: Vec<String>,
     /// SR Storage SOP Class.
     pub sr_class: SrClass,
+    /// Which outputs are made (all four by default).
+    pub outputs: Vec<OutputChoice>,
+}
+
+impl ReportSettings {
+    /// Whether `choice` is among the outputs to make.
+    pub fn makes(&self, choice: OutputChoice) -> bool {
+        self.outputs.contains(&choice)
+    }
 }
 
 impl Default for ReportSettings {
@@ -98,6 +138,12 @@ impl Default for ReportSettings {
             uid_root: None,
             verified_weights_sha256: Vec::new(),
             sr_class: SrClass::Comprehensive3d,
+            outputs: vec![
+                OutputChoice::Sr,
+                OutputChoice::Heatmaps,
+                OutputChoice::Summary,
+                OutputChoice::Gsps,
+            ],
         }
     }
 }
@@ -167,6 +213,32 @@ pub struct ModelResult {
     pub notes: Vec<String>,
 }
 
+/// The region of interest the model used on one source image (frame), in that
+/// image's pixel space: (column, row) with the top-left corner of the top-left
+/// pixel at (0, 0), as SCOORD (PS3.3 §C.18.6.1) and GSPS PIXEL units
+/// (§C.10.5.1.2) read them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Roi {
+    /// Closed polygon (the first point is not repeated), at least 3 points.
+    pub points: Vec<(f32, f32)>,
+    /// Rows and Columns of the source image.
+    pub image_rows: u32,
+    pub image_cols: u32,
+    /// The ROI provider that placed it ("us-region", "mg-blob", ...).
+    pub method: String,
+    /// The source's first VOI window (centre, width), for the presentation state.
+    pub window: Option<(f64, f64)>,
+    /// The source is MONOCHROME1 (the presentation state then inverts).
+    pub monochrome1: bool,
+}
+
+impl Roi {
+    /// An axis-aligned rectangle (x0, y0, x1, y1) as a 4-point polygon.
+    pub fn rectangle(x0: f32, y0: f32, x1: f32, y1: f32) -> Vec<(f32, f32)> {
+        vec![(x0, y0), (x1, y0), (x1, y1), (x0, y1)]
+    }
+}
+
 /// One CAM heatmap, already on the grid of `base`.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Heatmap {
@@ -179,6 +251,9 @@ pub struct Heatmap {
     pub cols: u32,
     /// e.g. "MG L CC" or "MR slice 42".
     pub label: String,
+    /// The ROI the model used on the source image, when known: drawn in the SR
+    /// (SCOORD) and the presentation state.
+    pub roi: Option<Roi>,
 }
 
 /// An earlier output this result amends.
@@ -209,17 +284,33 @@ pub struct ReportInput<'a> {
 pub enum OutputKind {
     Sr,
     HeatmapSc,
+    /// The report card, a Secondary Capture like the heatmaps.
+    SummarySc,
+    Gsps,
 }
 
 impl OutputKind {
-    /// The name as stored (`outputs.kind`) and as `destinations.outputs`
-    /// spells it.
+    /// The name as stored (`outputs.kind`, the database edge).
     pub fn as_str(self) -> &'static str {
         match self {
             OutputKind::Sr => "sr",
             OutputKind::HeatmapSc => "sc",
+            OutputKind::SummarySc => "summary",
+            OutputKind::Gsps => "gsps",
         }
     }
+
+    /// The name `[[destinations]] outputs` filters on: the summary card is
+    /// a Secondary Capture and goes wherever "sc" goes.
+    pub fn filter_name(self) -> &'static str {
+        match self {
+            OutputKind::SummarySc => "sc",
+            other => other.as_str(),
+        }
+    }
+
+    /// The names `[[destinations]] outputs` accepts.
+    pub const FILTER_NAMES: [&'static str; 3] = ["sr", "sc", "gsps"];
 }
 
 /// An output kind no variant has.
@@ -233,6 +324,8 @@ impl std::str::FromStr for OutputKind {
         match s {
             "sr" => Ok(OutputKind::Sr),
             "sc" => Ok(OutputKind::HeatmapSc),
+            "summary" => Ok(OutputKind::SummarySc),
+            "gsps" => Ok(OutputKind::Gsps),
             other => Err(UnknownOutputKind(other.to_string())),
         }
     }
@@ -471,6 +564,23 @@ fn check_heatmap(i: usize, h: &Heatmap) -> Result<(), ReportError> {
             h.cam.len()
         )));
     }
+    if let Some(roi) = &h.roi {
+        let finite = roi
+            .points
+            .iter()
+            .all(|(x, y)| x.is_finite() && y.is_finite());
+        if roi.points.len() < 3
+            || !finite
+            || roi.image_rows == 0
+            || roi.image_cols == 0
+            || roi.image_rows > u16::MAX as u32
+            || roi.image_cols > u16::MAX as u32
+        {
+            return Err(ReportError::InvalidInput(format!(
+                "heatmap[{i}]: the ROI needs 3+ finite points on a non-empty image"
+            )));
+        }
+    }
     Ok(())
 }
 
@@ -527,13 +637,38 @@ fn revision_key(input: &ReportInput, instances: &[&SourceInstance]) -> String {
     )
 }
 
-/// Build every output object of one result: the SR(s) first, then one heatmap SC per
-/// entry of `input.heatmaps`.
+/// Build every output object of one result that `[report] outputs` asks for: the
+/// SR(s) first, then one heatmap SC per entry of `input.heatmaps`, the summary
+/// card(s), then one presentation state per heatmap source with an ROI.
 pub fn build_outputs(input: &ReportInput) -> Result<Vec<OutputObject>, ReportError> {
     let prep = prepare(input)?;
-    let mut out = sr::build_srs(&prep)?;
-    out.extend(sc::build_heatmaps(&prep)?);
+    let s = input.settings;
+    let mut out = Vec::new();
+    if s.makes(OutputChoice::Sr) {
+        out.extend(sr::build_srs(&prep)?);
+    }
+    if s.makes(OutputChoice::Heatmaps) {
+        out.extend(sc::build_heatmaps(&prep)?);
+    }
+    if s.makes(OutputChoice::Summary) {
+        out.extend(summary::build_summaries(&prep)?);
+    }
+    if s.makes(OutputChoice::Gsps) {
+        out.extend(gsps::build_presentation_states(&prep)?);
+    }
     Ok(out)
+}
+
+/// SOP Instance UID of heatmap `i` (numbered within its study, as
+/// [`sc::build_heatmaps`] numbers them), for the SR's references to it.
+pub(crate) fn heatmap_uid(prep: &Prepared, i: usize) -> Result<String, ReportError> {
+    let heatmaps = prep.input.heatmaps;
+    let study = heatmaps[i].source.study_instance_uid.trim();
+    let index = heatmaps[..i]
+        .iter()
+        .filter(|x| x.source.study_instance_uid.trim() == study)
+        .count();
+    prep.uid("sc", study, index)
 }
 
 /// Format a DICOM DA/TM pair from `now` (in its own offset).

@@ -23,6 +23,12 @@ pub const MAX_IMAGE_ROWS: u32 = 60_000;
 
 /// Longest legend line (characters) before wrapping.
 const LEGEND_MAX_CHARS: usize = 80;
+/// Narrower images are enlarged (integer factor, nearest neighbour) to at least
+/// this width, so that the legend's lines fit at the smallest font scale without
+/// splitting words and its band stays smaller than the image (small MRI slices).
+pub const MIN_LEGEND_COLS: u32 = 320;
+/// The enlargement stops at this height.
+const MAX_ENLARGED_ROWS: u32 = 8192;
 const WHITE: [u8; 3] = [255, 255, 255];
 const AMBER: [u8; 3] = [255, 176, 0];
 const RED: [u8; 3] = [255, 90, 90];
@@ -61,9 +67,34 @@ fn legend_lines(prep: &Prepared, h: &Heatmap) -> Vec<(String, [u8; 3])> {
         .collect()
 }
 
+/// The integer enlargement of a `rows x cols` heatmap (1 for images at least
+/// [`MIN_LEGEND_COLS`] wide).
+pub fn enlargement(rows: u32, cols: u32) -> u32 {
+    if cols >= MIN_LEGEND_COLS {
+        return 1;
+    }
+    MIN_LEGEND_COLS
+        .div_ceil(cols.max(1))
+        .min((MAX_ENLARGED_ROWS / rows.max(1)).max(1))
+}
+
+/// Nearest-neighbour enlargement by `k` of a `rows x cols` grid.
+fn enlarge<T: Copy>(v: &[T], rows: u32, cols: u32, k: u32) -> Vec<T> {
+    let (rows, cols, k) = (rows as usize, cols as usize, k as usize);
+    let mut out = Vec::with_capacity(rows * cols * k * k);
+    for r in 0..rows * k {
+        let row = &v[(r / k) * cols..(r / k + 1) * cols];
+        for c in 0..cols * k {
+            out.push(row[c / k]);
+        }
+    }
+    out
+}
+
 /// Render the heatmap: blended image plus legend band. Returns (rgb, rows, cols).
 pub(crate) fn render(prep: &Prepared, h: &Heatmap) -> (Vec<u8>, u32, u32) {
-    let cols = h.cols;
+    let k = enlargement(h.rows, h.cols);
+    let (image_rows, cols) = (h.rows * k, h.cols * k);
     let scale = (cols / 200).clamp(1, 6);
     let margin = 3 * scale;
     let line_h = (font::GLYPH_H + 3) * scale;
@@ -76,12 +107,19 @@ pub(crate) fn render(prep: &Prepared, h: &Heatmap) -> (Vec<u8>, u32, u32) {
     }
     let bar_h = 5 * scale;
     let band = margin + wrapped.len() as u32 * line_h + line_h + bar_h + margin;
-    let rows = h.rows + band;
+    let rows = image_rows + band;
 
-    let mut rgb = colormap::blend(&h.base, &h.cam);
+    let mut rgb = if k == 1 {
+        colormap::blend(&h.base, &h.cam)
+    } else {
+        colormap::blend(
+            &enlarge(&h.base, h.rows, h.cols, k),
+            &enlarge(&h.cam, h.rows, h.cols, k),
+        )
+    };
     rgb.resize((rows as usize) * (cols as usize) * 3, 0);
 
-    let mut y = h.rows + margin;
+    let mut y = image_rows + margin;
     for (text, colour) in &wrapped {
         font::draw_text(&mut rgb, cols, rows, margin, y, text, scale, *colour);
         y += line_h;
@@ -286,11 +324,17 @@ fn source_image_item(h: &Heatmap) -> Obj {
 
 /// Image Pixel (PS3.3 §C.7.6.3): the rendered heatmap, 8-bit RGB, interleaved.
 fn put_image_pixel(o: &mut Obj, prep: &Prepared, h: &Heatmap, i: usize) -> Result<(), ReportError> {
-    let (mut rgb, rows, cols) = render(prep, h);
+    let (rgb, rows, cols) = render(prep, h);
     let rows16 = u16::try_from(rows)
         .map_err(|_| ReportError::InvalidInput(format!("heatmap[{i}] too tall with legend")))?;
     let cols16 = u16::try_from(cols)
         .map_err(|_| ReportError::InvalidInput(format!("heatmap[{i}] too wide")))?;
+    put_rgb_pixels(o, rgb, rows16, cols16);
+    Ok(())
+}
+
+/// Image Pixel (PS3.3 §C.7.6.3) of an interleaved 8-bit RGB image.
+pub(crate) fn put_rgb_pixels(o: &mut Obj, mut rgb: Vec<u8>, rows16: u16, cols16: u16) {
     ds::put_u16(o, tags::SAMPLES_PER_PIXEL, 3);
     ds::put_str(o, tags::PHOTOMETRIC_INTERPRETATION, VR::CS, "RGB");
     ds::put_u16(o, tags::PLANAR_CONFIGURATION, 0);
@@ -309,7 +353,6 @@ fn put_image_pixel(o: &mut Obj, prep: &Prepared, h: &Heatmap, i: usize) -> Resul
         VR::OB,
         PrimitiveValue::U8(rgb.into()),
     ));
-    Ok(())
 }
 
 /// Where the model's CAM grid lies on the base image grid: the rectangle (in base-grid

@@ -23,12 +23,14 @@
 //!    CONTAINS NUM per-branch probabilities
 //!    CONTAINS CODE (48676-1, LN, "HER2 [Interpretation] in Tissue") = Positive | Negative
 //!    CONTAINS CODE modality used / missing, TEXT ROI method per modality
+//!   CONTAINS CONTAINER (125007, DCM, "Measurement Group") per source image    TID 1410
+//!    with the ROI as SCOORD on that image (see `roi_groups`)
 //!  CONTAINS CONTAINER (C0034375, UMLS, "Qualitative Evaluations")
 //!   CONTAINS TEXT (121106, DCM, "Comment") research-use disclaimer, weights status,
 //!                 amendment notice, model notes
 //! ```
 
-use dicom_core::VR;
+use dicom_core::{DataElement, PrimitiveValue, VR};
 use dicom_dictionary_std::tags;
 
 use super::codes::{self, Code};
@@ -40,14 +42,15 @@ use super::{
 };
 
 /// Relationship types (PS3.3 §C.17.3.2.4).
-const CONTAINS: &str = "CONTAINS";
-const HAS_OBS_CONTEXT: &str = "HAS OBS CONTEXT";
-const HAS_CONCEPT_MOD: &str = "HAS CONCEPT MOD";
+pub(crate) const CONTAINS: &str = "CONTAINS";
+pub(crate) const HAS_OBS_CONTEXT: &str = "HAS OBS CONTEXT";
+pub(crate) const HAS_CONCEPT_MOD: &str = "HAS CONCEPT MOD";
 const HAS_ACQ_CONTEXT: &str = "HAS ACQ CONTEXT";
+pub(crate) const SELECTED_FROM: &str = "SELECTED FROM";
 
 /// Value of a content item.
 #[derive(Clone, Debug)]
-enum Value {
+pub(crate) enum Value {
     Container,
     Text(String),
     Code(Code),
@@ -59,19 +62,25 @@ enum Value {
         frame: Option<u32>,
     },
     Date(String),
+    /// Spatial coordinates in image pixels (PS3.3 §C.18.6): Graphic Type and
+    /// (column, row) pairs.
+    Scoord {
+        graphic_type: &'static str,
+        data: Vec<f32>,
+    },
 }
 
 /// A content item and its children (by-value relationships only).
 #[derive(Clone, Debug)]
-struct Item {
-    rel: &'static str,
-    name: Option<Code>,
-    value: Value,
-    children: Vec<Item>,
+pub(crate) struct Item {
+    pub(crate) rel: &'static str,
+    pub(crate) name: Option<Code>,
+    pub(crate) value: Value,
+    pub(crate) children: Vec<Item>,
 }
 
 impl Item {
-    fn new(rel: &'static str, name: Option<Code>, value: Value) -> Self {
+    pub(crate) fn new(rel: &'static str, name: Option<Code>, value: Value) -> Self {
         Item {
             rel,
             name,
@@ -79,19 +88,19 @@ impl Item {
             children: Vec::new(),
         }
     }
-    fn container(rel: &'static str, name: Code) -> Self {
+    pub(crate) fn container(rel: &'static str, name: Code) -> Self {
         Item::new(rel, Some(name), Value::Container)
     }
-    fn text(rel: &'static str, name: Code, t: impl Into<String>) -> Self {
+    pub(crate) fn text(rel: &'static str, name: Code, t: impl Into<String>) -> Self {
         Item::new(rel, Some(name), Value::Text(t.into()))
     }
-    fn code(rel: &'static str, name: Code, v: Code) -> Self {
+    pub(crate) fn code(rel: &'static str, name: Code, v: Code) -> Self {
         Item::new(rel, Some(name), Value::Code(v))
     }
-    fn num(name: Code, v: f64) -> Self {
+    pub(crate) fn num(name: Code, v: f64) -> Self {
         Item::new(CONTAINS, Some(name), Value::Num(v, codes::UCUM_NO_UNITS))
     }
-    fn with(mut self, child: Item) -> Self {
+    pub(crate) fn with(mut self, child: Item) -> Self {
         self.children.push(child);
         self
     }
@@ -106,6 +115,7 @@ impl Item {
             Value::UidRef(_) => "UIDREF",
             Value::Image { .. } => "IMAGE",
             Value::Date(_) => "DATE",
+            Value::Scoord { .. } => "SCOORD",
         };
         ds::put_str(o, tags::VALUE_TYPE, VR::CS, vt);
         if let Some(name) = &self.name {
@@ -137,6 +147,14 @@ impl Item {
                 ds::put_seq(o, tags::REFERENCED_SOP_SEQUENCE, vec![r]);
             }
             Value::Date(d) => ds::put_str(o, tags::DATE, VR::DA, d),
+            Value::Scoord { graphic_type, data } => {
+                ds::put_str(o, tags::GRAPHIC_TYPE, VR::CS, graphic_type);
+                o.put(DataElement::new(
+                    tags::GRAPHIC_DATA,
+                    VR::FL,
+                    PrimitiveValue::F32(data.clone().into()),
+                ));
+            }
         }
         if !self.children.is_empty() {
             let items = self.children.iter().map(Item::to_child_obj).collect();
@@ -160,7 +178,7 @@ fn format_ds(v: f64) -> String {
 }
 
 /// Studies that receive an SR, per policy, in a stable order.
-fn target_studies<'a>(prep: &Prepared<'a>) -> Vec<&'a str> {
+pub(crate) fn target_studies<'a>(prep: &Prepared<'a>) -> Vec<&'a str> {
     let all: Vec<&str> = prep.studies.keys().copied().collect();
     match prep.input.settings.studies {
         StudyPolicy::Each => all,
@@ -199,9 +217,12 @@ fn content_tree(prep: &Prepared) -> Result<Item, ReportError> {
     root.children.extend(observer_context(prep)?);
     root.children.extend(procedures_reported(prep));
     root.children.push(image_library(prep));
-    root.children.push(
-        Item::container(CONTAINS, codes::IMAGING_MEASUREMENTS).with(measurement_group(prep)?),
-    );
+    let mut measurements =
+        Item::container(CONTAINS, codes::IMAGING_MEASUREMENTS).with(measurement_group(prep)?);
+    measurements
+        .children
+        .extend(super::roi_groups::roi_groups(prep)?);
+    root.children.push(measurements);
     root.children.push(qualitative_evaluations(prep));
     Ok(root)
 }
@@ -365,7 +386,7 @@ fn weights_sha(r: &ModelResult) -> String {
 
 /// TID 4019 Algorithm Identification: name, version and parameters (weights,
 /// their status, the decision threshold, the CAM target).
-fn algorithm_identification(prep: &Prepared) -> Vec<Item> {
+pub(crate) fn algorithm_identification(prep: &Prepared) -> Vec<Item> {
     let r = prep.input.result;
     let algo_name = if r.model_name.trim().is_empty() {
         "HER2 MAP"
@@ -588,7 +609,7 @@ fn sr_document(
     ds::put_str(&mut o, tags::CONTENT_DATE, VR::DA, &d);
     ds::put_str(&mut o, tags::CONTENT_TIME, VR::TM, &t);
     ds::put_seq(&mut o, tags::PERFORMED_PROCEDURE_CODE_SEQUENCE, Vec::new());
-    put_evidence(&mut o, prep, study);
+    put_evidence(&mut o, prep, study)?;
     if prep.amended() {
         put_predecessors(&mut o, prep, study);
     }
@@ -614,7 +635,7 @@ fn sr_document(
 
 /// Current Requested Procedure Evidence: the instances of this study (all of
 /// them when none is); Pertinent Other Evidence: those of the other studies.
-fn put_evidence(o: &mut Obj, prep: &Prepared, study: &str) {
+fn put_evidence(o: &mut Obj, prep: &Prepared, study: &str) -> Result<(), ReportError> {
     let refs: Vec<InstanceRef> = prep
         .instances
         .iter()
@@ -628,11 +649,14 @@ fn put_evidence(o: &mut Obj, prep: &Prepared, study: &str) {
     let (current, other): (Vec<InstanceRef>, Vec<InstanceRef>) = refs
         .into_iter()
         .partition(|r| r.study_instance_uid == study);
-    let (current, other) = if current.is_empty() {
+    let (current, mut other) = if current.is_empty() {
         (other, Vec::new())
     } else {
         (current, other)
     };
+    // The heatmaps the ROI groups show (PS3.3 §C.17.2.3: every instance the
+    // content tree references is listed in one of the evidence sequences).
+    other.extend(super::roi_groups::referenced_heatmaps(prep)?);
     ds::put_seq(
         o,
         tags::CURRENT_REQUESTED_PROCEDURE_EVIDENCE_SEQUENCE,
@@ -645,6 +669,7 @@ fn put_evidence(o: &mut Obj, prep: &Prepared, study: &str) {
             ds::hierarchical_refs(&other),
         );
     }
+    Ok(())
 }
 
 /// Predecessor Documents: the amended SRs of this study, or all of them when
