@@ -13,7 +13,7 @@
 
 use super::codes;
 use super::ds::InstanceRef;
-use super::sr::{CONTAINS, HAS_CONCEPT_MOD, HAS_OBS_CONTEXT, Item, SELECTED_FROM, Value};
+use super::sr::{CONTAINS, Item, SELECTED_FROM, Value};
 use super::{Heatmap, OutputChoice, Prepared, ReportError, SECONDARY_CAPTURE};
 
 /// Indices of the heatmaps with an ROI, in input order: one group each.
@@ -68,28 +68,11 @@ fn roi_group(prep: &Prepared, i: usize, h: &Heatmap) -> Result<Item, ReportError
     } else {
         h.label.trim().to_string()
     };
-    let mut group = Item::container(CONTAINS, codes::MEASUREMENT_GROUP)
-        .with(Item::text(
-            HAS_OBS_CONTEXT,
-            codes::TRACKING_IDENTIFIER,
-            format!("HER2 MAP ROI {label}"),
-        ))
-        .with(Item::new(
-            HAS_OBS_CONTEXT,
-            Some(codes::TRACKING_UNIQUE_IDENTIFIER),
-            Value::UidRef(tracking_uid),
-        ))
-        .with(Item::code(
-            CONTAINS,
-            codes::FINDING,
-            codes::MALIGNANT_NEOPLASM_OF_BREAST,
-        ));
-    let mut site = Item::code(HAS_CONCEPT_MOD, codes::FINDING_SITE, codes::BREAST);
-    if let Some(l) = src.laterality.as_deref().and_then(codes::laterality_code) {
-        site.children
-            .push(Item::code(HAS_CONCEPT_MOD, codes::LATERALITY, l));
-    }
-    group.children.push(site);
+    let mut group = super::sr::lesion_group(
+        format!("HER2 MAP ROI {label}"),
+        tracking_uid,
+        src.laterality.as_deref(),
+    );
     group
         .children
         .extend(super::sr::algorithm_identification(prep));

@@ -351,28 +351,11 @@ fn measurement_group(prep: &Prepared) -> Result<Item, ReportError> {
         input.settings.uid_root.as_deref(),
         &[input.case_id, "tracking-uid"],
     )?;
-    let mut group = Item::container(CONTAINS, codes::MEASUREMENT_GROUP)
-        .with(Item::text(
-            HAS_OBS_CONTEXT,
-            codes::TRACKING_IDENTIFIER,
-            "HER2 MAP index lesion",
-        ))
-        .with(Item::new(
-            HAS_OBS_CONTEXT,
-            Some(codes::TRACKING_UNIQUE_IDENTIFIER),
-            Value::UidRef(tracking_uid),
-        ))
-        .with(Item::code(
-            CONTAINS,
-            codes::FINDING,
-            codes::MALIGNANT_NEOPLASM_OF_BREAST,
-        ));
-    let mut site = Item::code(HAS_CONCEPT_MOD, codes::FINDING_SITE, codes::BREAST);
-    if let Some(l) = r.lesion_side.as_deref().and_then(codes::laterality_code) {
-        site.children
-            .push(Item::code(HAS_CONCEPT_MOD, codes::LATERALITY, l));
-    }
-    group.children.push(site);
+    let mut group = lesion_group(
+        "HER2 MAP index lesion".into(),
+        tracking_uid,
+        r.lesion_side.as_deref(),
+    );
     group.children.extend(algorithm_identification(prep));
     group.children.extend(probabilities(r));
     group.children.extend(interpretation(prep));
@@ -735,4 +718,38 @@ fn put_template_and_coding_scheme(o: &mut Obj, s: &ReportSettings) {
         );
     }
     ds::put_seq(o, tags::CODING_SCHEME_IDENTIFICATION_SEQUENCE, vec![cs]);
+}
+
+/// A TID 1500 Measurement Group (TID 1410/1411 form) on the breast lesion:
+/// its Tracking Identifier and Tracking Unique Identifier (what viewers key
+/// a measurement on, OHIF included), the finding and the finding site with
+/// the laterality when known.
+pub(super) fn lesion_group(
+    tracking_id: String,
+    tracking_uid: String,
+    laterality: Option<&str>,
+) -> Item {
+    let mut group = Item::container(CONTAINS, codes::MEASUREMENT_GROUP)
+        .with(Item::text(
+            HAS_OBS_CONTEXT,
+            codes::TRACKING_IDENTIFIER,
+            tracking_id,
+        ))
+        .with(Item::new(
+            HAS_OBS_CONTEXT,
+            Some(codes::TRACKING_UNIQUE_IDENTIFIER),
+            Value::UidRef(tracking_uid),
+        ))
+        .with(Item::code(
+            CONTAINS,
+            codes::FINDING,
+            codes::MALIGNANT_NEOPLASM_OF_BREAST,
+        ));
+    let mut site = Item::code(HAS_CONCEPT_MOD, codes::FINDING_SITE, codes::BREAST);
+    if let Some(l) = laterality.and_then(codes::laterality_code) {
+        site.children
+            .push(Item::code(HAS_CONCEPT_MOD, codes::LATERALITY, l));
+    }
+    group.children.push(site);
+    group
 }

@@ -1,6 +1,6 @@
 //! Faults: kill -9 under load, a full disk, file permissions.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

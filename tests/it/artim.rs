@@ -7,7 +7,7 @@
 //! node's sockets and descriptors stay bounded, and the cuts are audited
 //! through a rate limit. Loopback only; every loop ends by itself.
 
-mod common;
+use crate::common;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;

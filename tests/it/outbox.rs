@@ -1,7 +1,7 @@
 //! Delivery of result objects: DCMTK storescp and the node itself as
 //! destinations; down, rejecting, silent and restarted.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Child, Command};

@@ -2,7 +2,7 @@
 //! (dicom3tools) with no errors, `dsrdump` (DCMTK) parses the SR, and the heatmaps
 //! are written as PNGs under `target/heatmaps/` for a person to look at.
 
-mod common;
+use crate::common;
 use common::{dciodvfy, tool};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -1153,7 +1153,11 @@ fn summary_card_and_small_heatmap_legend() {
         .filter(|o| o.kind == OutputKind::SummarySc)
         .collect();
     assert_eq!(cards.len(), 3, "one card per study");
-    assert_eq!(cards[0].kind.filter_name(), "sc", "the card goes where SCs go");
+    assert_eq!(
+        cards[0].kind.filter_name(),
+        "sc",
+        "the card goes where SCs go"
+    );
     let png = dir.join("summary.png");
     her2map::report::sc::write_png(&cards[0].object, &png).unwrap();
     let img = image::open(&png).unwrap().to_rgb8();

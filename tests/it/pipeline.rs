@@ -1,7 +1,7 @@
 //! The whole node: the synthetic patient in, SR + heatmaps out at a
 //! destination, with restarts between the pieces.
 
-mod common;
+use crate::common;
 
 use dicom_dictionary_std::tags;
 use std::path::PathBuf;

@@ -1,7 +1,7 @@
 //! The `her2map` binary as an administrator runs it: configuration layering
 //! and errors, `serve` on port 0, graceful SIGTERM, `send`, `echo`, `audit`.
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};

@@ -4,7 +4,7 @@
 //! is a valid instance after all), record the association, and keep serving
 //! C-ECHO and C-STORE afterwards.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

@@ -9,7 +9,7 @@
 //! binary named by `HER2MAP_ORTHANC`) and curl. Without them the test fails:
 //! it is never skipped.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;

@@ -1,7 +1,7 @@
 //! End-to-end: synthetic patient → prepare_case → model inputs.
 use std::path::PathBuf;
 
-mod common;
+use crate::common;
 
 use her2map::imaging::{
     ClinicalSource, ImagingSettings, InputGrid, Laterality, Modality, SideBasis, SideSetting,

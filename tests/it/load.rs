@@ -3,7 +3,7 @@
 //! every instance indexed, the node's peak memory bounded, and associations
 //! beyond the configured limit refused cleanly.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

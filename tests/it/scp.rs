@@ -1,7 +1,7 @@
 //! The Storage SCP against real peers: DCMTK's echoscu/storescu/dcmsend and
 //! the node's own SCU.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -1,7 +1,7 @@
 //! DICOM TLS on its own port against DCMTK's echoscu/storescu `+tls` / `+tla`,
 //! with a CA, server and client certificates made by the test (rcgen).
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 
