@@ -36,6 +36,8 @@ pub struct App {
     outbox: Outbox,
     outbox_wake: std::sync::Arc<tokio::sync::Notify>,
     pipeline: Pipeline,
+    /// The console, API, metrics and health server (`[http]`).
+    http: Option<crate::http::HttpServer>,
 }
 
 /// Open (creating and migrating) the node's database, owner-only: it holds
@@ -79,6 +81,16 @@ impl App {
         let server = bind_server(&settings, ingest, tls).await?;
         let addr = server.local_addr()?;
         let tls_addr = server.tls_local_addr()?;
+        let http = crate::http::bind(
+            &settings,
+            crate::http::Parts {
+                db: db.clone(),
+                clock: clock.clone(),
+                engine: workers.pipeline.engine.clone(),
+                dicom_addr: addr,
+            },
+        )
+        .await?;
         Ok(App {
             server,
             addr,
@@ -93,6 +105,7 @@ impl App {
             outbox: workers.outbox,
             outbox_wake: workers.outbox_wake,
             pipeline: workers.pipeline,
+            http,
         })
     }
 
@@ -103,6 +116,11 @@ impl App {
     /// The DICOM TLS listener's address, when `dicom.tls.enabled`.
     pub fn tls_addr(&self) -> Option<SocketAddr> {
         self.tls_addr
+    }
+
+    /// The HTTP server's address, when `http.enabled`.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().map(|h| h.local_addr())
     }
 
     pub fn db(&self) -> Db {
@@ -148,6 +166,8 @@ impl App {
             .jobs_rx
             .map(|jobs| tokio::spawn(self.pipeline.run(jobs, shutdown.clone())));
         let outbox = tokio::spawn(self.outbox.run(self.outbox_wake.clone(), shutdown.clone()));
+        // After the DICOM lines: scripts read the first "listening on".
+        let http = self.http.map(|h| tokio::spawn(h.run(shutdown.clone())));
         self.server.run(shutdown).await;
         // The server has answered its last association: no row is coming.
         self.instances.shutdown().await;
@@ -155,6 +175,9 @@ impl App {
         let _ = outbox.await;
         if let Some(p) = pipeline {
             let _ = p.await;
+        }
+        if let Some(h) = http {
+            let _ = h.await;
         }
         let _ = self
             .db

@@ -35,6 +35,68 @@ pub struct Settings {
     pub model: ModelSettings,
     pub report: crate::report::ReportSettings,
     pub log: LogSettings,
+    pub http: HttpSettings,
+}
+
+/// `[http]`: the administrator's console, REST API, metrics and health
+/// checks (issue 15). Turned into a server by `http`, never here.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    pub enabled: bool,
+    pub host: String,
+    pub port: u16,
+    /// Serve `/metrics` without a token (for a Prometheus on a trusted net).
+    pub metrics_public: bool,
+    /// Show patient names and IDs to signed-in users; masked when false.
+    pub show_phi: bool,
+    /// Largest request body accepted, in bytes.
+    pub max_body_bytes: usize,
+    /// Seconds for a client to send a request's headers (slow-header cut).
+    pub header_timeout_secs: u64,
+    /// Seconds for a whole request, body included (slow-body cut).
+    pub request_timeout_secs: u64,
+    /// HTTP connections served at once; more wait in the kernel's backlog.
+    pub max_connections: usize,
+    pub tls: HttpTlsSettings,
+    #[serde(default)]
+    pub users: Vec<HttpUser>,
+}
+
+/// `[http.tls]`: HTTPS with the same PEM handling as `[dicom.tls]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpTlsSettings {
+    pub enabled: bool,
+    pub certificate: PathBuf,
+    pub private_key: PathBuf,
+}
+
+/// `[[http.users]]`: one bearer-token user.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct HttpUser {
+    pub name: String,
+    pub role: HttpRole,
+    /// SHA-256 (hex) of the user's bearer token; the token itself is never stored.
+    pub token_sha256: String,
+}
+
+/// What a console user may do: viewers read, operators also act.
+#[derive(Debug, Clone, Copy, Deserialize, serde::Serialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum HttpRole {
+    Viewer,
+    Operator,
+}
+
+impl HttpRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HttpRole::Viewer => "viewer",
+            HttpRole::Operator => "operator",
+        }
+    }
 }
 
 /// `[model]`: the checkpoint and the device.
@@ -386,6 +448,7 @@ impl Settings {
         if self.cases.mri_series_required == 0 {
             return Err(invalid("cases.mri_series_required", "must be at least 1"));
         }
+        self.validate_http().map_err(|(key, m)| invalid(key, &m))?;
         if self.storage.data_dir.as_os_str().is_empty() {
             return Err(invalid("storage.data_dir", "must not be empty"));
         }
@@ -394,6 +457,52 @@ impl Settings {
                 "database.url",
                 "only sqlite: URLs are supported in this version",
             ));
+        }
+        Ok(())
+    }
+
+    fn validate_http(&self) -> Result<(), (&'static str, String)> {
+        let h = &self.http;
+        if h.max_body_bytes == 0 || h.header_timeout_secs == 0 || h.request_timeout_secs == 0 {
+            return Err((
+                "http",
+                "max_body_bytes, header_timeout_secs and request_timeout_secs must be at least 1"
+                    .into(),
+            ));
+        }
+        if h.max_connections == 0 {
+            return Err(("http.max_connections", "must be at least 1".into()));
+        }
+        if h.tls.enabled
+            && (h.tls.certificate.as_os_str().is_empty()
+                || h.tls.private_key.as_os_str().is_empty())
+        {
+            return Err((
+                "http.tls",
+                "certificate and private_key must name PEM files when http.tls.enabled = true"
+                    .into(),
+            ));
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for u in &h.users {
+            if u.name.trim().is_empty() || !names.insert(u.name.as_str()) {
+                return Err((
+                    "http.users.name",
+                    format!("{:?} is empty or repeated", u.name),
+                ));
+            }
+            let hex_ok =
+                u.token_sha256.len() == 64 && u.token_sha256.bytes().all(|b| b.is_ascii_hexdigit());
+            if !hex_ok {
+                return Err((
+                    "http.users.token_sha256",
+                    format!(
+                        "user {:?}: must be the 64 hex digits of SHA-256(token) \
+                         (`her2map token NAME --role ROLE` prints one)",
+                        u.name
+                    ),
+                ));
+            }
         }
         Ok(())
     }

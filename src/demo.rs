@@ -141,6 +141,8 @@ fn configure_node(settings: &mut Settings, out: &Path, receiver_port: u16) {
     settings.dicom.port = 0;
     settings.storage.data_dir = out.join("node");
     settings.storage.min_free_mb = 0;
+    // The demo is one run on this machine: no console to serve.
+    settings.http.enabled = false;
     settings.model.demo = true;
     settings.cases.stable_age_secs = 2;
     settings.destinations = vec![DestinationSettings {

@@ -236,6 +236,16 @@ impl EngineHandle {
         &self.sha256
     }
 
+    /// Requests queued for the engine thread now (the metrics' queue depth).
+    pub fn queue_depth(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+
+    /// Whether the engine thread still takes requests (readiness).
+    pub fn is_running(&self) -> bool {
+        !self.tx.is_closed()
+    }
+
     /// Queue a request and wait for its result (waits for queue space too).
     pub async fn infer(&self, req: InferRequest) -> Result<InferResponse, ModelError> {
         let (reply, rx) = oneshot::channel();

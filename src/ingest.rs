@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use dicom_dictionary_std::tags;
 use dicom_object::file::ReadPreamble;
@@ -19,6 +20,7 @@ use crate::dimse::server::{
     AssociationInfo, AssociationStats, DimseStatus, InstanceSink, StoreRequest, StoreService,
 };
 use crate::header;
+use crate::metrics::METRICS;
 use crate::part10;
 use crate::spool::{Placement, SealedInstance, Spool, TempInstance};
 
@@ -79,6 +81,7 @@ impl IngestCore {
             reason = status.comment.as_deref().unwrap_or(""),
             "instance refused"
         );
+        METRICS.instance("failed", status.code, "");
         self.audit(NewEvent {
             event: event::INSTANCE_FAILED,
             association_id: Some(&info.id),
@@ -249,12 +252,16 @@ pub struct IngestSink {
     info: AssociationInfo,
     request: StoreRequest,
     temp: TempInstance,
+    /// When the command arrived: the ingest latency metric.
+    started: std::time::Instant,
 }
 
 impl StoreService for Ingest {
     type Sink = IngestSink;
 
     async fn association_opened(&self, info: &AssociationInfo) {
+        METRICS.associations_opened.inc(&[]);
+        METRICS.associations_active.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = self
             .db
             .association_opened(
@@ -277,6 +284,9 @@ impl StoreService for Ingest {
         called_ae: &str,
         reason: &str,
     ) {
+        METRICS
+            .associations_rejected
+            .inc(&[&crate::metrics::reason_label(reason)]);
         self.audit(NewEvent {
             event: event::ASSOCIATION_REJECTED,
             detail: Some(serde_json::json!({
@@ -296,6 +306,7 @@ impl StoreService for Ingest {
         outcome: &str,
         stats: &AssociationStats,
     ) {
+        METRICS.associations_active.fetch_sub(1, Ordering::Relaxed);
         if let Err(e) = self
             .db
             .association_closed(
@@ -355,12 +366,16 @@ impl StoreService for Ingest {
             info: info.clone(),
             request: request.clone(),
             temp: self.spool.create_temp(header),
+            started: std::time::Instant::now(),
         })
     }
 }
 
 impl InstanceSink for IngestSink {
     async fn write(&mut self, bytes: Vec<u8>) -> Result<(), DimseStatus> {
+        METRICS
+            .received_bytes
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
         self.temp.write(bytes).await.map_err(|e| {
             DimseStatus::failure(status::OUT_OF_RESOURCES, format!("spool write: {e}"))
         })
@@ -372,8 +387,10 @@ impl InstanceSink for IngestSink {
             info,
             request,
             temp,
+            started,
         } = self;
         let status = commit(&ingest, &info, &request, temp).await;
+        METRICS.ingest_seconds.observe(&[], started.elapsed());
         if status.code != status::SUCCESS {
             return ingest.fail(&info, &request, status).await;
         }
@@ -525,6 +542,7 @@ async fn commit(
     }
     match ingest.instances.insert(&row).await {
         Ok(Inserted::New) => {
+            METRICS.instance("stored", status::SUCCESS, &row.modality);
             ingest.stored.notify_waiters();
             DimseStatus::SUCCESS
         }
@@ -545,6 +563,7 @@ async fn commit(
 
 async fn duplicate(ingest: &IngestCore, info: &AssociationInfo, row: &InstanceRow) -> DimseStatus {
     debug!(association = %info.id, "duplicate instance kept as first received");
+    METRICS.instance("duplicate", status::SUCCESS, &row.modality);
     ingest
         .audit(NewEvent {
             event: event::INSTANCE_DUPLICATE,

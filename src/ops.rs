@@ -10,7 +10,7 @@ use time::OffsetDateTime;
 
 use crate::cases::CaseRules;
 use crate::cases::rules;
-use crate::db::{CaseRow, CaseState, Db, DbError, format_time, parse_time};
+use crate::db::{CaseMember, CaseRow, CaseState, Db, DbError, format_time, parse_time};
 
 /// A case as operators see it (`her2map cases`).
 #[derive(Debug, Clone, serde::Serialize)]
@@ -31,30 +31,39 @@ pub struct CaseView {
 pub async fn describe_cases(db: &Db, rules: &CaseRules) -> Result<Vec<CaseView>, DbError> {
     let mut out = Vec::new();
     for case in db.all_cases().await? {
-        let members = db.case_members(&case.id).await?;
-        let c = rules::completeness(&members, rules);
-        let collecting = case.state == CaseState::Collecting;
-        let first = parse_time(&case.first_instance_at);
-        let last = parse_time(&case.last_instance_at);
-        out.push(CaseView {
-            present: c.usable.iter().map(|m| m.as_str()).collect(),
-            missing: c
-                .missing
-                .iter()
-                .map(|(m, what)| format!("{} ({what})", m.as_str()))
-                .collect(),
-            lesion_side: c.lesion_side.clone(),
-            instances: members.len(),
-            ready_at: (collecting && c.missing.is_empty())
-                .then(|| last.map(|t| format_time(t + rules.stable_age)))
-                .flatten(),
-            max_wait_at: collecting
-                .then(|| first.map(|t| format_time(t + rules.max_wait)))
-                .flatten(),
-            case,
-        });
+        out.push(describe_case(db, rules, case).await?);
     }
     Ok(out)
+}
+
+/// One case as operators see it: what it has, lacks, and when it runs.
+pub async fn describe_case(db: &Db, rules: &CaseRules, case: CaseRow) -> Result<CaseView, DbError> {
+    let members = db.case_members(&case.id).await?;
+    Ok(view_of(case, &members, rules))
+}
+
+fn view_of(case: CaseRow, members: &[CaseMember], rules: &CaseRules) -> CaseView {
+    let c = rules::completeness(members, rules);
+    let collecting = case.state == CaseState::Collecting;
+    let first = parse_time(&case.first_instance_at);
+    let last = parse_time(&case.last_instance_at);
+    CaseView {
+        present: c.usable.iter().map(|m| m.as_str()).collect(),
+        missing: c
+            .missing
+            .iter()
+            .map(|(m, what)| format!("{} ({what})", m.as_str()))
+            .collect(),
+        lesion_side: c.lesion_side.clone(),
+        instances: members.len(),
+        ready_at: (collecting && c.missing.is_empty())
+            .then(|| last.map(|t| format_time(t + rules.stable_age)))
+            .flatten(),
+        max_wait_at: collecting
+            .then(|| first.map(|t| format_time(t + rules.max_wait)))
+            .flatten(),
+        case,
+    }
 }
 
 /// What an operator can do to a case.
@@ -183,6 +192,9 @@ pub async fn retry_delivery(db: &Db, id: i64, now: OffsetDateTime) -> Result<(),
         Err(OpsError::NoDelivery(id))
     }
 }
+
+pub mod views;
+pub use views::*;
 
 #[cfg(test)]
 mod tests {

@@ -148,7 +148,30 @@ impl Outbox {
                 warn!(destination = %row.destination, case = %row.case_id, %status, retry_at = %format_time(next), "delivery failed; will retry")
             }
         }
-        self.db.record_delivery(row, state, status, next, now).await
+        self.db
+            .record_delivery(row, state, status, next, now)
+            .await?;
+        self.count(row, state, now).await;
+        Ok(())
+    }
+
+    /// The delivery metrics: the attempt's outcome and, once sent, the time
+    /// since the case's last instance arrived.
+    async fn count(&self, row: &OutboxRow, state: DeliveryState, now: time::OffsetDateTime) {
+        let m = &crate::metrics::METRICS;
+        let outcome = match state {
+            DeliveryState::Sent => "sent",
+            DeliveryState::Dead => "dead",
+            DeliveryState::Pending => "retry",
+        };
+        m.delivery_attempts.inc(&[&row.destination, outcome]);
+        if state == DeliveryState::Sent
+            && let Ok(Some(case)) = self.db.case(&row.case_id).await
+            && let Some(last) = crate::db::parse_time(&case.last_instance_at)
+        {
+            m.delivery_latency_seconds
+                .observe_secs(&[], (now - last).as_seconds_f64());
+        }
     }
 
     /// Try every due delivery once; returns how many rows were attempted.

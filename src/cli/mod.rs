@@ -12,6 +12,7 @@ mod send;
 mod serve;
 mod synth;
 mod tls;
+mod token;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -55,6 +56,9 @@ pub enum Command {
     Outbox(outbox::OutboxArgs),
     /// Print the audit log, oldest first.
     Audit(audit::AuditArgs),
+    /// Make a bearer token for a console/API user and print its
+    /// `[[http.users]]` entry.
+    Token(token::TokenArgs),
 }
 
 impl Command {
@@ -76,6 +80,7 @@ impl Command {
             Command::Cases(args) => cases::run(args, &settings).await,
             Command::Outbox(args) => outbox::run(args, &settings).await,
             Command::Audit(args) => audit::run(args, &settings).await,
+            Command::Token(args) => token::run(args),
         }
     }
 }

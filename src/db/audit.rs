@@ -19,6 +19,10 @@ pub mod event {
     pub const INSTANCE_FAILED: &str = "instance_failed";
     pub const NODE_STARTED: &str = "node_started";
     pub const NODE_STOPPED: &str = "node_stopped";
+    /// An operator action through the console or API, with the user's name.
+    pub const OPERATOR_ACTION: &str = "operator_action";
+    /// A console or API request with a missing or wrong token.
+    pub const HTTP_AUTH_FAILED: &str = "http_auth_failed";
 }
 
 /// One line of the audit log.
@@ -59,6 +63,35 @@ fn audit_event(r: &sqlx::sqlite::SqliteRow) -> Result<AuditEvent, DbError> {
         // Stored as JSON text (portable); an unreadable detail is dropped.
         detail: detail.and_then(|d| serde_json::from_str(&d).ok()),
     })
+}
+
+/// Which audit events to read ([`Db::events_filtered`]); absent fields
+/// do not filter. Times compare as stored (RFC 3339 UTC).
+#[derive(Debug, Default, Clone)]
+pub struct EventFilter {
+    pub event: Option<String>,
+    pub since: Option<String>,
+    pub until: Option<String>,
+    pub case_id: Option<String>,
+    pub association_id: Option<String>,
+    /// Only events after this sequence number (keyset paging).
+    pub after_seq: i64,
+    pub limit: i64,
+}
+
+/// One association row, as the console lists them.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct AssociationRow {
+    pub id: String,
+    pub calling_ae: String,
+    pub called_ae: String,
+    pub peer: String,
+    pub opened_at: String,
+    pub closed_at: Option<String>,
+    pub outcome: Option<String>,
+    pub stored: i64,
+    pub failed: i64,
+    pub bytes: i64,
 }
 
 /// An event to append; absent identifiers are NULL.
@@ -175,6 +208,55 @@ impl Db {
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(audit_event).collect()
+    }
+}
+
+impl Db {
+    /// Audit events matching `f`, oldest first.
+    pub async fn events_filtered(&self, f: &EventFilter) -> Result<Vec<AuditEvent>, DbError> {
+        let rows = sqlx::query(
+            "SELECT seq, time, event, association_id, sop_instance_uid, study_instance_uid, \
+             patient_key, status, detail, case_id FROM events \
+             WHERE seq > $1 AND ($2 IS NULL OR event = $2) AND ($3 IS NULL OR time >= $3) \
+             AND ($4 IS NULL OR time < $4) AND ($5 IS NULL OR case_id = $5) \
+             AND ($6 IS NULL OR association_id = $6) ORDER BY seq LIMIT $7",
+        )
+        .bind(f.after_seq)
+        .bind(f.event.as_deref())
+        .bind(f.since.as_deref())
+        .bind(f.until.as_deref())
+        .bind(f.case_id.as_deref())
+        .bind(f.association_id.as_deref())
+        .bind(f.limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(audit_event).collect()
+    }
+
+    /// How many events of each name since `since` (the dashboard's 24 h).
+    pub async fn event_counts_since(&self, since: &str) -> Result<Vec<(String, i64)>, DbError> {
+        Ok(sqlx::query_as(
+            "SELECT event, COUNT(*) FROM events WHERE time >= $1 GROUP BY event ORDER BY event",
+        )
+        .bind(since)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Associations, newest first.
+    pub async fn recent_associations(
+        &self,
+        limit: i64,
+        offset: i64,
+    ) -> Result<Vec<AssociationRow>, DbError> {
+        Ok(sqlx::query_as(
+            "SELECT id, calling_ae, called_ae, peer, opened_at, closed_at, outcome, stored, \
+             failed, bytes FROM associations ORDER BY opened_at DESC, id LIMIT $1 OFFSET $2",
+        )
+        .bind(limit)
+        .bind(offset)
+        .fetch_all(&self.pool)
+        .await?)
     }
 }
 

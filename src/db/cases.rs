@@ -146,6 +146,37 @@ impl Db {
         Ok(rows)
     }
 
+    /// One page of cases, newest first, optionally in one state.
+    pub async fn cases_page(
+        &self,
+        state: Option<CaseState>,
+        limit: i64,
+        offset: i64,
+    ) -> Result<Vec<CaseRow>, DbError> {
+        let rows = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT {CASE_COLUMNS} FROM cases WHERE ($1 IS NULL OR state = $1) \
+             ORDER BY opened_at DESC, id LIMIT $2 OFFSET $3"
+        )))
+        .bind(state.map(|s| s.as_str()))
+        .bind(limit)
+        .bind(offset)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows)
+    }
+
+    /// How many cases are in each state (states with none are absent).
+    pub async fn case_state_counts(&self) -> Result<Vec<(CaseState, i64)>, DbError> {
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT state, COUNT(*) FROM cases GROUP BY state ORDER BY state")
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(s, n)| s.parse().ok().map(|s| (s, n)))
+            .collect())
+    }
+
     pub async fn case(&self, id: &str) -> Result<Option<CaseRow>, DbError> {
         let row = sqlx::query_as(AssertSqlSafe(format!(
             "SELECT {CASE_COLUMNS} FROM cases WHERE id = $1"

@@ -24,7 +24,7 @@ mod instances;
 mod outbox;
 mod state;
 
-pub use audit::{AuditEvent, NewEvent, event};
+pub use audit::{AssociationRow, AuditEvent, EventFilter, NewEvent, event};
 pub use cases::{Assignment, CaseMember, CaseRow, UnassignedInstance, case_event};
 pub use instances::{Inserted, InstanceQueue, InstanceRow, InstanceWriter};
 pub use outbox::{OutboxRow, OutputRow, outbox_event};
@@ -100,6 +100,12 @@ impl Db {
     /// holds PHI, and the storage layout makes it owner-only.
     pub fn file(&self) -> Option<&Path> {
         self.file.as_deref()
+    }
+
+    /// The database answers (readiness).
+    pub async fn ping(&self) -> Result<(), DbError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
     }
 
     pub async fn close(&self) {

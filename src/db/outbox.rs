@@ -170,6 +170,45 @@ impl Db {
         Ok(rows)
     }
 
+    /// Outbox rows matching the filters, by id; `case_id` gives one case's.
+    pub async fn outbox_filtered(
+        &self,
+        state: Option<DeliveryState>,
+        destination: Option<&str>,
+        case_id: Option<&str>,
+        limit: i64,
+        offset: i64,
+    ) -> Result<Vec<OutboxRow>, DbError> {
+        let rows = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT {OUTBOX_COLUMNS} FROM outbox o JOIN outputs p \
+             ON p.sop_instance_uid = o.sop_instance_uid \
+             WHERE ($1 IS NULL OR o.state = $1) AND ($2 IS NULL OR o.destination = $2) \
+             AND ($3 IS NULL OR p.case_id = $3) ORDER BY o.id LIMIT $4 OFFSET $5"
+        )))
+        .bind(state.map(|s| s.as_str()))
+        .bind(destination)
+        .bind(case_id)
+        .bind(limit)
+        .bind(offset)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows)
+    }
+
+    /// Deliveries per destination and state (the metrics' outbox gauge).
+    pub async fn outbox_state_counts(&self) -> Result<Vec<(String, DeliveryState, i64)>, DbError> {
+        let rows: Vec<(String, String, i64)> = sqlx::query_as(
+            "SELECT destination, state, COUNT(*) FROM outbox GROUP BY destination, state \
+             ORDER BY destination, state",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(d, s, n)| s.parse().ok().map(|s| (d, s, n)))
+            .collect())
+    }
+
     /// Record one delivery attempt: sent, pending (retry at
     /// `next_attempt_at`) or dead.
     pub async fn record_delivery(

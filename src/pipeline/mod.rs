@@ -62,6 +62,16 @@ pub struct StageTimes {
     pub reporting_ms: f64,
 }
 
+impl StageTimes {
+    /// Into the stage-duration metric.
+    fn observe(&self) {
+        let m = &crate::metrics::METRICS.stage_seconds;
+        m.observe_secs(&["imaging"], self.imaging_ms / 1e3);
+        m.observe_secs(&["inference"], self.inference_ms / 1e3);
+        m.observe_secs(&["reporting"], self.reporting_ms / 1e3);
+    }
+}
+
 /// The result of one side of a case, as recorded in the `case_result` event.
 #[derive(Debug, Clone, Serialize)]
 pub struct SideResult {
@@ -216,6 +226,7 @@ impl Pipeline {
         let t = Instant::now();
         let (results, rows) = self.report(&case, prepared, response).await?;
         times.reporting_ms = t.elapsed().as_secs_f64() * 1e3;
+        times.observe();
         self.db.set_case_inputs(&case.id, &digest).await?;
         self.audit(
             &case.id,

@@ -17,6 +17,8 @@ fn her2map() -> Command {
             c.env_remove(k);
         }
     }
+    // Tests run side by side: the console on a free port.
+    c.env("HER2MAP__HTTP__PORT", "0");
     c
 }
 

@@ -10,6 +10,7 @@ mod artim;
 mod bad_input;
 mod cases;
 mod cli;
+mod console;
 mod engine;
 mod faults;
 mod imaging_real_files;

@@ -18,6 +18,8 @@ use tokio_util::sync::CancellationToken;
 
 pub struct TestApp {
     pub addr: SocketAddr,
+    /// The HTTP server (console, API, metrics), when enabled.
+    pub http_addr: Option<SocketAddr>,
     /// The DICOM TLS listener, when the settings enable it.
     pub tls_addr: Option<SocketAddr>,
     pub db: Db,
@@ -61,6 +63,8 @@ pub fn test_settings(data_dir: &Path) -> Settings {
     s.storage.min_free_mb = 0;
     // The small demo checkpoint from test-data/parity: fast to load.
     s.model.demo = true;
+    // Tests run side by side: the console on a free port.
+    s.http.port = 0;
     s
 }
 
@@ -69,11 +73,13 @@ pub async fn spawn_app_with(settings: Settings) -> TestApp {
     let app = App::build(settings).await.expect("app builds");
     let addr = app.local_addr();
     let tls_addr = app.tls_addr();
+    let http_addr = app.http_addr();
     let db = app.db();
     let shutdown = CancellationToken::new();
     let handle = tokio::spawn(app.run_until_stopped(shutdown.clone()));
     TestApp {
         addr,
+        http_addr,
         tls_addr,
         db,
         data_dir,
@@ -180,6 +186,7 @@ pub fn serve_binary(
         .env("HER2MAP__STORAGE__DATA_DIR", data_dir)
         .env("HER2MAP__STORAGE__MIN_FREE_MB", "0")
         .env("HER2MAP__MODEL__DEMO", "true")
+        .env("HER2MAP__HTTP__PORT", "0")
         .env("RUST_LOG", "info")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped());

@@ -1,0 +1,281 @@
+//! The node's one HTTP server (issue 15): the administrator's console
+//! ([`pages`]), the REST API under `/api/v1` ([`api`], described by
+//! [`openapi`]), Prometheus metrics ([`metrics`]) and the health checks
+//! ([`health`]), behind bearer-token users and roles ([`auth`]). It owns
+//! the listener, its accept loop and per-connection limits (slow headers,
+//! slow bodies, body size, connection count: issue 19's HTTP part); it
+//! reads and acts only through `ops` and `db`, as the CLI does.
+
+pub mod api;
+pub mod auth;
+pub mod health;
+pub mod metrics;
+pub mod openapi;
+pub mod pages;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::Router;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Request};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+use tracing::{debug, info, warn};
+
+use crate::cases::CaseRules;
+use crate::clock::Clock;
+use crate::config::{HttpSettings, Settings, TlsSettings};
+use crate::db::Db;
+use crate::inference::EngineHandle;
+
+/// What the handlers share.
+pub struct Console {
+    pub db: Db,
+    pub clock: Clock,
+    pub rules: CaseRules,
+    pub users: auth::Users,
+    pub show_phi: bool,
+    pub metrics_public: bool,
+    pub secure_cookie: bool,
+    pub engine: EngineHandle,
+    pub data_dir: PathBuf,
+    pub spool_dir: PathBuf,
+    pub min_free_bytes: u64,
+    pub dicom_addr: SocketAddr,
+    pub ae_title: String,
+    /// Cancelled when the node stops: readiness of the DICOM listener.
+    pub shutdown: CancellationToken,
+    auth_audit: std::sync::Mutex<(i64, u32)>,
+}
+
+pub type Shared = Arc<Console>;
+
+/// The parts of the running node the server reads.
+pub struct Parts {
+    pub db: Db,
+    pub clock: Clock,
+    pub engine: EngineHandle,
+    pub dicom_addr: SocketAddr,
+}
+
+/// The bound HTTP server, ready to serve.
+pub struct HttpServer {
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    router: Router,
+    settings: HttpSettings,
+    addr: SocketAddr,
+    /// The console's copy of the node's shutdown (readiness reads it).
+    stopping: CancellationToken,
+}
+
+/// Bind the server of `[http]` (None when disabled). Without users it binds
+/// to loopback whatever `host` says: an open console stays on this machine.
+pub async fn bind(settings: &Settings, parts: Parts) -> anyhow::Result<Option<HttpServer>> {
+    let h = &settings.http;
+    if !h.enabled {
+        return Ok(None);
+    }
+    let tls = if h.tls.enabled {
+        let config = crate::dimse::tls::server_config(&TlsSettings {
+            enabled: true,
+            port: 0,
+            certificate: h.tls.certificate.clone(),
+            private_key: h.tls.private_key.clone(),
+            client_ca: PathBuf::new(),
+        })
+        .map_err(|e| anyhow::anyhow!(e.to_string().replace("dicom.tls", "http.tls")))?;
+        Some(tokio_rustls::TlsAcceptor::from(config))
+    } else {
+        None
+    };
+    let mut host = h.host.clone();
+    if h.users.is_empty() {
+        let loopback = host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+            || host == "localhost";
+        if !loopback {
+            warn!(configured = %host, "no [[http.users]] configured: HTTP binds to 127.0.0.1 only");
+        } else {
+            info!(
+                "no [[http.users]] configured: HTTP serves this machine only (loopback), read-only"
+            );
+        }
+        host = "127.0.0.1".into();
+    }
+    let bind = format!("{host}:{}", h.port);
+    let listener = TcpListener::bind(&bind)
+        .await
+        .with_context(|| format!("binding the HTTP port {bind}"))?;
+    let addr = listener.local_addr()?;
+    let console = Arc::new(Console {
+        db: parts.db,
+        clock: parts.clock,
+        rules: settings.case_rules(),
+        users: auth::Users::new(&h.users),
+        show_phi: h.show_phi,
+        metrics_public: h.metrics_public,
+        secure_cookie: h.tls.enabled,
+        engine: parts.engine,
+        data_dir: settings.storage.data_dir.clone(),
+        spool_dir: settings.spool_dir(),
+        min_free_bytes: settings.storage.min_free_mb << 20,
+        dicom_addr: parts.dicom_addr,
+        ae_title: settings.dicom.ae_title.trim().to_string(),
+        shutdown: CancellationToken::new(),
+        auth_audit: std::sync::Mutex::new((0, 0)),
+    });
+    let stopping = console.shutdown.clone();
+    Ok(Some(HttpServer {
+        listener,
+        tls,
+        stopping,
+        router: router(console, h),
+        settings: h.clone(),
+        addr,
+    }))
+}
+
+/// Every route, with the limits every request gets.
+pub fn router(console: Shared, h: &HttpSettings) -> Router {
+    Router::new()
+        .merge(health::routes())
+        .merge(metrics::routes())
+        .merge(api::routes())
+        .merge(pages::routes())
+        .fallback(not_found)
+        .layer(middleware::from_fn(count_and_harden))
+        .layer(DefaultBodyLimit::max(h.max_body_bytes))
+        .layer(tower_http::limit::RequestBodyLimitLayer::new(
+            h.max_body_bytes,
+        ))
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            Duration::from_secs(h.request_timeout_secs),
+        ))
+        .with_state(console)
+}
+
+async fn not_found(req: Request) -> Response {
+    if req.uri().path().starts_with("/api/") {
+        api::ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint").into_response()
+    } else {
+        (StatusCode::NOT_FOUND, "not found").into_response()
+    }
+}
+
+/// Count the answer by code class; every answer says not to be cached or
+/// framed (it may carry PHI).
+async fn count_and_harden(req: Request, next: Next) -> Response {
+    let mut resp = next.run(req).await;
+    let class = format!("{}xx", resp.status().as_u16() / 100);
+    crate::metrics::METRICS.http_requests.inc(&[&class]);
+    let h = resp.headers_mut();
+    use axum::http::header::{self, HeaderValue};
+    h.entry(header::CACHE_CONTROL)
+        .or_insert(HeaderValue::from_static("no-store"));
+    h.insert("x-frame-options", HeaderValue::from_static("DENY"));
+    h.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
+    resp
+}
+
+impl HttpServer {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Serve until `shutdown`; then finish in-flight requests (at most 5 s).
+    pub async fn run(self, shutdown: CancellationToken) {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        info!(address = %self.addr, "HTTP listening on {scheme}://{}", self.addr);
+        let (node, mine) = (shutdown.clone(), self.stopping.clone());
+        tokio::spawn(async move {
+            node.cancelled().await;
+            mine.cancel();
+        });
+        let limit = Arc::new(tokio::sync::Semaphore::new(self.settings.max_connections));
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        let header_timeout = Duration::from_secs(self.settings.header_timeout_secs);
+        loop {
+            let permit = tokio::select! {
+                p = limit.clone().acquire_owned() => p.expect("semaphore open"),
+                _ = shutdown.cancelled() => break,
+            };
+            let (stream, peer) = tokio::select! {
+                r = self.listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        warn!(error = %e, "HTTP accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = shutdown.cancelled() => break,
+            };
+            let _ = stream.set_nodelay(true);
+            let router = self.router.clone();
+            let tls = self.tls.clone();
+            let watcher = graceful.watcher();
+            tokio::spawn(async move {
+                let _permit = permit;
+                let service = hyper::service::service_fn(move |req: hyper::Request<_>| {
+                    let mut req = req.map(axum::body::Body::new);
+                    req.extensions_mut().insert(ConnectInfo(peer));
+                    router.clone().oneshot(req)
+                });
+                let builder = {
+                    let mut b = hyper::server::conn::http1::Builder::new();
+                    b.timer(TokioTimer::new())
+                        .header_read_timeout(header_timeout)
+                        .keep_alive(true);
+                    b
+                };
+                let result = match tls {
+                    None => {
+                        let conn = builder.serve_connection(TokioIo::new(stream), service);
+                        watcher.watch(conn).await
+                    }
+                    Some(acceptor) => {
+                        // The handshake is bounded like the headers.
+                        match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
+                            Ok(Ok(s)) => {
+                                let conn = builder.serve_connection(TokioIo::new(s), service);
+                                watcher.watch(conn).await
+                            }
+                            Ok(Err(e)) => {
+                                debug!(%peer, error = %e, "HTTPS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                debug!(%peer, "HTTPS handshake timed out");
+                                return;
+                            }
+                        }
+                    }
+                };
+                if let Err(e) = result {
+                    debug!(%peer, error = %e, "HTTP connection ended");
+                }
+            });
+        }
+        drop(self.listener);
+        if tokio::time::timeout(Duration::from_secs(5), graceful.shutdown())
+            .await
+            .is_err()
+        {
+            warn!("HTTP connections still open after 5 s; closing them");
+        }
+    }
+}
