@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use her2map::dimse::client::ClientOptions;
 use her2map::send::{SendResult, collect_files, send_files};
 
-use super::tls::TlsArgs;
+use super::tls::ScuArgs;
 
 #[derive(clap::Args)]
 pub struct SendArgs {
@@ -16,22 +16,13 @@ pub struct SendArgs {
     /// Files or folders to send.
     #[arg(required = true)]
     paths: Vec<PathBuf>,
-    #[arg(long, default_value = "HER2MAP-SCU")]
-    calling_ae: String,
-    #[arg(long, default_value = "ANY-SCP")]
-    called_ae: String,
     #[command(flatten)]
-    tls: TlsArgs,
+    scu: ScuArgs,
 }
 
 pub async fn run(args: SendArgs) -> anyhow::Result<ExitCode> {
     let address = args.address;
-    let options = ClientOptions {
-        calling_ae: args.calling_ae,
-        called_ae: args.called_ae,
-        tls: args.tls.client_tls(&address)?,
-        ..Default::default()
-    };
+    let options = args.scu.options(&address)?;
     send(&address, &options, &args.paths).await
 }
 

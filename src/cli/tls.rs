@@ -44,3 +44,27 @@ impl TlsArgs {
             .map_err(|e| anyhow::anyhow!("{}: {}", e.key, e.message))
     }
 }
+
+/// How the node's SCU calls a peer from the command line (`send`, `echo`):
+/// its AE titles and, optionally, DICOM TLS.
+#[derive(clap::Args)]
+pub struct ScuArgs {
+    #[arg(long, default_value = "HER2MAP-SCU")]
+    calling_ae: String,
+    #[arg(long, default_value = "ANY-SCP")]
+    called_ae: String,
+    #[command(flatten)]
+    tls: TlsArgs,
+}
+
+impl ScuArgs {
+    /// The client options for calling `address` (HOST:PORT).
+    pub fn options(self, address: &str) -> anyhow::Result<her2map::dimse::client::ClientOptions> {
+        Ok(her2map::dimse::client::ClientOptions {
+            calling_ae: self.calling_ae,
+            called_ae: self.called_ae,
+            tls: self.tls.client_tls(address)?,
+            ..Default::default()
+        })
+    }
+}
