@@ -105,13 +105,19 @@ pub struct InferResponse {
     /// Time from submission to the reply, including queueing.
     pub total_ms: f64,
     pub weights_sha256: String,
+    /// The device that ran it (`device_label`).
+    pub device: String,
 }
 
-/// Parse `"cpu"`, `"cuda"` or `"cuda:N"`.
+/// Parse `"auto"` (CUDA device 0 when this build has CUDA and a device is
+/// there, else the CPU), `"cpu"`, `"cuda"` or `"cuda:N"`.
 pub fn parse_device(spec: &str) -> Result<Device, ModelError> {
     let spec = spec.trim();
     if spec.eq_ignore_ascii_case("cpu") {
         return Ok(Device::Cpu);
+    }
+    if spec.eq_ignore_ascii_case("auto") {
+        return Ok(cuda_device(0).unwrap_or(Device::Cpu));
     }
     let ordinal = match spec.strip_prefix("cuda") {
         Some("") => 0,
@@ -126,6 +132,16 @@ pub fn parse_device(spec: &str) -> Result<Device, ModelError> {
         }
     };
     cuda_device(ordinal)
+}
+
+/// The device as the logs, the `case_inference_done` event and the SR's
+/// algorithm parameters name it ("cpu", "cuda:0").
+pub fn device_label(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
 }
 
 #[cfg(feature = "cuda")]
@@ -177,6 +193,7 @@ impl Engine {
         tracing::info!(
             weights = %weights.display(),
             sha256 = model.weights_sha256(),
+            device = %device_label(&device),
             "HER2 MAP model loaded"
         );
         Self::start_with_model(model, queue)
@@ -311,6 +328,7 @@ fn run_request(model: &MapModel, req: &InferRequest) -> Result<InferResponse, Mo
         compute_ms: start.elapsed().as_secs_f64() * 1e3,
         total_ms: 0.0,
         weights_sha256: model.weights_sha256().to_string(),
+        device: device_label(model.device()),
     })
 }
 

@@ -313,6 +313,7 @@ impl Pipeline {
                 "compute_ms": response.compute_ms,
                 "probs": response.samples.iter().map(|s| s.prob).collect::<Vec<_>>(),
                 "weights_sha256": response.weights_sha256,
+                "device": response.device,
             }),
         )
         .await;

@@ -405,9 +405,11 @@ pub(crate) fn algorithm_identification(prep: &Prepared) -> Vec<Item> {
         ),
         "CAM target class: 1 (HER2-positive)".to_string(),
     ];
+    let device = (!r.device.trim().is_empty()).then(|| format!("device: {}", r.device.trim()));
     items.extend(
         params
             .into_iter()
+            .chain(device)
             .map(|p| Item::text(HAS_CONCEPT_MOD, codes::ALGORITHM_PARAMETERS, p)),
     );
     items

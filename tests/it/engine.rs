@@ -81,6 +81,9 @@ fn engine_start_fails_on_bad_weights_or_device() {
     if !cfg!(feature = "cuda") {
         let err = parse_device("cuda:0").unwrap_err().to_string();
         assert!(err.contains("cuda"), "{err}");
+        // Without CUDA in the build, "auto" is the CPU.
+        assert!(matches!(parse_device("auto"), Ok(Device::Cpu)));
     }
+    assert_eq!(her2map::inference::device_label(&Device::Cpu), "cpu");
     assert!(TensorData::new(vec![2, 3], vec![0.0; 5]).is_err());
 }

@@ -99,6 +99,14 @@ async fn one_patient_in_pieces_across_restarts_gives_one_result() {
         assert_eq!(queued.len(), 1, "ready exactly once: {queued:?}");
         let results = node.db.events(0, Some("case_result"), 10).await.unwrap();
         assert_eq!(results.len(), 1);
+        // `device = "auto"` (the default) without CUDA in the build: the CPU,
+        // recorded with the inference.
+        let inferred = node
+            .db
+            .events(0, Some("case_inference_done"), 10)
+            .await
+            .unwrap();
+        assert_eq!(inferred[0].detail.as_ref().unwrap()["device"], "cpu");
         let sides = &results[0].detail.as_ref().unwrap()["sides"];
         let prob = sides[0]["prob"].as_f64().unwrap();
         assert!((0.0..=1.0).contains(&prob));

@@ -224,6 +224,7 @@ fn result(prob: f32) -> ModelResult {
         model_name: "HER2 MAP".into(),
         model_version: "1.0.0".into(),
         weights_sha256: "ab".repeat(32),
+        device: "cpu".into(),
         demo: false,
         prob,
         branch_probs: BranchScores {
@@ -352,6 +353,7 @@ fn every_output_passes_dciodvfy_and_dsrdump() {
             assert!(text.contains("10828004"), "positive code missing:\n{text}");
             assert!(text.contains("NOT FOR DIAGNOSTIC USE"), "{text}");
             assert!(text.contains("UNVERIFIED WEIGHTS"), "{text}");
+            assert!(text.contains("device: cpu"), "device missing:\n{text}");
             // The ROI groups: an Image Region SCOORD on each heatmap source.
             assert_eq!(
                 text.matches("(111030,DCM,\"Image Region\")").count(),
