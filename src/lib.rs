@@ -6,6 +6,7 @@
 
 pub mod app;
 pub mod attrs;
+pub mod batch;
 pub mod cases;
 pub mod config;
 pub mod db;

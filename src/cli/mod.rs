@@ -3,6 +3,7 @@
 //! library entry point and prints). No node logic lives here.
 
 mod audit;
+mod batch;
 mod cases;
 mod demo;
 mod echo;
@@ -55,6 +56,9 @@ pub enum Command {
     Outbox(outbox::OutboxArgs),
     /// Print the audit log, oldest first.
     Audit(audit::AuditArgs),
+    /// Site validation: run the model over folders of past cases, one
+    /// results row per case.
+    Batch(batch::BatchArgs),
 }
 
 impl Command {
@@ -76,6 +80,7 @@ impl Command {
             Command::Cases(args) => cases::run(args, &settings).await,
             Command::Outbox(args) => outbox::run(args, &settings).await,
             Command::Audit(args) => audit::run(args, &settings).await,
+            Command::Batch(args) => batch::run(args, settings).await,
         }
     }
 }
