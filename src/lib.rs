@@ -13,6 +13,7 @@ pub mod db;
 pub mod demo;
 pub mod dimse;
 pub mod durable;
+pub mod evaluate;
 pub mod header;
 pub mod imaging;
 pub mod inference;

@@ -7,6 +7,7 @@ mod batch;
 mod cases;
 mod demo;
 mod echo;
+mod evaluate;
 mod infer;
 mod outbox;
 mod send;
@@ -59,6 +60,9 @@ pub enum Command {
     /// Site validation: run the model over folders of past cases, one
     /// results row per case.
     Batch(batch::BatchArgs),
+    /// Site validation: the batch results against pathology labels (AUROC,
+    /// sensitivity, specificity, calibration; HTML report).
+    Evaluate(evaluate::EvaluateArgs),
 }
 
 impl Command {
@@ -81,6 +85,7 @@ impl Command {
             Command::Outbox(args) => outbox::run(args, &settings).await,
             Command::Audit(args) => audit::run(args, &settings).await,
             Command::Batch(args) => batch::run(args, settings).await,
+            Command::Evaluate(args) => evaluate::run(args, &settings).await,
         }
     }
 }
