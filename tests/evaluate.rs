@@ -254,3 +254,112 @@ fn statistics_match_the_reference_implementations() {
         assert!((b - d).abs() < 0.03, "bootstrap {b} vs DeLong {d}");
     }
 }
+
+/// Headless Chromium, as root in CI (hence no sandbox); a missing browser
+/// fails the test with the install line instead of skipping it.
+fn chromium(args: &[&str]) -> std::process::Output {
+    let bin = ["chromium", "chromium-browser", "google-chrome"]
+        .into_iter()
+        .find(|b| Command::new(b).arg("--version").output().is_ok_and(|o| o.status.success()))
+        .expect("headless Chromium is needed for the report test: `apt-get install -y chromium` (.ci/run installs it)");
+    let profile = tempfile::tempdir().unwrap();
+    let out = Command::new("timeout")
+        .arg("120")
+        .arg(bin)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "chromium: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+#[test]
+fn the_html_report_opens_in_chromium_and_shows_the_roc_plot() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (results, labels, other) = write_data(tmp.path(), 19);
+    let dir = tmp.path().join("report");
+    let snippet = tmp.path().join("threshold.toml");
+    let v = evaluate(&[
+        results.to_str().unwrap(),
+        "--labels",
+        labels.to_str().unwrap(),
+        "--by",
+        "site",
+        "--compare",
+        other.to_str().unwrap(),
+        "--report",
+        dir.to_str().unwrap(),
+        "--set-threshold",
+        snippet.to_str().unwrap(),
+    ]);
+    for f in [
+        "report.html",
+        "roc.png",
+        "roc.svg",
+        "calibration.png",
+        "calibration.svg",
+    ] {
+        assert!(std::fs::metadata(dir.join(f)).unwrap().len() > 1000, "{f}");
+    }
+    // The snippet is a config layer the node loads, with Youden's threshold.
+    let text = std::fs::read_to_string(&snippet).unwrap();
+    let value: toml_like::Threshold = toml_like::parse(&text);
+    assert_eq!(value.0, v["youden"]["threshold"].as_f64().unwrap());
+    let settings = her2map::config::Settings::load_with_env(Some(&snippet), false).unwrap();
+    assert_eq!(f64::from(settings.report.threshold), value.0 as f32 as f64);
+
+    let html = std::fs::read_to_string(dir.join("report.html")).unwrap();
+    assert!(
+        !html.contains("src=") && !html.contains("<link") && !html.contains("url("),
+        "external asset"
+    );
+    let page = format!("file://{}", dir.join("report.html").display());
+    let dom = String::from_utf8(chromium(&["--dump-dom", &page]).stdout).unwrap();
+    let roc = dom
+        .find("<figure id=\"roc\">")
+        .expect("the ROC figure in the rendered page");
+    assert!(dom[roc..].contains("<svg"), "the ROC figure holds its SVG");
+    assert!(dom.contains("ROC — AUROC"), "the ROC plot's title");
+    assert!(dom.contains("id=\"subgroups\"") && dom.contains("Paired comparison"));
+
+    // The screenshot is kept; the ROC curve's blue and the band's pale blue
+    // are on it.
+    let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("evaluate-report.png");
+    chromium(&[
+        "--window-size=1400,1400",
+        &format!("--screenshot={}", shot.display()),
+        &page,
+    ]);
+    let img = image::open(&shot).expect("a PNG screenshot").to_rgb8();
+    let count = |f: &dyn Fn(&image::Rgb<u8>) -> bool| img.pixels().filter(|p| f(p)).count();
+    let line = count(&|p| p[0] < 40 && p[1] < 40 && p[2] > 200);
+    let band = count(&|p| (190..=225).contains(&p[0]) && (190..=225).contains(&p[1]) && p[2] > 245);
+    assert!(
+        line > 300 && band > 3000,
+        "ROC line {line} px, band {band} px in {}",
+        shot.display()
+    );
+}
+
+/// The one value of the `[report] threshold = X` snippet.
+mod toml_like {
+    pub struct Threshold(pub f64);
+    pub fn parse(text: &str) -> Threshold {
+        let v = text
+            .lines()
+            .find_map(|l| l.strip_prefix("threshold = "))
+            .expect("a threshold line");
+        Threshold(v.trim().parse().unwrap())
+    }
+}
