@@ -75,6 +75,8 @@ fn batch_rows_failures_resume_and_the_node_probabilities() {
         (Some(2), Some(1))
     );
     assert_eq!(s["unreadable_files"], 1);
+    let unreadable = std::fs::read_to_string(out.with_extension("unreadable.csv")).unwrap();
+    assert!(unreadable.contains("notes.txt"), "{unreadable}");
     let t = rows(&out);
     for c in [
         "case_id",

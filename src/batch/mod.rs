@@ -54,8 +54,12 @@ pub struct BatchSummary {
     pub failed: usize,
     pub unreadable_files: usize,
     pub weights_sha256: String,
+    /// Reading every file's header and grouping, once; loading the weights.
+    pub scan_ms: f64,
+    pub load_ms: f64,
     /// Summed over cases: imaging (decode, selection, resampling) on the
-    /// workers, inference on the engine, writing the rows.
+    /// workers (overlapping inference, so the sums can exceed the wall
+    /// time), inference on the engine, writing the rows.
     pub imaging_ms: f64,
     pub inference_ms: f64,
     pub writing_ms: f64,
@@ -90,13 +94,20 @@ pub fn run_batch(opts: &BatchOptions, settings: &Settings) -> Result<BatchSummar
         settings.cases.patient_key,
         settings.cases.window_days,
     );
-    for u in &unreadable {
-        tracing::warn!(file = %u.path.display(), reason = %u.reason, "not a readable DICOM instance: skipped");
+    if !unreadable.is_empty() {
+        // Paths can carry names (folders named after patients): they go to
+        // a file beside the results, not to the log.
+        let list = results::unreadable_path(&opts.out);
+        results::write_unreadable(&list, &unreadable)?;
+        tracing::warn!(files = unreadable.len(), list = %list.display(), "files that are not readable DICOM instances were skipped");
     }
     if cases.is_empty() {
         return Err(BatchError::Empty);
     }
+    let scan_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let t_load = Instant::now();
     let engine = crate::inference::Engine::start(&opts.weights, &opts.device, 1)?;
+    let load_ms = t_load.elapsed().as_secs_f64() * 1e3;
     let grid = pipeline::input_grid(engine.config());
     let ctx = Context {
         opts,
@@ -110,6 +121,8 @@ pub fn run_batch(opts: &BatchOptions, settings: &Settings) -> Result<BatchSummar
         skipped: kept.len(),
         unreadable_files: unreadable.len(),
         weights_sha256: ctx.engine.weights_sha256().to_string(),
+        scan_ms,
+        load_ms,
         ..Default::default()
     };
     let mut writer = results::Writer::start(&opts.out, &kept)?;

@@ -51,6 +51,24 @@ pub fn jsonl_path(csv: &Path) -> PathBuf {
     csv.with_extension("jsonl")
 }
 
+/// The list of files that joined no case, beside a results CSV
+/// (`RESULTS.unreadable.csv`).
+pub fn unreadable_path(csv: &Path) -> PathBuf {
+    csv.with_extension("unreadable.csv")
+}
+
+/// Write the files that are not readable DICOM instances, with the reason.
+pub fn write_unreadable(path: &Path, files: &[super::scan::Unreadable]) -> std::io::Result<()> {
+    let mut text = csv::line(&["path", "reason"]);
+    for u in files {
+        text.push_str(&csv::line(&[
+            u.path.display().to_string(),
+            u.reason.clone(),
+        ]));
+    }
+    replace(path, text.as_bytes())
+}
+
 /// The rows of an existing results file (none when it does not exist).
 pub fn read_rows(path: &Path) -> std::io::Result<Vec<Row>> {
     match std::fs::read_to_string(path) {
