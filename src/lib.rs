@@ -6,6 +6,7 @@
 
 pub mod app;
 pub mod attrs;
+pub mod batch;
 pub mod cases;
 pub mod clock;
 pub mod config;
@@ -13,6 +14,7 @@ pub mod db;
 pub mod demo;
 pub mod dimse;
 pub mod durable;
+pub mod evaluate;
 pub mod header;
 pub mod http;
 pub mod imaging;

@@ -65,7 +65,12 @@ fn study_day(date: &str) -> Option<time::Date> {
 
 /// Widen a case's study-date range by `date`; `None` when the result would
 /// span more than `window_days` (the instance opens a new case).
-fn widen(oldest: &str, newest: &str, date: &str, window_days: i64) -> Option<(String, String)> {
+pub(crate) fn widen(
+    oldest: &str,
+    newest: &str,
+    date: &str,
+    window_days: i64,
+) -> Option<(String, String)> {
     let Some(d) = study_day(date) else {
         // No usable Study Date: join the patient's case as it is.
         return Some((oldest.to_string(), newest.to_string()));

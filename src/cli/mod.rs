@@ -3,9 +3,11 @@
 //! library entry point and prints). No node logic lives here.
 
 mod audit;
+mod batch;
 mod cases;
 mod demo;
 mod echo;
+mod evaluate;
 mod infer;
 mod outbox;
 mod send;
@@ -59,6 +61,12 @@ pub enum Command {
     /// Make a bearer token for a console/API user and print its
     /// `[[http.users]]` entry.
     Token(token::TokenArgs),
+    /// Site validation: run the model over folders of past cases, one
+    /// results row per case.
+    Batch(batch::BatchArgs),
+    /// Site validation: the batch results against pathology labels (AUROC,
+    /// sensitivity, specificity, calibration; HTML report).
+    Evaluate(evaluate::EvaluateArgs),
 }
 
 impl Command {
@@ -81,6 +89,8 @@ impl Command {
             Command::Outbox(args) => outbox::run(args, &settings).await,
             Command::Audit(args) => audit::run(args, &settings).await,
             Command::Token(args) => token::run(args),
+            Command::Batch(args) => batch::run(args, settings).await,
+            Command::Evaluate(args) => evaluate::run(args, &settings).await,
         }
     }
 }

@@ -10,12 +10,12 @@
 //! side), [`outputs`] (durable files). [`folder`] runs the same stages for
 //! `her2map infer DIR`. This module orchestrates; it holds no stage's logic.
 
-mod folder;
+pub(crate) mod folder;
 mod heatmap;
 mod outputs;
 mod prepare;
 mod reporting;
-mod request;
+pub(crate) mod request;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -417,7 +417,7 @@ impl Pipeline {
 }
 
 /// The model's input grid (MODEL.md "Inputs"): from the loaded checkpoint.
-fn input_grid(cfg: &MapConfig) -> InputGrid {
+pub(crate) fn input_grid(cfg: &MapConfig) -> InputGrid {
     InputGrid {
         mri: cfg.mri.img_size,
         image: cfg.us.img_size,
@@ -425,7 +425,7 @@ fn input_grid(cfg: &MapConfig) -> InputGrid {
 }
 
 /// The sides that have at least one modality's input: only those run.
-fn usable_sides(prepared: Vec<PreparedCase>) -> Vec<PreparedCase> {
+pub(crate) fn usable_sides(prepared: Vec<PreparedCase>) -> Vec<PreparedCase> {
     prepared
         .into_iter()
         .filter(|p| !p.modalities().is_empty())

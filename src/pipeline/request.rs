@@ -32,7 +32,7 @@ pub(super) fn inputs_digest(prepared: &[PreparedCase]) -> String {
 
 /// One batch of the prepared sides; an absent modality of a side is zeros
 /// with its flag 0 (the model skips a branch no sample has).
-pub(super) fn build_request(
+pub(crate) fn build_request(
     prepared: &[PreparedCase],
     grid: InputGrid,
 ) -> Result<InferRequest, PipelineError> {

@@ -8,10 +8,12 @@ mod common;
 
 mod artim;
 mod bad_input;
+mod batch;
 mod cases;
 mod cli;
 mod console;
 mod engine;
+mod evaluate;
 mod faults;
 mod imaging_real_files;
 mod imaging_resize;
