@@ -314,7 +314,14 @@ impl Context<'_> {
                 detail["sides"] = prepared
                     .iter()
                     .zip(&response.samples)
-                    .map(|(p, s)| pipeline::folder::side_json(p, s))
+                    .map(|(p, s)| {
+                        let mut side = pipeline::folder::side_json(p, s);
+                        if self.opts.no_phi {
+                            // Paths can carry names: the instance instead.
+                            side["errors"] = p.errors.iter().map(|e| self.error_text(e)).collect();
+                        }
+                        side
+                    })
                     .collect::<Vec<_>>()
                     .into();
             }
@@ -328,6 +335,21 @@ impl Context<'_> {
             detail[c] = row.get(c).into();
         }
         (row, detail, infer_ms)
+    }
+
+    /// A per-instance error as the detail states it: with its file, or with
+    /// `--no-phi` its SOP Instance UID (paths can carry names), as the
+    /// node's audit events do.
+    fn error_text(&self, e: &imaging::InstanceError) -> String {
+        if self.opts.no_phi {
+            format!(
+                "{}: {}",
+                e.sop_instance_uid.as_deref().unwrap_or("?"),
+                e.message
+            )
+        } else {
+            format!("{}: {}", e.file.display(), e.message)
+        }
     }
 
     fn base_row(&self, case: &BatchCase) -> Row {
@@ -359,7 +381,7 @@ impl Context<'_> {
         let errors: Vec<String> = all
             .iter()
             .flat_map(|p| p.errors.iter())
-            .map(|e| format!("{}: {}", e.file.display(), e.message))
+            .map(|e| self.error_text(e))
             .collect();
         let prepared = pipeline::usable_sides(all);
         if prepared.is_empty() {

@@ -201,4 +201,8 @@ fn batch_rows_failures_resume_and_the_node_probabilities() {
         !text.contains("ID-a") && !text.contains("SYNMG1"),
         "PHI in the --no-phi results"
     );
+    assert!(
+        !text.contains("archive/c"),
+        "file paths in the --no-phi detail"
+    );
 }
