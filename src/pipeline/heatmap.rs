@@ -271,40 +271,7 @@ fn mri_heatmaps(
     if peak_slice + 2 < *slices {
         chosen.push(peak_slice + 2);
     }
-    let sample_cam = |q: [f64; 3]| -> f32 {
-        // Patient point → continuous input index, trilinear.
-        let f = |c: usize| ((q[c] - box_center_mm[c]) / box_side_mm + 0.5) * n as f64 - 0.5;
-        let (x, y, z) = (f(0), f(1), f(2));
-        if x < -0.5
-            || y < -0.5
-            || z < -0.5
-            || x > n as f64 - 0.5
-            || y > n as f64 - 0.5
-            || z > n as f64 - 0.5
-        {
-            return 0.0;
-        }
-        let cl = |v: f64| v.clamp(0.0, (n - 1) as f64);
-        let (x, y, z) = (cl(x), cl(y), cl(z));
-        let (x0, y0, z0) = (x.floor() as usize, y.floor() as usize, z.floor() as usize);
-        let (x1, y1, z1) = (
-            (x0 + 1).min(n - 1),
-            (y0 + 1).min(n - 1),
-            (z0 + 1).min(n - 1),
-        );
-        let (fx, fy, fz) = (
-            (x - x0 as f64) as f32,
-            (y - y0 as f64) as f32,
-            (z - z0 as f64) as f32,
-        );
-        let at = |k: usize, j: usize, i: usize| vol[(k * n + j) * n + i];
-        let lerp = |a: f32, b: f32, t: f32| a + (b - a) * t;
-        let c00 = lerp(at(z0, y0, x0), at(z0, y0, x1), fx);
-        let c01 = lerp(at(z0, y1, x0), at(z0, y1, x1), fx);
-        let c10 = lerp(at(z1, y0, x0), at(z1, y0, x1), fx);
-        let c11 = lerp(at(z1, y1, x0), at(z1, y1, x1), fx);
-        lerp(lerp(c00, c01, fy), lerp(c10, c11, fy), fz)
-    };
+    let sample_cam = |q: [f64; 3]| sample_cube(vol, n, *box_center_mm, *box_side_mm, q);
     let mut out = Vec::new();
     for sl in chosen {
         let Some(uid) = s.sop_instance_uids.get(sl) else {
@@ -346,4 +313,42 @@ fn mri_heatmaps(
         });
     }
     Ok(out)
+}
+
+/// The CAM cube (`n`³, the input grid of the MRI branch, centred at
+/// `center` with side `side` mm, patient-aligned) at patient point `q`,
+/// trilinear; 0 outside the cube.
+fn sample_cube(vol: &[f32], n: usize, center: [f64; 3], side: f64, q: [f64; 3]) -> f32 {
+    // Patient point → continuous input index, trilinear.
+    let f = |c: usize| ((q[c] - center[c]) / side + 0.5) * n as f64 - 0.5;
+    let (x, y, z) = (f(0), f(1), f(2));
+    if x < -0.5
+        || y < -0.5
+        || z < -0.5
+        || x > n as f64 - 0.5
+        || y > n as f64 - 0.5
+        || z > n as f64 - 0.5
+    {
+        return 0.0;
+    }
+    let cl = |v: f64| v.clamp(0.0, (n - 1) as f64);
+    let (x, y, z) = (cl(x), cl(y), cl(z));
+    let (x0, y0, z0) = (x.floor() as usize, y.floor() as usize, z.floor() as usize);
+    let (x1, y1, z1) = (
+        (x0 + 1).min(n - 1),
+        (y0 + 1).min(n - 1),
+        (z0 + 1).min(n - 1),
+    );
+    let (fx, fy, fz) = (
+        (x - x0 as f64) as f32,
+        (y - y0 as f64) as f32,
+        (z - z0 as f64) as f32,
+    );
+    let at = |k: usize, j: usize, i: usize| vol[(k * n + j) * n + i];
+    let lerp = |a: f32, b: f32, t: f32| a + (b - a) * t;
+    let c00 = lerp(at(z0, y0, x0), at(z0, y0, x1), fx);
+    let c01 = lerp(at(z0, y1, x0), at(z0, y1, x1), fx);
+    let c10 = lerp(at(z1, y0, x0), at(z1, y0, x1), fx);
+    let c11 = lerp(at(z1, y1, x0), at(z1, y1, x1), fx);
+    lerp(lerp(c00, c01, fy), lerp(c10, c11, fy), fz)
 }
