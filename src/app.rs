@@ -36,6 +36,8 @@ pub struct App {
     outbox: Outbox,
     outbox_wake: std::sync::Arc<tokio::sync::Notify>,
     pipeline: Pipeline,
+    /// SQLite: this node's exclusive claim on the database file.
+    _node_lock: Option<std::fs::File>,
 }
 
 /// Open (creating and migrating) the node's database, owner-only: it holds
@@ -46,7 +48,8 @@ pub async fn open_database(settings: &Settings) -> anyhow::Result<Db> {
         Duration::from_millis(settings.database.busy_timeout_ms),
     )
     .await
-    .context("opening the database")?;
+    .context("opening the database")?
+    .with_node(&settings.node.id());
     if let Some(file) = db.file() {
         crate::spool::make_private_file(file)
             .with_context(|| format!("securing the database {}", file.display()))?;
@@ -66,9 +69,20 @@ impl App {
         let data_dir = &settings.storage.data_dir;
         crate::spool::create_private_dir(data_dir)
             .with_context(|| format!("creating data_dir {}", data_dir.display()))?;
-        let spool = Spool::open(&settings.spool_dir(), settings.storage.min_free_mb << 20)
-            .with_context(|| format!("opening spool {}", settings.spool_dir().display()))?;
         let db = open_database(&settings).await?;
+        let node_lock = db.lock_single_node()?;
+        // Several nodes share the spool only on PostgreSQL: each then keeps
+        // its temporary files in its own folder (SQLite: one node, tmp/).
+        let tmp_owner = match db.backend() {
+            crate::db::Backend::Postgres => db.node().to_string(),
+            crate::db::Backend::Sqlite => String::new(),
+        };
+        let spool = Spool::open_for_node(
+            &settings.spool_dir(),
+            &tmp_owner,
+            settings.storage.min_free_mb << 20,
+        )
+        .with_context(|| format!("opening spool {}", settings.spool_dir().display()))?;
         // The one clock of the node: every timer and every stamped row.
         let clock = Clock::new();
         let instances = InstanceWriter::start(&db, clock.clone());
@@ -185,6 +199,7 @@ impl App {
             outbox,
             outbox_wake,
             pipeline,
+            _node_lock: node_lock,
         })
     }
 

@@ -64,6 +64,11 @@ fn classify_failure(failure: &SendFailure) -> Verdict {
 
 /// The longest the worker sleeps without looking (operator retries).
 const POLL: Duration = Duration::from_secs(2);
+/// How long a node holds the deliveries it claimed: a node that dies
+/// mid-delivery leaves them to another node after this.
+const DELIVERY_LEASE: Duration = Duration::from_secs(300);
+/// Most deliveries claimed (and sent) in one round.
+const DELIVERY_BATCH: i64 = 100;
 
 pub struct Outbox {
     db: Db,
@@ -153,7 +158,14 @@ impl Outbox {
 
     /// Try every due delivery once; returns how many rows were attempted.
     pub async fn deliver_due(&self) -> Result<usize, DbError> {
-        let due = self.db.due_deliveries(self.clock.now(), 500).await?;
+        // Claimed with a lease (several nodes never send the same row at
+        // once; a dead node's rows are taken over once it expires), in
+        // small batches so that each is sent well within its lease.
+        let now = self.clock.now();
+        let due = self
+            .db
+            .claim_due_deliveries(now + DELIVERY_LEASE, now, DELIVERY_BATCH)
+            .await?;
         let mut by_dest: BTreeMap<String, Vec<OutboxRow>> = BTreeMap::new();
         for row in due {
             by_dest

@@ -52,7 +52,7 @@ pub struct OutboxRow {
     pub path: String,
 }
 
-const OUTBOX_COLUMNS: &str = "o.id, o.sop_instance_uid, o.destination, o.state, o.attempts, \
+pub(super) const OUTBOX_COLUMNS: &str = "o.id, o.sop_instance_uid, o.destination, o.state, o.attempts, \
      o.last_status, o.next_attempt_at, o.created_at, o.updated_at, p.case_id, p.kind, p.path";
 
 impl Db {
@@ -113,7 +113,7 @@ impl Db {
                 })),
                 ..Default::default()
             };
-            insert_event(&mut tx, &e, &now).await?;
+            insert_event(&mut tx, &self.node, &e, &now).await?;
         }
         tx.commit().await?;
         Ok(new)
@@ -184,7 +184,8 @@ impl Db {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "UPDATE outbox SET state = $1, attempts = attempts + 1, last_status = $2, \
-             next_attempt_at = $3, updated_at = $4 WHERE id = $5",
+             next_attempt_at = $3, updated_at = $4, claimed_by = '', lease_until = '' \
+             WHERE id = $5",
         )
         .bind(state.as_str())
         .bind(status)
@@ -208,7 +209,7 @@ impl Db {
             })),
             ..Default::default()
         };
-        insert_event(&mut tx, &e, &now).await?;
+        insert_event(&mut tx, &self.node, &e, &now).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -236,7 +237,7 @@ impl Db {
                 detail: Some(serde_json::json!({ "outbox_id": id })),
                 ..Default::default()
             };
-            insert_event(&mut tx, &e, &now).await?;
+            insert_event(&mut tx, &self.node, &e, &now).await?;
         }
         tx.commit().await?;
         Ok(n == 1)

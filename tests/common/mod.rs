@@ -43,11 +43,18 @@ impl TestApp {
     pub fn spool(&self) -> PathBuf {
         self.data_dir.join("spool")
     }
-    /// Files left under the spool's tmp/ folder (must be none between instances).
+    /// Files left under the spool's tmp/ folder or a node's folder in it
+    /// (must be none between instances).
     pub fn temp_files(&self) -> usize {
-        std::fs::read_dir(self.spool().join("tmp"))
-            .map(|d| d.count())
-            .unwrap_or(0)
+        let files = |dir: &Path| -> Vec<PathBuf> {
+            std::fs::read_dir(dir)
+                .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+                .unwrap_or_default()
+        };
+        files(&self.spool().join("tmp"))
+            .into_iter()
+            .map(|p| if p.is_dir() { files(&p).len() } else { 1 })
+            .sum()
     }
 }
 
@@ -61,7 +68,35 @@ pub fn test_settings(data_dir: &Path) -> Settings {
     s.storage.min_free_mb = 0;
     // The small demo checkpoint from test-data/parity: fast to load.
     s.model.demo = true;
+    if std::env::var_os("HER2MAP_TEST_PG_URL").is_some_and(|u| !u.is_empty()) {
+        s.database.url = test_database_url(data_dir, "her2map.db");
+    }
     s
+}
+
+/// The database of a test: a fresh database on the PostgreSQL server that
+/// `HER2MAP_TEST_PG_URL` names (`postgres://user@host:port`, started by
+/// scripts/postgres.sh; .ci/run runs the database-level tests this way
+/// too), or else the SQLite file `file` in `dir`.
+pub fn test_database_url(dir: &Path, file: &str) -> String {
+    match std::env::var("HER2MAP_TEST_PG_URL") {
+        Ok(server) if !server.is_empty() => {
+            let server = server.trim_end_matches('/');
+            let name = format!("t_{:016x}", rand::random::<u64>());
+            let out = Command::new("psql")
+                .arg(format!("{server}/postgres"))
+                .args(["-qAt", "-c", &format!("CREATE DATABASE {name}")])
+                .output()
+                .expect("psql must be installed (apt-get install postgresql-client)");
+            assert!(
+                out.status.success(),
+                "creating the test database: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            format!("{server}/{name}")
+        }
+        _ => format!("sqlite://{}", dir.join(file).display()),
+    }
 }
 
 pub async fn spawn_app_with(settings: Settings) -> TestApp {
