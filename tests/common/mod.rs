@@ -74,24 +74,28 @@ pub fn test_settings(data_dir: &Path) -> Settings {
     s
 }
 
-/// The database of a test: a fresh database on the PostgreSQL server that
+/// The database of a test: on the PostgreSQL server that
 /// `HER2MAP_TEST_PG_URL` names (`postgres://user@host:port`, started by
 /// scripts/postgres.sh; .ci/run runs the database-level tests this way
-/// too), or else the SQLite file `file` in `dir`.
+/// too) a database of its own for `dir` and `file` (the same one each time,
+/// as the SQLite file would be: a restarted node finds its data), or else
+/// the SQLite file `file` in `dir`.
 pub fn test_database_url(dir: &Path, file: &str) -> String {
     match std::env::var("HER2MAP_TEST_PG_URL") {
         Ok(server) if !server.is_empty() => {
+            use sha2::Digest;
             let server = server.trim_end_matches('/');
-            let name = format!("t_{:016x}", rand::random::<u64>());
+            let digest = sha2::Sha256::digest(dir.join(file).to_string_lossy().as_bytes());
+            let name = format!("t_{}", hex::encode(&digest[..10]));
             let out = Command::new("psql")
                 .arg(format!("{server}/postgres"))
                 .args(["-qAt", "-c", &format!("CREATE DATABASE {name}")])
                 .output()
                 .expect("psql must be installed (apt-get install postgresql-client)");
+            let stderr = String::from_utf8_lossy(&out.stderr);
             assert!(
-                out.status.success(),
-                "creating the test database: {}",
-                String::from_utf8_lossy(&out.stderr)
+                out.status.success() || stderr.contains("already exists"),
+                "creating the test database: {stderr}"
             );
             format!("{server}/{name}")
         }
