@@ -138,7 +138,10 @@ impl App {
             clock.clone(),
         );
         let (hints_tx, hints_rx) = mpsc::channel(4);
-        let assembler = assembler.with_prepare_hints(hints_tx);
+        let lease = Duration::from_secs(settings.node.lease_secs);
+        let assembler = assembler
+            .with_prepare_hints(hints_tx)
+            .with_case_lease(lease);
         let (jobs_tx, jobs_rx) = mpsc::channel(settings.cases.queue);
         let outbox_wake = std::sync::Arc::new(tokio::sync::Notify::new());
         let pipeline = Pipeline {
@@ -165,7 +168,8 @@ impl App {
             settings.outbox.clone(),
             settings.dicom.ae_title.trim().to_string(),
         )?
-        .with_clock(clock.clone());
+        .with_clock(clock.clone())
+        .with_lease(lease);
         let bind = format!("{}:{}", d.host, d.port);
         let limits = ConnectionLimits {
             artim_timeout: Duration::from_secs(d.artim_timeout_secs),

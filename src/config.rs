@@ -233,13 +233,30 @@ pub struct DatabaseSettings {
 }
 
 /// `[node]`: this node's name among several on one database.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeSettings {
     /// Recorded on every audit event and on every claim; empty means the
     /// host name.
     #[serde(default)]
     pub id: String,
+    /// How long a claim on work (a case run, a delivery) lasts without
+    /// renewal: a dead node's work passes to another node after this.
+    #[serde(default = "default_lease_secs")]
+    pub lease_secs: u64,
+}
+
+fn default_lease_secs() -> u64 {
+    30
+}
+
+impl Default for NodeSettings {
+    fn default() -> Self {
+        NodeSettings {
+            id: String::new(),
+            lease_secs: default_lease_secs(),
+        }
+    }
 }
 
 impl NodeSettings {

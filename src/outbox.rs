@@ -68,7 +68,7 @@ const POLL: Duration = Duration::from_secs(2);
 /// mid-delivery leaves them to another node after this.
 const DELIVERY_LEASE: Duration = Duration::from_secs(300);
 /// Most deliveries claimed (and sent) in one round.
-const DELIVERY_BATCH: i64 = 100;
+const DELIVERY_BATCH: i64 = 32;
 
 pub struct Outbox {
     db: Db,
@@ -78,6 +78,8 @@ pub struct Outbox {
     settings: OutboxSettings,
     calling_ae: String,
     clock: Clock,
+    /// How long this node's claim on a delivery lasts.
+    lease: Duration,
 }
 
 impl Outbox {
@@ -114,7 +116,18 @@ impl Outbox {
             settings,
             calling_ae,
             clock: Clock::new(),
+            lease: DELIVERY_LEASE,
         })
+    }
+
+    /// Deliveries claimed by this node last `lease` (`[node] lease_secs`,
+    /// at least a send's timeout): how long a dead node's deliveries wait
+    /// before another node sends them.
+    pub fn with_lease(mut self, lease: Duration) -> Self {
+        self.lease = lease.max(Duration::from_secs(
+            self.settings.timeout_secs.saturating_mul(2),
+        ));
+        self
     }
 
     /// Take time from the node's clock (a fresh system clock otherwise).
@@ -164,7 +177,7 @@ impl Outbox {
         let now = self.clock.now();
         let due = self
             .db
-            .claim_due_deliveries(now + DELIVERY_LEASE, now, DELIVERY_BATCH)
+            .claim_due_deliveries(now + self.lease, now, DELIVERY_BATCH)
             .await?;
         let mut by_dest: BTreeMap<String, Vec<OutboxRow>> = BTreeMap::new();
         for row in due {

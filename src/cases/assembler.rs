@@ -42,6 +42,8 @@ pub struct Assembler {
     /// Told the id of each complete case that waits for its stable age, so
     /// that its imaging can start before it is ready.
     prepare_hints: Option<mpsc::Sender<String>>,
+    /// How long a claim on a case run lasts unrenewed ([`CASE_LEASE`]).
+    case_lease: Duration,
 }
 
 /// The longest the task sleeps without looking at the database, so that
@@ -103,7 +105,20 @@ impl Assembler {
             window_days,
             clock,
             prepare_hints: None,
+            case_lease: CASE_LEASE,
         }
+    }
+
+    /// Claims on case runs last `lease` unrenewed (`[node] lease_secs`):
+    /// how long a dead node's case waits before another takes it over. The
+    /// assembler role lasts at most as long.
+    pub fn with_case_lease(mut self, lease: Duration) -> Self {
+        self.case_lease = lease.max(Duration::from_secs(1));
+        self
+    }
+
+    fn role_lease(&self) -> Duration {
+        ROLE_LEASE.min(self.case_lease)
     }
 
     /// Send the id of every complete case waiting for its stable age (once
@@ -131,7 +146,7 @@ impl Assembler {
         loop {
             if !self
                 .db
-                .hold_role(ASSEMBLER_ROLE, ROLE_LEASE, self.clock.now())
+                .hold_role(ASSEMBLER_ROLE, self.role_lease(), self.clock.now())
                 .await?
             {
                 return Ok(assigned);
@@ -344,7 +359,8 @@ impl Assembler {
                 _ = shutdown.cancelled() => return Ok(n),
             };
             let now = self.clock.now();
-            let Some((case_id, revision)) = self.db.claim_ready_case(now + CASE_LEASE, now).await?
+            let Some((case_id, revision)) =
+                self.db.claim_ready_case(now + self.case_lease, now).await?
             else {
                 return Ok(n);
             };
@@ -364,7 +380,7 @@ impl Assembler {
         let mut next = None;
         if self
             .db
-            .hold_role(ASSEMBLER_ROLE, ROLE_LEASE, self.clock.now())
+            .hold_role(ASSEMBLER_ROLE, self.role_lease(), self.clock.now())
             .await?
         {
             self.requeue_orphans(false).await?;
@@ -375,15 +391,15 @@ impl Assembler {
         Ok(next)
     }
 
-    /// Renew this node's case claims every third of [`CASE_LEASE`] until
+    /// Renew this node's case claims every third of their lease until
     /// `shutdown`, so that a long run keeps its case.
-    async fn heartbeat(db: Db, clock: Clock, shutdown: CancellationToken) {
+    async fn heartbeat(db: Db, clock: Clock, lease: Duration, shutdown: CancellationToken) {
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(CASE_LEASE / 3) => {}
+                _ = tokio::time::sleep(lease / 3) => {}
                 _ = shutdown.cancelled() => return,
             }
-            if let Err(e) = db.renew_case_claims(clock.now() + CASE_LEASE).await {
+            if let Err(e) = db.renew_case_claims(clock.now() + lease).await {
                 warn!(error = %e, "renewing case leases failed");
             }
         }
@@ -403,6 +419,7 @@ impl Assembler {
         let heartbeat = tokio::spawn(Self::heartbeat(
             self.db.clone(),
             self.clock.clone(),
+            self.case_lease,
             shutdown.clone(),
         ));
         let timing = Timing {

@@ -1,0 +1,363 @@
+//! Several real `her2map serve` processes on one PostgreSQL database and one
+//! shared data folder, behind a real TCP load balancer (haproxy, round
+//! robin), delivering to DCMTK storescp: the synthetic patient sent as
+//! three studies over several associations gives exactly one case and each
+//! output once at the destination; a node killed with SIGKILL while it
+//! holds the case leaves it to another node. Needs a PostgreSQL server
+//! (`HER2MAP_MULTINODE_PG_URL` or `HER2MAP_TEST_PG_URL`, as
+//! scripts/postgres.sh prints) and haproxy; skipped without them.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use her2map::db::{CaseState, Db, DeliveryState};
+use her2map::dimse::client::ClientOptions;
+use her2map::send::{collect_files, send_files};
+
+fn server() -> Option<String> {
+    let url = std::env::var("HER2MAP_MULTINODE_PG_URL")
+        .or_else(|_| std::env::var("HER2MAP_TEST_PG_URL"))
+        .ok()
+        .filter(|u| !u.is_empty())?;
+    let haproxy = Command::new("haproxy").arg("-v").output();
+    if haproxy.is_err() {
+        eprintln!("skipped: haproxy is not installed");
+        return None;
+    }
+    Some(url)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn study(name: &str) -> Vec<PathBuf> {
+    collect_files(&[test_data(&format!("synth-patient/{name}"))])
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "dcm"))
+        .collect()
+}
+
+/// A process killed (SIGKILL) when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Cluster {
+    nodes: Vec<Option<Proc>>,
+    ports: Vec<u16>,
+    _haproxy: Proc,
+    lb_port: u16,
+    _storescp: Proc,
+    received: tempfile::TempDir,
+    data: tempfile::TempDir,
+    db: Db,
+}
+
+impl Cluster {
+    /// `n` nodes with claims lasting `lease_secs`.
+    async fn start(server: &str, n: usize, lease_secs: u64) -> Cluster {
+        let data = tempfile::tempdir().unwrap();
+        let url = {
+            // A database of this cluster's own on the server.
+            cluster_database_url(server, data.path())
+        };
+        let received = tempfile::tempdir().unwrap();
+        let dest_port = free_port();
+        // +uf: a file per received copy, so a duplicate delivery shows.
+        let storescp = Proc(
+            Command::new("storescp")
+                .args(["-aet", "DEST", "+xa", "+uf", "-od"])
+                .arg(received.path())
+                .arg(dest_port.to_string())
+                .env("TCP_NODELAY", "1")
+                .spawn()
+                .expect("storescp (apt-get install dcmtk)"),
+        );
+        let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let mut nodes = Vec::new();
+        for (i, port) in ports.iter().enumerate() {
+            let config = data.path().join(format!("node{i}.toml"));
+            std::fs::write(
+                &config,
+                format!(
+                    "[dicom]\nhost = \"127.0.0.1\"\nport = {port}\n\
+                     [storage]\ndata_dir = \"{data}\"\nmin_free_mb = 0\n\
+                     [node]\nid = \"node{i}\"\nlease_secs = {lease_secs}\n\
+                     [database]\nurl = \"{url}\"\n\
+                     [cases]\nstable_age_secs = 3\n\
+                     [outbox]\ntimeout_secs = 5\n\
+                     [model]\ndemo = true\n\
+                     [[destinations]]\nae_title = \"DEST\"\nhost = \"127.0.0.1\"\nport = {dest_port}\n",
+                    data = data.path().join("shared").display(),
+                ),
+            )
+            .unwrap();
+            let log = std::fs::File::create(data.path().join(format!("node{i}.log"))).unwrap();
+            let child = Command::new(env!("CARGO_BIN_EXE_her2map"))
+                .arg("--config")
+                .arg(&config)
+                .arg("serve")
+                .stdout(Stdio::from(log.try_clone().unwrap()))
+                .stderr(Stdio::from(log))
+                .spawn()
+                .expect("her2map serve");
+            nodes.push(Some(Proc(child)));
+        }
+        for port in &ports {
+            wait_for_port(*port, 120).await;
+        }
+        let lb_port = free_port();
+        let mut cfg = format!(
+            "global\n  maxconn 256\ndefaults\n  mode tcp\n  timeout connect 2s\n  \
+             timeout client 5m\n  timeout server 5m\nfrontend dicom\n  bind 127.0.0.1:{lb_port}\n  \
+             default_backend nodes\nbackend nodes\n  balance roundrobin\n"
+        );
+        for (i, port) in ports.iter().enumerate() {
+            cfg.push_str(&format!(
+                "  server node{i} 127.0.0.1:{port} check inter 500ms fall 1 rise 1\n"
+            ));
+        }
+        let cfg_path = data.path().join("haproxy.cfg");
+        std::fs::write(&cfg_path, cfg).unwrap();
+        let haproxy = Proc(
+            Command::new("haproxy")
+                .arg("-db")
+                .arg("-f")
+                .arg(&cfg_path)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("haproxy"),
+        );
+        wait_for_port(lb_port, 10).await;
+        let db = Db::connect(&url).await.unwrap().with_node("test");
+        Cluster {
+            nodes,
+            ports,
+            _haproxy: haproxy,
+            lb_port,
+            _storescp: storescp,
+            received,
+            data,
+            db,
+        }
+    }
+
+    fn lb(&self) -> String {
+        format!("127.0.0.1:{}", self.lb_port)
+    }
+
+    fn kill(&mut self, i: usize) {
+        self.nodes[i] = None;
+    }
+
+    fn received_files(&self) -> usize {
+        std::fs::read_dir(self.received.path()).unwrap().count()
+    }
+
+    fn log(&self, i: usize) -> String {
+        std::fs::read_to_string(self.data.path().join(format!("node{i}.log"))).unwrap_or_default()
+    }
+}
+
+/// The cluster's own database on `server`, named after its data folder.
+fn cluster_database_url(server: &str, dir: &Path) -> String {
+    // test_database_url reads HER2MAP_TEST_PG_URL; the multi-node tests run
+    // with only HER2MAP_MULTINODE_PG_URL set as well, so ask psql here.
+    use sha2::Digest;
+    let server = server.trim_end_matches('/');
+    let digest = sha2::Sha256::digest(dir.to_string_lossy().as_bytes());
+    let name = format!("m_{}", hex::encode(&digest[..10]));
+    let out = Command::new("psql")
+        .arg(format!("{server}/postgres"))
+        .args(["-qAt", "-c", &format!("CREATE DATABASE {name}")])
+        .output()
+        .expect("psql");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    format!("{server}/{name}")
+}
+
+async fn wait_for_port(port: u16, secs: u64) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "port {port} never opened");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn wait_until<F, Fut>(what: &str, secs: u64, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn scu() -> ClientOptions {
+    ClientOptions {
+        calling_ae: "PACS".into(),
+        called_ae: "HER2MAP".into(),
+        ..Default::default()
+    }
+}
+
+/// The patient's three studies, each split over two associations, all at
+/// once through the load balancer: every instance acknowledged.
+async fn send_patient(lb: &str) -> usize {
+    let mut sends = Vec::new();
+    let mut total = 0;
+    for piece in ["MG", "US", "MR"] {
+        let files = study(piece);
+        total += files.len();
+        let half = files.len().div_ceil(2);
+        for chunk in files.chunks(half) {
+            let (lb, chunk) = (lb.to_string(), chunk.to_vec());
+            sends.push(tokio::spawn(async move {
+                send_files(&lb, &scu(), &chunk, |_| {}).await.unwrap()
+            }));
+        }
+    }
+    for s in sends {
+        let results = s.await.unwrap();
+        assert!(results.iter().all(|r| r.ok()), "{results:?}");
+    }
+    total
+}
+
+/// The case done and every output at the destination.
+async fn wait_delivered(c: &Cluster, secs: u64) {
+    wait_until("the result at the destination", secs, || async {
+        let cases = c.db.all_cases().await.unwrap();
+        let rows = c.db.outbox().await.unwrap();
+        cases.len() == 1
+            && cases[0].state == CaseState::Done
+            && !rows.is_empty()
+            && rows.iter().all(|r| r.state == DeliveryState::Sent)
+    })
+    .await;
+}
+
+async fn assert_one_result(c: &Cluster, sent: usize) {
+    assert_eq!(c.db.instance_count().await.unwrap() as usize, sent);
+    let cases = c.db.all_cases().await.unwrap();
+    assert_eq!(cases.len(), 1, "{cases:?}");
+    let outputs = c.db.case_outputs(&cases[0].id).await.unwrap();
+    assert!(!outputs.is_empty());
+    // Give a straggling duplicate time to arrive before counting.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        c.received_files(),
+        outputs.len(),
+        "each output exactly once at the destination"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_nodes_behind_haproxy_make_one_case_and_deliver_each_output_once() {
+    let Some(server) = server() else {
+        eprintln!("skipped: no PostgreSQL (HER2MAP_MULTINODE_PG_URL)");
+        return;
+    };
+    let c = Cluster::start(&server, 3, 30).await;
+    let sent = send_patient(&c.lb()).await;
+    wait_delivered(&c, 240).await;
+    assert_one_result(&c, sent).await;
+    // Round robin spread the associations: more than one node ingested.
+    let stored =
+        c.db.events(0, Some("instance_stored"), 100_000)
+            .await
+            .unwrap();
+    let nodes: std::collections::BTreeSet<_> =
+        stored.iter().filter_map(|e| e.node.clone()).collect();
+    assert!(nodes.len() >= 2, "ingest on {nodes:?}");
+    // Exactly one node queued the case, once.
+    let queued: Vec<_> =
+        c.db.events(0, Some("case_state_changed"), 1000)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.detail.as_ref().is_some_and(|d| d["to"] == "queued"))
+            .collect();
+    assert_eq!(queued.len(), 1, "{queued:?}");
+    let _ = &c.ports;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_killed_while_it_holds_the_case_leaves_it_to_another() {
+    let Some(server) = server() else {
+        eprintln!("skipped: no PostgreSQL (HER2MAP_MULTINODE_PG_URL)");
+        return;
+    };
+    let mut c = Cluster::start(&server, 3, 4).await;
+    let sent = send_patient(&c.lb()).await;
+    // The moment one node claims the case, kill it with SIGKILL.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let victim = loop {
+        let cases = c.db.all_cases().await.unwrap();
+        if let Some(case) = cases
+            .iter()
+            .find(|k| matches!(k.state, CaseState::Queued | CaseState::Running))
+        {
+            let owner: Vec<_> =
+                c.db.events(0, Some("case_state_changed"), 1000)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .filter(|e| e.case_id.as_deref() == Some(case.id.as_str()))
+                    .filter(|e| e.detail.as_ref().is_some_and(|d| d["to"] == "queued"))
+                    .filter_map(|e| e.node)
+                    .collect();
+            let name = owner.last().expect("the claiming node").clone();
+            let i: usize = name.trim_start_matches("node").parse().unwrap();
+            c.kill(i);
+            break (i, case.id.clone());
+        }
+        assert!(
+            cases.iter().all(|k| k.state != CaseState::Done),
+            "the case finished before it could be interrupted"
+        );
+        assert!(Instant::now() < deadline, "no case was claimed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    wait_delivered(&c, 240).await;
+    assert_one_result(&c, sent).await;
+    let reasons: Vec<String> =
+        c.db.case_transitions(&victim.1)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|t| t.3)
+            .collect();
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r == &format!("lease of node node{} expired: queued again", victim.0)),
+        "{reasons:?}\n{}",
+        c.log((victim.0 + 1) % 3)
+    );
+}
