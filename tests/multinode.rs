@@ -361,3 +361,110 @@ async fn a_node_killed_while_it_holds_the_case_leaves_it_to_another() {
         c.log((victim.0 + 1) % 3)
     );
 }
+
+/// A PostgreSQL server of the test's own (scripts/postgres.sh), so that
+/// stopping it disturbs no other test.
+struct OwnPostgres {
+    url: String,
+    dir: String,
+}
+
+impl OwnPostgres {
+    fn start() -> OwnPostgres {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/postgres.sh");
+        let out = Command::new(&script).arg("start").output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let line = String::from_utf8_lossy(&out.stdout).to_string();
+        let value = |key: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(&format!("{key}=")))
+                .unwrap()
+                .to_string()
+        };
+        OwnPostgres {
+            url: value("HER2MAP_TEST_PG_URL"),
+            dir: value("HER2MAP_TEST_PG_DIR"),
+        }
+    }
+
+    fn ctl(&self, what: &str) {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/postgres.sh");
+        let ok = Command::new(&script)
+            .args([what, &self.dir])
+            .status()
+            .unwrap();
+        assert!(ok.success(), "postgres.sh {what}");
+    }
+}
+
+impl Drop for OwnPostgres {
+    fn drop(&mut self) {
+        self.ctl("stop");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_down_for_10_s_answers_out_of_resources_and_the_node_recovers() {
+    use her2map::dimse::command::status;
+    if server().is_none() {
+        eprintln!("skipped: no PostgreSQL (HER2MAP_MULTINODE_PG_URL)");
+        return;
+    }
+    let pg = OwnPostgres::start();
+    let data = tempfile::tempdir().unwrap();
+    let files_dir = tempfile::tempdir().unwrap();
+    let mut s = test_settings(data.path());
+    s.database.url = format!("{}/postgres", pg.url);
+    s.database.busy_timeout_ms = 1000;
+    let app = spawn_app_with(s).await;
+    let files = mr_variants(files_dir.path(), 40, "pgdown");
+    let r = send_files(&app.address(), &scu(), &files[..5], |_| {})
+        .await
+        .unwrap();
+    assert!(r.iter().all(|r| r.ok()), "{r:?}");
+
+    pg.ctl("pause");
+    let down_since = Instant::now();
+    let mut acknowledged: Vec<String> = r.iter().map(|r| r.sop_instance_uid.clone()).collect();
+    let mut refused = Vec::new();
+    let mut next = 5;
+    while down_since.elapsed() < Duration::from_secs(10) && next < files.len() {
+        let r = send_files(&app.address(), &scu(), &files[next..next + 1], |_| {})
+            .await
+            .unwrap();
+        for r in r {
+            if r.ok() {
+                acknowledged.push(r.sop_instance_uid);
+            } else {
+                assert_eq!(r.status, Some(status::OUT_OF_RESOURCES), "{r:?}");
+                refused.push(files[next].clone());
+            }
+        }
+        next += 1;
+    }
+    assert!(!refused.is_empty(), "nothing was refused while the database was down");
+    pg.ctl("resume");
+
+    // Back: the peer's resends (and the rest) are stored, without a restart.
+    let rest: Vec<PathBuf> = refused.into_iter().chain(files[next..].to_vec()).collect();
+    wait_until("the node to store again", 60, || async {
+        send_files(&app.address(), &scu(), &rest[..1], |_| {})
+            .await
+            .is_ok_and(|r| r.iter().all(|r| r.ok()))
+    })
+    .await;
+    let r = send_files(&app.address(), &scu(), &rest, |_| {})
+        .await
+        .unwrap();
+    assert!(r.iter().all(|r| r.ok()), "{r:?}");
+    acknowledged.extend(r.into_iter().map(|r| r.sop_instance_uid));
+    // Nothing acknowledged is lost: every one is indexed, with its file.
+    let indexed: std::collections::HashMap<String, String> =
+        app.db.instance_paths().await.unwrap().into_iter().collect();
+    for uid in &acknowledged {
+        let path = indexed.get(uid).unwrap_or_else(|| panic!("{uid} lost"));
+        assert!(app.spool().join(path).exists(), "{path}");
+    }
+    assert_eq!(indexed.len(), files.len());
+    app.stop().await;
+}
