@@ -18,6 +18,10 @@ use her2map::db::{CaseState, Db, DeliveryState};
 use her2map::dimse::client::ClientOptions;
 use her2map::send::{collect_files, send_files};
 
+/// One test at a time: each picks its nodes' ports ahead (free_port), and
+/// a test running beside it could take one in the meantime.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn server() -> Option<String> {
     let url = std::env::var("HER2MAP_MULTINODE_PG_URL")
         .or_else(|_| std::env::var("HER2MAP_TEST_PG_URL"))
@@ -61,15 +65,20 @@ struct Cluster {
     ports: Vec<u16>,
     _haproxy: Proc,
     lb_port: u16,
-    _storescp: Proc,
+    storescp: Option<Proc>,
+    /// Accepts the nodes' associations and never answers, until
+    /// [`Cluster::open_destination`].
+    silent: Option<tokio::task::JoinHandle<()>>,
+    dest_port: u16,
     received: tempfile::TempDir,
     data: tempfile::TempDir,
     db: Db,
 }
 
 impl Cluster {
-    /// `n` nodes with claims lasting `lease_secs`.
-    async fn start(server: &str, n: usize, lease_secs: u64) -> Cluster {
+    /// `n` nodes with claims lasting `lease_secs`; with `silent`, the
+    /// destination answers nothing until [`Cluster::open_destination`].
+    async fn start(server: &str, n: usize, lease_secs: u64, silent: bool) -> Cluster {
         let data = tempfile::tempdir().unwrap();
         let url = {
             // A database of this cluster's own on the server.
@@ -77,16 +86,20 @@ impl Cluster {
         };
         let received = tempfile::tempdir().unwrap();
         let dest_port = free_port();
-        // +uf: a file per received copy, so a duplicate delivery shows.
-        let storescp = Proc(
-            Command::new("storescp")
-                .args(["-aet", "DEST", "+xa", "+uf", "-od"])
-                .arg(received.path())
-                .arg(dest_port.to_string())
-                .env("TCP_NODELAY", "1")
-                .spawn()
-                .expect("storescp (apt-get install dcmtk)"),
-        );
+        let (storescp, silent) = if silent {
+            let listener = tokio::net::TcpListener::bind(("127.0.0.1", dest_port))
+                .await
+                .unwrap();
+            let task = tokio::spawn(async move {
+                let mut held = Vec::new();
+                while let Ok((stream, _)) = listener.accept().await {
+                    held.push(stream);
+                }
+            });
+            (None, Some(task))
+        } else {
+            (Some(storescp(received.path(), dest_port)), None)
+        };
         let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
         let mut nodes = Vec::new();
         for (i, port) in ports.iter().enumerate() {
@@ -150,11 +163,23 @@ impl Cluster {
             ports,
             _haproxy: haproxy,
             lb_port,
-            _storescp: storescp,
+            storescp,
+            silent,
+            dest_port,
             received,
             data,
             db,
         }
+    }
+
+    /// Replace the silent destination with storescp on the same port.
+    async fn open_destination(&mut self) {
+        if let Some(task) = self.silent.take() {
+            task.abort();
+            let _ = task.await;
+        }
+        self.storescp = Some(storescp(self.received.path(), self.dest_port));
+        wait_for_port(self.dest_port, 10).await;
     }
 
     fn lb(&self) -> String {
@@ -172,6 +197,20 @@ impl Cluster {
     fn log(&self, i: usize) -> String {
         std::fs::read_to_string(self.data.path().join(format!("node{i}.log"))).unwrap_or_default()
     }
+}
+
+/// DCMTK storescp as the destination; +uf: a file per received copy, so a
+/// duplicate delivery shows.
+fn storescp(dir: &Path, port: u16) -> Proc {
+    Proc(
+        Command::new("storescp")
+            .args(["-aet", "DEST", "+xa", "+uf", "-od"])
+            .arg(dir)
+            .arg(port.to_string())
+            .env("TCP_NODELAY", "1")
+            .spawn()
+            .expect("storescp (apt-get install dcmtk)"),
+    )
 }
 
 /// The cluster's own database on `server`, named after its data folder.
@@ -283,7 +322,8 @@ async fn three_nodes_behind_haproxy_make_one_case_and_deliver_each_output_once()
         eprintln!("skipped: no PostgreSQL (HER2MAP_MULTINODE_PG_URL)");
         return;
     };
-    let c = Cluster::start(&server, 3, 30).await;
+    let _serial = SERIAL.lock().await;
+    let c = Cluster::start(&server, 3, 30, false).await;
     let sent = send_patient(&c.lb()).await;
     wait_delivered(&c, 240).await;
     assert_one_result(&c, sent).await;
@@ -313,7 +353,8 @@ async fn a_node_killed_while_it_holds_the_case_leaves_it_to_another() {
         eprintln!("skipped: no PostgreSQL (HER2MAP_MULTINODE_PG_URL)");
         return;
     };
-    let mut c = Cluster::start(&server, 3, 4).await;
+    let _serial = SERIAL.lock().await;
+    let mut c = Cluster::start(&server, 3, 4, false).await;
     let sent = send_patient(&c.lb()).await;
     // The moment one node claims the case, kill it with SIGKILL.
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -362,6 +403,93 @@ async fn a_node_killed_while_it_holds_the_case_leaves_it_to_another() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_killed_mid_delivery_leaves_it_to_another_and_each_output_arrives_once() {
+    let Some(server) = server() else {
+        eprintln!("skipped: no PostgreSQL (HER2MAP_MULTINODE_PG_URL)");
+        return;
+    };
+    let _serial = SERIAL.lock().await;
+    let mut c = Cluster::start(&server, 3, 4, true).await;
+    let sent = send_patient(&c.lb()).await;
+    // The case is done and some node is sending to the (silent) destination.
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let victim = loop {
+        let rows = c.db.outbox().await.unwrap();
+        if let Some(r) = rows.iter().find(|r| !r.claimed_by.is_empty()) {
+            break Some(r.claimed_by.clone());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no node ever sent: {:?} {rows:?}\n{}",
+            c.db.all_cases().await.unwrap(),
+            c.log(0)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let victim = victim.unwrap();
+    let i: usize = victim.trim_start_matches("node").parse().unwrap();
+    c.kill(i);
+    c.open_destination().await;
+    // After the claim's lease (twice the 5 s send timeout) another node
+    // sends everything; each output arrives once.
+    wait_delivered(&c, 240).await;
+    assert_one_result(&c, sent).await;
+    let sent_by: std::collections::BTreeSet<String> =
+        c.db.events(0, Some("delivery_sent"), 10_000)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter_map(|e| e.node)
+            .collect();
+    assert!(!sent_by.contains(&victim), "{sent_by:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_same_instance_on_two_nodes_at_once_is_kept_once_and_both_succeed() {
+    let Some(server) = server() else {
+        eprintln!("skipped: no PostgreSQL (HER2MAP_MULTINODE_PG_URL)");
+        return;
+    };
+    let _serial = SERIAL.lock().await;
+    let data = tempfile::tempdir().unwrap();
+    let files_dir = tempfile::tempdir().unwrap();
+    let url = cluster_database_url(&server, data.path());
+    let node = |id: &str| {
+        let mut s = test_settings(&data.path().join("shared"));
+        s.database.url = url.clone();
+        s.node.id = id.into();
+        s
+    };
+    let a = spawn_app_with(node("node-a")).await;
+    let b = spawn_app_with(node("node-b")).await;
+    let files = mr_variants(files_dir.path(), 20, "twice");
+    for f in &files {
+        let (addr_a, addr_b, options) = (a.address(), b.address(), scu());
+        let (ra, rb) = tokio::join!(
+            send_files(&addr_a, &options, std::slice::from_ref(f), |_| {}),
+            send_files(&addr_b, &options, std::slice::from_ref(f), |_| {})
+        );
+        let (ra, rb) = (ra.unwrap(), rb.unwrap());
+        assert!(ra[0].ok() && rb[0].ok(), "{ra:?} {rb:?}");
+    }
+    assert_eq!(
+        a.db.instance_count().await.unwrap() as usize,
+        files.len(),
+        "{:?}",
+        a.db.instance_paths().await.unwrap()
+    );
+    let spooled = walkdir::WalkDir::new(a.spool())
+        .into_iter()
+        .flatten()
+        .filter(|e| e.file_type().is_file() && e.path().extension().is_some_and(|x| x == "dcm"))
+        .count();
+    assert_eq!(spooled, files.len(), "one file per instance");
+    assert_eq!(a.temp_files() + b.temp_files(), 0);
+    a.stop().await;
+    b.stop().await;
+}
+
 /// A PostgreSQL server of the test's own (scripts/postgres.sh), so that
 /// stopping it disturbs no other test.
 struct OwnPostgres {
@@ -373,7 +501,11 @@ impl OwnPostgres {
     fn start() -> OwnPostgres {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/postgres.sh");
         let out = Command::new(&script).arg("start").output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let line = String::from_utf8_lossy(&out.stdout).to_string();
         let value = |key: &str| {
             line.split_whitespace()
@@ -410,6 +542,7 @@ async fn postgres_down_for_10_s_answers_out_of_resources_and_the_node_recovers()
         eprintln!("skipped: no PostgreSQL (HER2MAP_MULTINODE_PG_URL)");
         return;
     }
+    let _serial = SERIAL.lock().await;
     let pg = OwnPostgres::start();
     let data = tempfile::tempdir().unwrap();
     let files_dir = tempfile::tempdir().unwrap();
@@ -442,7 +575,10 @@ async fn postgres_down_for_10_s_answers_out_of_resources_and_the_node_recovers()
         }
         next += 1;
     }
-    assert!(!refused.is_empty(), "nothing was refused while the database was down");
+    assert!(
+        !refused.is_empty(),
+        "nothing was refused while the database was down"
+    );
     pg.ctl("resume");
 
     // Back: the peer's resends (and the rest) are stored, without a restart.

@@ -46,6 +46,8 @@ pub struct OutboxRow {
     pub next_attempt_at: String,
     pub created_at: String,
     pub updated_at: String,
+    /// The node sending it right now ('' when none: `leases`).
+    pub claimed_by: String,
     pub case_id: String,
     #[sqlx(try_from = "String")]
     pub kind: OutputKind,
@@ -53,7 +55,8 @@ pub struct OutboxRow {
 }
 
 pub(super) const OUTBOX_COLUMNS: &str = "o.id, o.sop_instance_uid, o.destination, o.state, o.attempts, \
-     o.last_status, o.next_attempt_at, o.created_at, o.updated_at, p.case_id, p.kind, p.path";
+     o.last_status, o.next_attempt_at, o.created_at, o.updated_at, o.claimed_by, p.case_id, p.kind, \
+     p.path";
 
 impl Db {
     /// Record an output and queue it for each destination, in one
