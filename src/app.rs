@@ -142,6 +142,11 @@ impl App {
         let assembler = assembler
             .with_prepare_hints(hints_tx)
             .with_case_lease(lease);
+        // Several nodes share the backlog: each claims one case ahead.
+        let assembler = match db.backend() {
+            crate::db::Backend::Postgres => assembler.with_claim_ahead(1),
+            crate::db::Backend::Sqlite => assembler,
+        };
         let (jobs_tx, jobs_rx) = mpsc::channel(settings.cases.queue);
         let outbox_wake = std::sync::Arc::new(tokio::sync::Notify::new());
         let pipeline = Pipeline {

@@ -270,3 +270,32 @@ async fn a_second_node_on_one_sqlite_file_is_refused() {
     drop(_held);
     assert!(second.lock_single_node().unwrap().is_some());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backlog_spreads_over_the_nodes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = two_nodes(dir.path()).await;
+    let clock = Clock::manual(time::OffsetDateTime::now_utc());
+    let asm_a = assembler(&a, &clock).with_claim_ahead(1);
+    let asm_b = assembler(&b, &clock).with_claim_ahead(1);
+    let stop = CancellationToken::new();
+    let (tx_a, mut rx_a) = mpsc::channel(16);
+    let (tx_b, mut rx_b) = mpsc::channel(16);
+    for p in 0..4u32 {
+        insert(&a, &patient(&format!("p{p}"), 200 + p)).await;
+    }
+    asm_a.round(&tx_a, &stop).await.unwrap();
+    clock.advance(Duration::from_secs(61));
+    // Four ready cases: each node claims one ahead, not the whole backlog.
+    asm_a.round(&tx_a, &stop).await.unwrap();
+    asm_b.round(&tx_b, &stop).await.unwrap();
+    assert_eq!(tx_a.max_capacity() - tx_a.capacity(), 1);
+    assert_eq!(tx_b.max_capacity() - tx_b.capacity(), 1);
+    // Once a node takes its job off the queue, it claims the next.
+    rx_a.try_recv().unwrap();
+    asm_a.round(&tx_a, &stop).await.unwrap();
+    rx_a.try_recv().unwrap();
+    rx_b.try_recv().unwrap();
+    let ready = a.cases_in_states(&[CaseState::Ready]).await.unwrap();
+    assert_eq!(ready.len(), 1);
+}

@@ -44,6 +44,9 @@ pub struct Assembler {
     prepare_hints: Option<mpsc::Sender<String>>,
     /// How long a claim on a case run lasts unrenewed ([`CASE_LEASE`]).
     case_lease: Duration,
+    /// Most cases this node claims ahead of the one it runs (waiting in its
+    /// queue); `None`: as many as the queue holds.
+    claim_ahead: Option<usize>,
 }
 
 /// The longest the task sleeps without looking at the database, so that
@@ -106,7 +109,17 @@ impl Assembler {
             clock,
             prepare_hints: None,
             case_lease: CASE_LEASE,
+            claim_ahead: None,
         }
+    }
+
+    /// Claim at most `n` cases ahead of the running one: with several
+    /// nodes, a node that took a whole backlog into its queue would leave
+    /// the others idle, so each takes the next case only when it is nearly
+    /// free and the backlog spreads over the nodes.
+    pub fn with_claim_ahead(mut self, n: usize) -> Self {
+        self.claim_ahead = Some(n.max(1));
+        self
     }
 
     /// Claims on case runs last `lease` unrenewed (`[node] lease_secs`):
@@ -351,6 +364,10 @@ impl Assembler {
             return Ok(n);
         }
         loop {
+            let waiting = queue.max_capacity() - queue.capacity();
+            if self.claim_ahead.is_some_and(|ahead| waiting >= ahead) {
+                return Ok(n);
+            }
             let permit = tokio::select! {
                 p = queue.reserve() => match p {
                     Ok(p) => p,
