@@ -38,6 +38,8 @@ pub struct App {
     pipeline: Pipeline,
     /// The console, API, metrics and health server (`[http]`).
     http: Option<crate::http::HttpServer>,
+    /// SQLite: this node's exclusive claim on the database file.
+    _node_lock: Option<std::fs::File>,
 }
 
 /// Open (creating and migrating) the node's database, owner-only: it holds
@@ -48,7 +50,8 @@ pub async fn open_database(settings: &Settings) -> anyhow::Result<Db> {
         Duration::from_millis(settings.database.busy_timeout_ms),
     )
     .await
-    .context("opening the database")?;
+    .context("opening the database")?
+    .with_node(&settings.node.id());
     if let Some(file) = db.file() {
         crate::spool::make_private_file(file)
             .with_context(|| format!("securing the database {}", file.display()))?;
@@ -68,7 +71,7 @@ impl App {
         } else {
             None
         };
-        let (spool, db) = open_storage(&settings).await?;
+        let (spool, db, node_lock) = open_storage(&settings).await?;
         // The one clock of the node: every timer and every stamped row.
         let clock = Clock::new();
         let instances = InstanceWriter::start(&db, clock.clone());
@@ -106,6 +109,7 @@ impl App {
             outbox_wake: workers.outbox_wake,
             pipeline: workers.pipeline,
             http,
+            _node_lock: node_lock,
         })
     }
 
@@ -195,15 +199,27 @@ impl App {
     }
 }
 
-/// The data folder (owner-only), the spool and the database.
-async fn open_storage(settings: &Settings) -> anyhow::Result<(Spool, Db)> {
+/// The data folder (owner-only), the database (on SQLite with this node's
+/// exclusive claim on it) and the spool.
+async fn open_storage(settings: &Settings) -> anyhow::Result<(Spool, Db, Option<std::fs::File>)> {
     let data_dir = &settings.storage.data_dir;
     crate::spool::create_private_dir(data_dir)
         .with_context(|| format!("creating data_dir {}", data_dir.display()))?;
-    let spool = Spool::open(&settings.spool_dir(), settings.storage.min_free_mb << 20)
-        .with_context(|| format!("opening spool {}", settings.spool_dir().display()))?;
     let db = open_database(settings).await?;
-    Ok((spool, db))
+    let node_lock = db.lock_single_node()?;
+    // Several nodes share the spool only on PostgreSQL: each then keeps
+    // its temporary files in its own folder (SQLite: one node, tmp/).
+    let tmp_owner = match db.backend() {
+        crate::db::Backend::Postgres => db.node().to_string(),
+        crate::db::Backend::Sqlite => String::new(),
+    };
+    let spool = Spool::open_for_node(
+        &settings.spool_dir(),
+        &tmp_owner,
+        settings.storage.min_free_mb << 20,
+    )
+    .with_context(|| format!("opening spool {}", settings.spool_dir().display()))?;
+    Ok((spool, db, node_lock))
 }
 
 /// The model weights on the engine's own thread (loaded off the runtime).
@@ -297,6 +313,7 @@ impl Workers {
         engine: EngineHandle,
     ) -> anyhow::Result<Self> {
         let (hints_tx, hints_rx) = mpsc::channel(4);
+        let lease = Duration::from_secs(settings.node.lease_secs);
         let assembler = Assembler::new(
             db.clone(),
             settings.case_rules(),
@@ -304,7 +321,13 @@ impl Workers {
             settings.cases.window_days,
             clock.clone(),
         )
-        .with_prepare_hints(hints_tx);
+        .with_prepare_hints(hints_tx)
+        .with_case_lease(lease);
+        // Several nodes share the backlog: each claims one case ahead.
+        let assembler = match db.backend() {
+            crate::db::Backend::Postgres => assembler.with_claim_ahead(1),
+            crate::db::Backend::Sqlite => assembler,
+        };
         let (jobs_tx, jobs_rx) = mpsc::channel(settings.cases.queue);
         let outbox_wake = std::sync::Arc::new(tokio::sync::Notify::new());
         let pipeline = Pipeline {
@@ -331,7 +354,8 @@ impl Workers {
             settings.outbox.clone(),
             settings.dicom.ae_title.trim().to_string(),
         )?
-        .with_clock(clock.clone());
+        .with_clock(clock.clone())
+        .with_lease(lease);
         Ok(Workers {
             assembler,
             jobs_tx,

@@ -27,6 +27,8 @@ pub struct Settings {
     pub dicom: DicomSettings,
     pub storage: StorageSettings,
     pub database: DatabaseSettings,
+    #[serde(default)]
+    pub node: NodeSettings,
     pub cases: CasesSettings,
     #[serde(default)]
     pub destinations: Vec<DestinationSettings>,
@@ -293,6 +295,44 @@ pub struct DatabaseSettings {
     pub busy_timeout_ms: u64,
 }
 
+/// `[node]`: this node's name among several on one database.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSettings {
+    /// Recorded on every audit event and on every claim; empty means the
+    /// host name.
+    #[serde(default)]
+    pub id: String,
+    /// How long a claim on work (a case run, a delivery) lasts without
+    /// renewal: a dead node's work passes to another node after this.
+    #[serde(default = "default_lease_secs")]
+    pub lease_secs: u64,
+}
+
+fn default_lease_secs() -> u64 {
+    30
+}
+
+impl Default for NodeSettings {
+    fn default() -> Self {
+        NodeSettings {
+            id: String::new(),
+            lease_secs: default_lease_secs(),
+        }
+    }
+}
+
+impl NodeSettings {
+    /// The node id: `[node] id`, or the host name.
+    pub fn id(&self) -> String {
+        if self.id.trim().is_empty() {
+            crate::db::default_node_id()
+        } else {
+            self.id.trim().to_string()
+        }
+    }
+}
+
 /// `[log]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -452,10 +492,10 @@ impl Settings {
         if self.storage.data_dir.as_os_str().is_empty() {
             return Err(invalid("storage.data_dir", "must not be empty"));
         }
-        if !self.database.url.is_empty() && !self.database.url.starts_with("sqlite:") {
+        if !self.database.url.is_empty() && crate::db::Backend::of(&self.database.url).is_none() {
             return Err(invalid(
                 "database.url",
-                "only sqlite: URLs are supported in this version",
+                "must be a sqlite: or postgres:// URL",
             ));
         }
         Ok(())

@@ -554,8 +554,13 @@ async fn commit(
             duplicate(ingest, info, &row).await
         }
         Err(e) => {
-            // No row, so no file: the peer will resend.
-            let _ = ingest.spool.remove(&relative).await;
+            // No row, so no file: the peer will resend. Unless the index
+            // does have the row after all (another node stored the same
+            // instance at the same moment and acknowledged it) or cannot
+            // say (the database is gone: the orphan is replaced on resend).
+            if let Ok(None) = ingest.db.instance_path(&row.sop_instance_uid).await {
+                let _ = ingest.spool.remove(&relative).await;
+            }
             DimseStatus::failure(status::OUT_OF_RESOURCES, e.to_string())
         }
     }

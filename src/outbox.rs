@@ -64,6 +64,11 @@ fn classify_failure(failure: &SendFailure) -> Verdict {
 
 /// The longest the worker sleeps without looking (operator retries).
 const POLL: Duration = Duration::from_secs(2);
+/// How long a node holds the deliveries it claimed: a node that dies
+/// mid-delivery leaves them to another node after this.
+const DELIVERY_LEASE: Duration = Duration::from_secs(300);
+/// Most deliveries claimed (and sent) in one round.
+const DELIVERY_BATCH: i64 = 32;
 
 pub struct Outbox {
     db: Db,
@@ -73,6 +78,8 @@ pub struct Outbox {
     settings: OutboxSettings,
     calling_ae: String,
     clock: Clock,
+    /// How long this node's claim on a delivery lasts.
+    lease: Duration,
 }
 
 impl Outbox {
@@ -109,7 +116,18 @@ impl Outbox {
             settings,
             calling_ae,
             clock: Clock::new(),
+            lease: DELIVERY_LEASE,
         })
+    }
+
+    /// Deliveries claimed by this node last `lease` (`[node] lease_secs`,
+    /// at least a send's timeout): how long a dead node's deliveries wait
+    /// before another node sends them.
+    pub fn with_lease(mut self, lease: Duration) -> Self {
+        self.lease = lease.max(Duration::from_secs(
+            self.settings.timeout_secs.saturating_mul(2),
+        ));
+        self
     }
 
     /// Take time from the node's clock (a fresh system clock otherwise).
@@ -176,7 +194,14 @@ impl Outbox {
 
     /// Try every due delivery once; returns how many rows were attempted.
     pub async fn deliver_due(&self) -> Result<usize, DbError> {
-        let due = self.db.due_deliveries(self.clock.now(), 500).await?;
+        // Claimed with a lease (several nodes never send the same row at
+        // once; a dead node's rows are taken over once it expires), in
+        // small batches so that each is sent well within its lease.
+        let now = self.clock.now();
+        let due = self
+            .db
+            .claim_due_deliveries(now + self.lease, now, DELIVERY_BATCH)
+            .await?;
         let mut by_dest: BTreeMap<String, Vec<OutboxRow>> = BTreeMap::new();
         for row in due {
             by_dest

@@ -33,15 +33,27 @@ impl Spool {
     /// Open (and create, owner-only) the spool, removing temporary files left
     /// by a crash: they were never acknowledged.
     pub fn open(root: &Path, min_free_bytes: u64) -> io::Result<Self> {
-        let tmp = root.join("tmp");
+        Self::open_for_node(root, "", min_free_bytes)
+    }
+
+    /// As [`Spool::open`] for one of several nodes sharing `root` (a shared
+    /// filesystem): its temporary files live in `tmp/<node>/`, so names never
+    /// collide across nodes and a node starting up removes only its own
+    /// leftovers (and files directly in `tmp/`, which only a node of an
+    /// earlier version wrote). An empty `node` uses `tmp/` itself.
+    pub fn open_for_node(root: &Path, node: &str, min_free_bytes: u64) -> io::Result<Self> {
+        let shared_tmp = root.join("tmp");
         create_private_dir(root)?;
-        create_private_dir(&tmp)?;
-        for entry in std::fs::read_dir(&tmp)? {
-            let entry = entry?;
-            if entry.file_type()?.is_file() {
-                std::fs::remove_file(entry.path())?;
-            }
-        }
+        create_private_dir(&shared_tmp)?;
+        let tmp = if node.is_empty() {
+            shared_tmp.clone()
+        } else {
+            let own = shared_tmp.join(node_folder(node));
+            create_private_dir(&own)?;
+            remove_files_in(&own)?;
+            own
+        };
+        remove_files_in(&shared_tmp)?;
         Ok(Spool {
             root: root.to_path_buf(),
             tmp,
@@ -139,6 +151,35 @@ impl Spool {
     pub async fn remove(&self, relative: &Path) -> io::Result<()> {
         tokio::fs::remove_file(self.root.join(relative)).await
     }
+}
+
+/// A node id as a folder name: itself when made of `[A-Za-z0-9_-]` (and
+/// inner dots), otherwise a digest of it, so no id escapes `tmp/`.
+fn node_folder(node: &str) -> String {
+    let plain = node.len() <= 64
+        && !node.starts_with('.')
+        && node
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if plain {
+        node.to_string()
+    } else {
+        format!(
+            "node-{}",
+            hex::encode(&Sha256::digest(node.as_bytes())[..8])
+        )
+    }
+}
+
+/// Remove the plain files of `dir` (not its folders: other nodes' `tmp/`).
+fn remove_files_in(dir: &Path) -> io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            std::fs::remove_file(entry.path())?;
+        }
+    }
+    Ok(())
 }
 
 /// Received bytes are gathered in memory up to this much and then written
@@ -393,6 +434,25 @@ mod tests {
             p.components()
                 .all(|c| matches!(c, std::path::Component::Normal(_)))
         );
+    }
+
+    #[tokio::test]
+    async fn nodes_sharing_a_spool_keep_their_temporary_files_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Spool::open_for_node(dir.path(), "node-a", 0).unwrap();
+        let mut t = a.create_temp(b"in flight on a".to_vec());
+        t.write(b"!".to_vec()).await.unwrap();
+        let sealed = t.seal_blocking().unwrap();
+        assert!(
+            sealed
+                .path
+                .starts_with(dir.path().join("tmp").join("node-a"))
+        );
+        // Node b starting up removes its own leftovers, never a's.
+        let _b = Spool::open_for_node(dir.path(), "node-b", 0).unwrap();
+        assert!(sealed.path.exists());
+        assert!(node_folder("../x").starts_with("node-"));
+        assert_eq!(node_folder("her2map-2.example"), "her2map-2.example");
     }
 
     #[tokio::test]

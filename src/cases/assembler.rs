@@ -13,7 +13,7 @@ use tracing::{error, info, warn};
 
 use super::rules::{self, CaseRules, Decision};
 use crate::clock::Clock;
-use crate::db::{Assignment, CaseRow, CaseState, Db, DbError, parse_time};
+use crate::db::{ASSEMBLER_ROLE, Assignment, CaseRow, CaseState, Db, DbError, parse_time};
 use crate::worker::{Timing, run_worker};
 
 /// How instances of one patient are recognised (`cases.patient_key`).
@@ -42,6 +42,11 @@ pub struct Assembler {
     /// Told the id of each complete case that waits for its stable age, so
     /// that its imaging can start before it is ready.
     prepare_hints: Option<mpsc::Sender<String>>,
+    /// How long a claim on a case run lasts unrenewed ([`CASE_LEASE`]).
+    case_lease: Duration,
+    /// Most cases this node claims ahead of the one it runs (waiting in its
+    /// queue); `None`: as many as the queue holds.
+    claim_ahead: Option<usize>,
 }
 
 /// The longest the task sleeps without looking at the database, so that
@@ -57,6 +62,13 @@ const COALESCE_MAX: Duration = Duration::from_secs(1);
 /// A complete case's imaging starts early (see `Assembler::with_prepare_hints`)
 /// once no instance of it arrived for this long.
 const PREPARE_QUIET: Duration = Duration::from_secs(1);
+/// How long the assembler role is held without renewal (each round renews
+/// it): a dead node's role passes to another node after this.
+const ROLE_LEASE: Duration = Duration::from_secs(10);
+/// How long a node's claim on a case run lasts without renewal; the
+/// heartbeat renews it every third of that while the case is queued or
+/// running, and another node takes the case over once it expires.
+pub const CASE_LEASE: Duration = Duration::from_secs(30);
 
 fn study_day(date: &str) -> Option<time::Date> {
     let fmt = time::macros::format_description!("[year][month][day]");
@@ -101,7 +113,30 @@ impl Assembler {
             window_days,
             clock,
             prepare_hints: None,
+            case_lease: CASE_LEASE,
+            claim_ahead: None,
         }
+    }
+
+    /// Claim at most `n` cases ahead of the running one: with several
+    /// nodes, a node that took a whole backlog into its queue would leave
+    /// the others idle, so each takes the next case only when it is nearly
+    /// free and the backlog spreads over the nodes.
+    pub fn with_claim_ahead(mut self, n: usize) -> Self {
+        self.claim_ahead = Some(n.max(1));
+        self
+    }
+
+    /// Claims on case runs last `lease` unrenewed (`[node] lease_secs`):
+    /// how long a dead node's case waits before another takes it over. The
+    /// assembler role lasts at most as long.
+    pub fn with_case_lease(mut self, lease: Duration) -> Self {
+        self.case_lease = lease.max(Duration::from_secs(1));
+        self
+    }
+
+    fn role_lease(&self) -> Duration {
+        ROLE_LEASE.min(self.case_lease)
     }
 
     /// Send the id of every complete case waiting for its stable age (once
@@ -120,9 +155,20 @@ impl Assembler {
     /// Put every unassigned stored instance into its patient's case. Each
     /// batch is decided in memory (a case opened or reopened for one
     /// instance is seen by the next) and recorded in one transaction.
+    ///
+    /// Several nodes: only the holder of the assembler role assigns (and
+    /// each round's transaction commits only while it still holds it), so
+    /// the decisions for one patient are never taken on two nodes at once.
     pub async fn assign(&self) -> Result<usize, DbError> {
         let mut assigned = 0;
         loop {
+            if !self
+                .db
+                .hold_role(ASSEMBLER_ROLE, self.role_lease(), self.clock.now())
+                .await?
+            {
+                return Ok(assigned);
+            }
             let batch = self.db.unassigned_instances(500).await?;
             if batch.is_empty() {
                 return Ok(assigned);
@@ -194,7 +240,14 @@ impl Assembler {
                     }
                 }
             }
-            self.db.assign_instances(&steps, now).await?;
+            if !self
+                .db
+                .assign_instances_as(&steps, Some(ASSEMBLER_ROLE), now)
+                .await?
+            {
+                // The role passed to another node while this one decided.
+                return Ok(assigned);
+            }
             assigned += batch.len();
         }
     }
@@ -266,43 +319,60 @@ impl Assembler {
         Ok(next)
     }
 
-    /// After a restart: cases that were queued or running did not finish,
-    /// so they are ready again (the outputs' UIDs are deterministic, so a
-    /// rerun never duplicates at the destination).
+    /// After a restart: cases this node had queued or running did not
+    /// finish, so they are ready again (the outputs' UIDs are
+    /// deterministic, so a rerun never duplicates at the destination).
     pub async fn recover(&self) -> Result<usize, DbError> {
+        self.requeue_orphans(true).await
+    }
+
+    /// Make ready again the cases whose claim no live node holds: with
+    /// `own`, this node's (after a restart); always, those of nodes whose
+    /// lease expired (takeover).
+    async fn requeue_orphans(&self, own: bool) -> Result<usize, DbError> {
         let now = self.clock.now();
         let mut n = 0;
-        for case in self
-            .db
-            .cases_in_states(&[CaseState::Queued, CaseState::Running])
-            .await?
-        {
+        for (id, state, by) in self.db.orphaned_cases(own, now).await? {
+            let reason = if by == self.db.node() || by.is_empty() {
+                "node restarted: queued again".to_string()
+            } else {
+                format!("lease of node {by} expired: queued again")
+            };
             if self
                 .db
-                .transition_case(
-                    &case.id,
-                    case.state,
-                    CaseState::Ready,
-                    "node restarted: queued again",
-                    now,
-                )
+                .transition_case(&id, state, CaseState::Ready, &reason, now)
                 .await?
             {
+                warn!(case = %id, %reason, "case taken over");
                 n += 1;
             }
         }
         Ok(n)
     }
 
-    /// Hand ready cases to the queue; waits (with the assembler, never with
-    /// ingest) while the queue is full.
+    /// Claim ready cases for this node and hand them to the queue; waits
+    /// (with the assembler, never with ingest) while the queue is full.
+    /// Every node dispatches: a case is claimed by exactly one
+    /// ([`Db::claim_ready_case`]) with a lease the heartbeat renews.
     pub async fn dispatch(
         &self,
         queue: &mpsc::Sender<CaseJob>,
         shutdown: &CancellationToken,
     ) -> Result<usize, DbError> {
         let mut n = 0;
-        for case in self.db.cases_in_states(&[CaseState::Ready]).await? {
+        if self
+            .db
+            .cases_in_states(&[CaseState::Ready])
+            .await?
+            .is_empty()
+        {
+            return Ok(n);
+        }
+        loop {
+            let waiting = queue.max_capacity() - queue.capacity();
+            if self.claim_ahead.is_some_and(|ahead| waiting >= ahead) {
+                return Ok(n);
+            }
             let permit = tokio::select! {
                 p = queue.reserve() => match p {
                     Ok(p) => p,
@@ -311,37 +381,50 @@ impl Assembler {
                 _ = shutdown.cancelled() => return Ok(n),
             };
             let now = self.clock.now();
-            if self
-                .db
-                .transition_case(
-                    &case.id,
-                    CaseState::Ready,
-                    CaseState::Queued,
-                    "queued for inference",
-                    now,
-                )
-                .await?
-            {
-                permit.send(CaseJob {
-                    case_id: case.id.clone(),
-                    revision: case.revision,
-                });
-                n += 1;
-            }
+            let Some((case_id, revision)) =
+                self.db.claim_ready_case(now + self.case_lease, now).await?
+            else {
+                return Ok(n);
+            };
+            permit.send(CaseJob { case_id, revision });
+            n += 1;
         }
-        Ok(n)
     }
 
-    /// One round: assign, evaluate, dispatch. Returns the next deadline.
+    /// One round: on the node holding the assembler role, take over
+    /// expired claims, assign and evaluate; on every node, dispatch.
+    /// Returns the next deadline.
     pub async fn round(
         &self,
         queue: &mpsc::Sender<CaseJob>,
         shutdown: &CancellationToken,
     ) -> Result<Option<OffsetDateTime>, DbError> {
-        self.assign().await?;
-        let next = self.evaluate().await?;
+        let mut next = None;
+        if self
+            .db
+            .hold_role(ASSEMBLER_ROLE, self.role_lease(), self.clock.now())
+            .await?
+        {
+            self.requeue_orphans(false).await?;
+            self.assign().await?;
+            next = self.evaluate().await?;
+        }
         self.dispatch(queue, shutdown).await?;
         Ok(next)
+    }
+
+    /// Renew this node's case claims every third of their lease until
+    /// `shutdown`, so that a long run keeps its case.
+    async fn heartbeat(db: Db, clock: Clock, lease: Duration, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(lease / 3) => {}
+                _ = shutdown.cancelled() => return,
+            }
+            if let Err(e) = db.renew_case_claims(clock.now() + lease).await {
+                warn!(error = %e, "renewing case leases failed");
+            }
+        }
     }
 
     /// The assembler task: wakes on each stored instance, on the earliest
@@ -355,6 +438,12 @@ impl Assembler {
         if let Err(e) = self.recover().await {
             error!(error = %e, "case recovery failed");
         }
+        let heartbeat = tokio::spawn(Self::heartbeat(
+            self.db.clone(),
+            self.clock.clone(),
+            self.case_lease,
+            shutdown.clone(),
+        ));
         let timing = Timing {
             poll: POLL,
             coalesce: Some((QUIET, COALESCE_MAX)),
@@ -376,5 +465,10 @@ impl Assembler {
             },
         )
         .await;
+        let _ = heartbeat.await;
+        // Hand the role on at once rather than after its lease.
+        if let Err(e) = self.db.release_role(ASSEMBLER_ROLE).await {
+            warn!(error = %e, "releasing the assembler role failed");
+        }
     }
 }

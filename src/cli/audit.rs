@@ -12,6 +12,9 @@ pub struct AuditArgs {
     /// Only events of this name (e.g. instance_failed).
     #[arg(long)]
     event: Option<String>,
+    /// Only events written by this node (`[node] id`).
+    #[arg(long)]
+    node: Option<String>,
     /// Only the last N events.
     #[arg(long)]
     tail: Option<usize>,
@@ -19,7 +22,9 @@ pub struct AuditArgs {
 
 pub async fn run(args: AuditArgs, settings: &Settings) -> anyhow::Result<ExitCode> {
     let db = her2map::app::open_database(settings).await?;
-    let mut events = db.events(0, args.event.as_deref(), i64::MAX).await?;
+    let mut events = db
+        .events_of_node(0, args.event.as_deref(), args.node.as_deref(), i64::MAX)
+        .await?;
     if let Some(n) = args.tail {
         let skip = events.len().saturating_sub(n);
         events.drain(..skip);
@@ -34,6 +39,7 @@ pub async fn run(args: AuditArgs, settings: &Settings) -> anyhow::Result<ExitCod
                 ("sop", &e.sop_instance_uid),
                 ("study", &e.study_instance_uid),
                 ("patient", &e.patient_key),
+                ("node", &e.node),
             ] {
                 if let Some(v) = v {
                     line.push_str(&format!(" {k}={v}"));

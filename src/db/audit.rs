@@ -45,10 +45,14 @@ pub struct AuditEvent {
     pub status: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<serde_json::Value>,
+    /// The node that wrote it (`[node] id`); absent on events written
+    /// before nodes were named.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 /// An `events` row, read by column name.
-fn audit_event(r: &sqlx::sqlite::SqliteRow) -> Result<AuditEvent, DbError> {
+fn audit_event(r: &sqlx::any::AnyRow) -> Result<AuditEvent, DbError> {
     let detail: Option<String> = r.try_get("detail")?;
     Ok(AuditEvent {
         seq: r.try_get("seq")?,
@@ -62,6 +66,7 @@ fn audit_event(r: &sqlx::sqlite::SqliteRow) -> Result<AuditEvent, DbError> {
         status: r.try_get("status")?,
         // Stored as JSON text (portable); an unreadable detail is dropped.
         detail: detail.and_then(|d| serde_json::from_str(&d).ok()),
+        node: r.try_get("node")?,
     })
 }
 
@@ -108,13 +113,13 @@ pub struct NewEvent<'a> {
 }
 
 const INSERT_EVENT: &str = "INSERT INTO events (time, event, association_id, sop_instance_uid, \
-     study_instance_uid, patient_key, status, detail, case_id) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
+     study_instance_uid, patient_key, status, detail, case_id, node) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
 
 impl Db {
     /// Append one audit event, stamped `now`.
     pub async fn record(&self, e: NewEvent<'_>, now: OffsetDateTime) -> Result<(), DbError> {
-        bind_event(sqlx::query(INSERT_EVENT), &e, &format_time(now))
+        bind_event(sqlx::query(INSERT_EVENT), &self.node, &e, &format_time(now))
             .execute(&self.pool)
             .await?;
         Ok(())
@@ -149,7 +154,7 @@ impl Db {
             })),
             ..Default::default()
         };
-        insert_event(&mut tx, &e, &now).await?;
+        insert_event(&mut tx, &self.node, &e, &now).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -185,7 +190,7 @@ impl Db {
             })),
             ..Default::default()
         };
-        insert_event(&mut tx, &e, &now).await?;
+        insert_event(&mut tx, &self.node, &e, &now).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -197,13 +202,26 @@ impl Db {
         event: Option<&str>,
         limit: i64,
     ) -> Result<Vec<AuditEvent>, DbError> {
+        self.events_of_node(after_seq, event, None, limit).await
+    }
+
+    /// As [`Db::events`]; `node` keeps only the events that node wrote.
+    pub async fn events_of_node(
+        &self,
+        after_seq: i64,
+        event: Option<&str>,
+        node: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<AuditEvent>, DbError> {
         let rows = sqlx::query(
             "SELECT seq, time, event, association_id, sop_instance_uid, study_instance_uid, \
-             patient_key, status, detail, case_id FROM events \
-             WHERE seq > $1 AND ($2 IS NULL OR event = $2) ORDER BY seq LIMIT $3",
+             patient_key, status, detail, case_id, node FROM events \
+             WHERE seq > $1 AND ($2 IS NULL OR event = $2) AND ($3 IS NULL OR node = $3) \
+             ORDER BY seq LIMIT $4",
         )
         .bind(after_seq)
         .bind(event)
+        .bind(node)
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
@@ -216,7 +234,7 @@ impl Db {
     pub async fn events_filtered(&self, f: &EventFilter) -> Result<Vec<AuditEvent>, DbError> {
         let rows = sqlx::query(
             "SELECT seq, time, event, association_id, sop_instance_uid, study_instance_uid, \
-             patient_key, status, detail, case_id FROM events \
+             patient_key, status, detail, case_id, node FROM events \
              WHERE seq > $1 AND ($2 IS NULL OR event = $2) AND ($3 IS NULL OR time >= $3) \
              AND ($4 IS NULL OR time < $4) AND ($5 IS NULL OR case_id = $5) \
              AND ($6 IS NULL OR association_id = $6) ORDER BY seq LIMIT $7",
@@ -263,21 +281,23 @@ impl Db {
 /// Append an audit event inside the caller's transaction, so the event
 /// and the change it records commit together.
 pub(super) async fn insert_event(
-    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    node: &str,
     e: &NewEvent<'_>,
     now: &str,
 ) -> Result<(), DbError> {
-    bind_event(sqlx::query(INSERT_EVENT), e, now)
+    bind_event(sqlx::query(INSERT_EVENT), node, e, now)
         .execute(&mut **tx)
         .await?;
     Ok(())
 }
 
 fn bind_event<'q>(
-    q: sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>,
+    q: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>,
+    node: &str,
     e: &NewEvent<'q>,
     now: &str,
-) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments> {
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
     q.bind(now.to_owned())
         .bind(e.event)
         .bind(e.association_id)
@@ -287,4 +307,5 @@ fn bind_event<'q>(
         .bind(e.status.map(i64::from))
         .bind(e.detail.as_ref().map(|d| d.to_string()))
         .bind(e.case_id)
+        .bind(node.to_owned())
 }

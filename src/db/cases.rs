@@ -66,7 +66,7 @@ pub struct CaseRow {
 }
 
 /// What the completeness rules read of a case member.
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone)]
 pub struct CaseMember {
     pub sop_instance_uid: String,
     pub sop_class_uid: String,
@@ -80,6 +80,27 @@ pub struct CaseMember {
     pub path: String,
     /// An ultrasound image that is Doppler / colour flow.
     pub us_doppler: bool,
+}
+
+/// Read by hand for `us_doppler`: the query turns the boolean into 0/1,
+/// because the `Any` driver cannot map SQLite's BOOLEAN column type.
+impl<'r> sqlx::FromRow<'r, sqlx::any::AnyRow> for CaseMember {
+    fn from_row(r: &'r sqlx::any::AnyRow) -> Result<Self, sqlx::Error> {
+        use sqlx::Row;
+        Ok(CaseMember {
+            sop_instance_uid: r.try_get("sop_instance_uid")?,
+            sop_class_uid: r.try_get("sop_class_uid")?,
+            study_instance_uid: r.try_get("study_instance_uid")?,
+            series_instance_uid: r.try_get("series_instance_uid")?,
+            modality: r.try_get("modality")?,
+            laterality: r.try_get("laterality")?,
+            view: r.try_get("view")?,
+            series_description: r.try_get("series_description")?,
+            image_type: r.try_get("image_type")?,
+            path: r.try_get("path")?,
+            us_doppler: r.try_get::<i64, _>("us_doppler")? != 0,
+        })
+    }
 }
 
 /// A `case_transitions` row, as read back.
@@ -195,11 +216,27 @@ impl Db {
         steps: &[Assignment],
         now: OffsetDateTime,
     ) -> Result<(), DbError> {
+        self.assign_instances_as(steps, None, now).await.map(|_| ())
+    }
+
+    /// As [`Db::assign_instances`], committed only while this node holds
+    /// `role` (checked in the same transaction): whether it was recorded.
+    pub async fn assign_instances_as(
+        &self,
+        steps: &[Assignment],
+        role: Option<&str>,
+        now: OffsetDateTime,
+    ) -> Result<bool, DbError> {
         if steps.is_empty() {
-            return Ok(());
+            return Ok(true);
         }
         let now = &format_time(now);
         let mut tx = self.pool.begin().await?;
+        if let Some(role) = role
+            && !self.still_holds(&mut tx, role, now).await?
+        {
+            return Ok(false);
+        }
         for step in steps {
             match step {
                 Assignment::Open {
@@ -210,6 +247,7 @@ impl Db {
                 } => {
                     open_case(
                         &mut tx,
+                        &self.node,
                         case_id,
                         patient_key,
                         sop_instance_uid,
@@ -228,11 +266,11 @@ impl Db {
                 } => {
                     add_to_case(
                         &mut tx,
+                        (&self.node, now),
                         case_id,
                         *from_state,
                         sop_instance_uid,
                         (oldest, newest),
-                        now,
                         *reopen,
                     )
                     .await?
@@ -240,7 +278,7 @@ impl Db {
             }
         }
         tx.commit().await?;
-        Ok(())
+        Ok(true)
     }
 
     /// Move a case from `from` to `to` if it is still in `from`; returns
@@ -269,7 +307,7 @@ impl Db {
         if moved == 0 {
             return Ok(false);
         }
-        insert_transition(&mut tx, id, from, to, reason, now).await?;
+        insert_transition(&mut tx, &self.node, id, from, to, reason, now).await?;
         tx.commit().await?;
         Ok(true)
     }
@@ -300,7 +338,16 @@ impl Db {
         if moved == 0 {
             return Ok(false);
         }
-        insert_transition(&mut tx, id, from, CaseState::Collecting, reason, now).await?;
+        insert_transition(
+            &mut tx,
+            &self.node,
+            id,
+            from,
+            CaseState::Collecting,
+            reason,
+            now,
+        )
+        .await?;
         tx.commit().await?;
         Ok(true)
     }
@@ -319,7 +366,8 @@ impl Db {
         Ok(sqlx::query_as(
             "SELECT i.sop_instance_uid, i.sop_class_uid, i.study_instance_uid, \
              i.series_instance_uid, i.modality, i.laterality, i.view, i.series_description, \
-             i.image_type, i.path, i.us_doppler FROM case_instances c \
+             i.image_type, i.path, CASE WHEN i.us_doppler THEN 1 ELSE 0 END AS us_doppler \
+             FROM case_instances c \
              JOIN instances i ON i.sop_instance_uid = c.sop_instance_uid \
              WHERE c.case_id = $1 ORDER BY i.received_at",
         )
@@ -349,7 +397,8 @@ impl Db {
 
 /// Open a new case holding its first instance.
 async fn open_case(
-    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    node: &str,
     id: &str,
     patient_key: &str,
     sop_instance_uid: &str,
@@ -387,18 +436,19 @@ async fn open_case(
         case_id: Some(id),
         ..Default::default()
     };
-    insert_event(tx, &e, now).await
+    insert_event(tx, node, &e, now).await
 }
 
 /// Add an instance to an existing case, widening its study-date range;
 /// `reopen` moves a finished case back to collecting as a new revision.
+/// Recorded as written by `node` at `now`.
 async fn add_to_case(
-    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    (node, now): (&str, &str),
     case_id: &str,
     from_state: CaseState,
     sop_instance_uid: &str,
     (oldest, newest): (&str, &str),
-    now: &str,
     reopen: Option<&str>,
 ) -> Result<(), DbError> {
     let added = sqlx::query(
@@ -436,13 +486,23 @@ async fn add_to_case(
         .bind(case_id)
         .execute(&mut **tx)
         .await?;
-        insert_transition(tx, case_id, from_state, CaseState::Collecting, reason, now).await?;
+        insert_transition(
+            tx,
+            node,
+            case_id,
+            from_state,
+            CaseState::Collecting,
+            reason,
+            now,
+        )
+        .await?;
     }
     Ok(())
 }
 
-async fn insert_transition(
-    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+pub(super) async fn insert_transition(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    node: &str,
     id: &str,
     from: CaseState,
     to: CaseState,
@@ -468,6 +528,6 @@ async fn insert_transition(
         ),
         ..Default::default()
     };
-    insert_event(tx, &e, now).await?;
+    insert_event(tx, node, &e, now).await?;
     Ok(())
 }

@@ -1,7 +1,6 @@
 //! The instance index: one row per stored SOP instance, written only by
 //! the group-commit writer ([`group_commit`]), read by cases and tools.
 
-use sqlx::SqlitePool;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -66,7 +65,7 @@ impl InstanceWriter {
     pub fn start(db: &Db, clock: Clock) -> Self {
         let (inserts, queue) = mpsc::channel(GROUP_COMMIT_MAX);
         let stop = CancellationToken::new();
-        let task = tokio::spawn(group_commit(db.pool.clone(), clock, queue, stop.clone()));
+        let task = tokio::spawn(group_commit(db.clone(), clock, queue, stop.clone()));
         InstanceWriter {
             queue: InstanceQueue { inserts },
             stop,
@@ -171,7 +170,7 @@ const GROUP_COMMIT_MAX: usize = 64;
 /// `stop` closes the queue: the rows already in it are still committed and
 /// answered, later sends fail, and the writer ends once it is empty.
 async fn group_commit(
-    pool: SqlitePool,
+    db: Db,
     clock: Clock,
     mut queue: mpsc::Receiver<PendingInsert>,
     stop: CancellationToken,
@@ -192,7 +191,7 @@ async fn group_commit(
             return;
         }
         let rows: Vec<&InstanceRow> = batch.iter().map(|p| &p.row).collect();
-        match insert_instances(&pool, &clock, &rows).await {
+        match insert_instances(&db, &clock, &rows).await {
             Ok(results) => {
                 for (p, r) in batch.drain(..).zip(results) {
                     let _ = p.done.send(Ok(r));
@@ -205,7 +204,7 @@ async fn group_commit(
             Err(e) if violates_constraint(&e) => {
                 // One row's own fault: isolate it.
                 for p in batch.drain(..) {
-                    let r = insert_instances(&pool, &clock, &[&p.row])
+                    let r = insert_instances(&db, &clock, &[&p.row])
                         .await
                         .map(|mut one| one.remove(0));
                     let _ = p.done.send(r);
@@ -231,7 +230,7 @@ fn violates_constraint(e: &DbError) -> bool {
 
 /// Insert rows and their `instance_stored` events in one transaction.
 async fn insert_instances(
-    pool: &SqlitePool,
+    db: &Db,
     clock: &Clock,
     rows: &[&InstanceRow],
 ) -> Result<Vec<Inserted>, DbError> {
@@ -239,7 +238,7 @@ async fn insert_instances(
     // alike): a transaction that starts by writing takes the write lock at
     // once, where a read-then-write one can fail with SQLITE_BUSY when
     // another process writes.
-    let mut tx = pool.begin().await?;
+    let mut tx = db.pool.begin().await?;
     let mut results = Vec::with_capacity(rows.len());
     for row in rows {
         let now = format_time(clock.now());
@@ -302,7 +301,7 @@ async fn insert_instances(
             })),
             ..Default::default()
         };
-        insert_event(&mut tx, &e, &now).await?;
+        insert_event(&mut tx, &db.node, &e, &now).await?;
         results.push(Inserted::New);
     }
     tx.commit().await?;

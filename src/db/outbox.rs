@@ -46,14 +46,17 @@ pub struct OutboxRow {
     pub next_attempt_at: String,
     pub created_at: String,
     pub updated_at: String,
+    /// The node sending it right now ('' when none: `leases`).
+    pub claimed_by: String,
     pub case_id: String,
     #[sqlx(try_from = "String")]
     pub kind: OutputKind,
     pub path: String,
 }
 
-const OUTBOX_COLUMNS: &str = "o.id, o.sop_instance_uid, o.destination, o.state, o.attempts, \
-     o.last_status, o.next_attempt_at, o.created_at, o.updated_at, p.case_id, p.kind, p.path";
+pub(super) const OUTBOX_COLUMNS: &str = "o.id, o.sop_instance_uid, o.destination, o.state, o.attempts, \
+     o.last_status, o.next_attempt_at, o.created_at, o.updated_at, o.claimed_by, p.case_id, p.kind, \
+     p.path";
 
 impl Db {
     /// Record an output and queue it for each destination, in one
@@ -113,7 +116,7 @@ impl Db {
                 })),
                 ..Default::default()
             };
-            insert_event(&mut tx, &e, &now).await?;
+            insert_event(&mut tx, &self.node, &e, &now).await?;
         }
         tx.commit().await?;
         Ok(new)
@@ -223,7 +226,8 @@ impl Db {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "UPDATE outbox SET state = $1, attempts = attempts + 1, last_status = $2, \
-             next_attempt_at = $3, updated_at = $4 WHERE id = $5",
+             next_attempt_at = $3, updated_at = $4, claimed_by = '', lease_until = '' \
+             WHERE id = $5",
         )
         .bind(state.as_str())
         .bind(status)
@@ -247,7 +251,7 @@ impl Db {
             })),
             ..Default::default()
         };
-        insert_event(&mut tx, &e, &now).await?;
+        insert_event(&mut tx, &self.node, &e, &now).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -275,7 +279,7 @@ impl Db {
                 detail: Some(serde_json::json!({ "outbox_id": id })),
                 ..Default::default()
             };
-            insert_event(&mut tx, &e, &now).await?;
+            insert_event(&mut tx, &self.node, &e, &now).await?;
         }
         tx.commit().await?;
         Ok(n == 1)

@@ -1,5 +1,8 @@
 //! Case assembly against a real SQLite database with a manual clock:
 //! grouping, stable age, max wait, late arrivals, restarts, the run loop.
+//! On PostgreSQL too, with `HER2MAP_TEST_PG_URL` set (see common).
+
+use crate::common;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -89,7 +92,7 @@ impl Patient {
 
 async fn db() -> (tempfile::TempDir, Db) {
     let dir = tempfile::tempdir().unwrap();
-    let db = Db::connect(&format!("sqlite://{}", dir.path().join("t.db").display()))
+    let db = Db::connect(&common::test_database_url(dir.path(), "t.db"))
         .await
         .unwrap();
     (dir, db)

@@ -19,6 +19,8 @@ mod imaging_real_files;
 mod imaging_resize;
 mod imaging_settings;
 mod load;
+mod multinode;
+mod nodes;
 mod orthanc;
 mod outbox;
 mod parity;

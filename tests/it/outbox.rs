@@ -1,5 +1,6 @@
 //! Delivery of result objects: DCMTK storescp and the node itself as
-//! destinations; down, rejecting, silent and restarted.
+//! destinations; down, rejecting, silent and restarted. On PostgreSQL too,
+//! with `HER2MAP_TEST_PG_URL` set (see common).
 
 use crate::common;
 
@@ -43,12 +44,9 @@ fn dest(ae: &str, port: u16) -> DestinationSettings {
 /// A node database with `n` outputs (MR_small variants standing in for
 /// result objects) queued for `destinations`.
 async fn queued_outputs(data_dir: &Path, n: usize, tag: &str, destinations: &[String]) -> Db {
-    let db = Db::connect(&format!(
-        "sqlite://{}",
-        data_dir.join("her2map.db").display()
-    ))
-    .await
-    .unwrap();
+    let db = Db::connect(&test_database_url(data_dir, "her2map.db"))
+        .await
+        .unwrap();
     let out_dir = data_dir.join("outputs");
     std::fs::create_dir_all(&out_dir).unwrap();
     for path in mr_variants(&out_dir, n, tag) {

@@ -45,11 +45,18 @@ impl TestApp {
     pub fn spool(&self) -> PathBuf {
         self.data_dir.join("spool")
     }
-    /// Files left under the spool's tmp/ folder (must be none between instances).
+    /// Files left under the spool's tmp/ folder or a node's folder in it
+    /// (must be none between instances).
     pub fn temp_files(&self) -> usize {
-        std::fs::read_dir(self.spool().join("tmp"))
-            .map(|d| d.count())
-            .unwrap_or(0)
+        let files = |dir: &Path| -> Vec<PathBuf> {
+            std::fs::read_dir(dir)
+                .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+                .unwrap_or_default()
+        };
+        files(&self.spool().join("tmp"))
+            .into_iter()
+            .map(|p| if p.is_dir() { files(&p).len() } else { 1 })
+            .sum()
     }
 }
 
@@ -65,7 +72,39 @@ pub fn test_settings(data_dir: &Path) -> Settings {
     s.model.demo = true;
     // Tests run side by side: the console on a free port.
     s.http.port = 0;
+    if std::env::var_os("HER2MAP_TEST_PG_URL").is_some_and(|u| !u.is_empty()) {
+        s.database.url = test_database_url(data_dir, "her2map.db");
+    }
     s
+}
+
+/// The database of a test: on the PostgreSQL server that
+/// `HER2MAP_TEST_PG_URL` names (`postgres://user@host:port`, started by
+/// scripts/postgres.sh; .ci/run runs the database-level tests this way
+/// too) a database of its own for `dir` and `file` (the same one each time,
+/// as the SQLite file would be: a restarted node finds its data), or else
+/// the SQLite file `file` in `dir`.
+pub fn test_database_url(dir: &Path, file: &str) -> String {
+    match std::env::var("HER2MAP_TEST_PG_URL") {
+        Ok(server) if !server.is_empty() => {
+            use sha2::Digest;
+            let server = server.trim_end_matches('/');
+            let digest = sha2::Sha256::digest(dir.join(file).to_string_lossy().as_bytes());
+            let name = format!("t_{}", hex::encode(&digest[..10]));
+            let out = Command::new("psql")
+                .arg(format!("{server}/postgres"))
+                .args(["-qAt", "-c", &format!("CREATE DATABASE {name}")])
+                .output()
+                .expect("psql must be installed (apt-get install postgresql-client)");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                out.status.success() || stderr.contains("already exists"),
+                "creating the test database: {stderr}"
+            );
+            format!("{server}/{name}")
+        }
+        _ => format!("sqlite://{}", dir.join(file).display()),
+    }
 }
 
 pub async fn spawn_app_with(settings: Settings) -> TestApp {
