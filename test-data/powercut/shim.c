@@ -11,6 +11,8 @@
  * 0 or unset: never) it SIGKILLs the process while holding the recorder's
  * lock, so no snapshot is ever half written. The snapshot is taken before
  * the real fsync, so a write racing the fsync counts as lost (pessimistic).
+ * POWERCUT_IGNORE=text leaves out of the record the fsyncs of paths that
+ * contain it, so that the test can show the harness catches a missing one.
  *
  * Build: cc -shared -fPIC -O1 -o shim.so shim.c -ldl
  */
@@ -36,6 +38,8 @@ static char root[PATH_MAX];
 static size_t root_len;
 static char shadow[PATH_MAX - 64];
 static long cut_at;
+static char ignore[256]; /* POWERCUT_IGNORE: fsyncs of paths holding it are
+                          * not recorded (the harness's own negative test) */
 static long count;
 static int ready;
 
@@ -49,6 +53,8 @@ static void init(void) {
     root_len = strlen(root);
     snprintf(shadow, sizeof shadow, "%s", s);
     cut_at = c ? atol(c) : 0;
+    const char *ig = getenv("POWERCUT_IGNORE");
+    snprintf(ignore, sizeof ignore, "%s", ig ? ig : "");
     ready = 1;
 }
 
@@ -189,7 +195,9 @@ static int sync_common(int fd, int data_only) {
     pthread_mutex_lock(&lock);
     inside = 1;
     struct stat st;
-    if (fstat(fd, &st) == 0) {
+    if (ignore[0] && strstr(path, ignore)) {
+        /* as if this fsync had never been called */
+    } else if (fstat(fd, &st) == 0) {
         if (S_ISDIR(st.st_mode)) snapshot_dir(path, &st);
         else if (S_ISREG(st.st_mode)) snapshot_file(fd, &st);
     }

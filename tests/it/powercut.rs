@@ -261,7 +261,8 @@ async fn check_after_cut(
 /// Cut the power at evenly spread points over the ingest of the synthetic
 /// patient (start-up and migrations included): every acknowledged instance
 /// survives, the database opens and the node serves again.
-/// `POWERCUT_POINTS` sets how many cuts (default 24).
+/// `POWERCUT_POINTS` sets how many cuts are spread past the dense start
+/// (default 12).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_power_cut_during_ingest_loses_no_acknowledged_instance() {
     // POWERCUT_KEEP=DIR keeps the records of a failing cut there.
@@ -292,12 +293,15 @@ async fn a_power_cut_during_ingest_loses_no_acknowledged_instance() {
     let points: usize = std::env::var("POWERCUT_POINTS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(24);
-    // 1, 2, 3 (the very start), then evenly spread to past the end.
-    let mut cuts: Vec<usize> = (1..=3).collect();
-    for i in 1..=points.saturating_sub(3) {
-        cuts.push(3 + i * (base.calls + 5) / points.saturating_sub(3).max(1));
+        .unwrap_or(12);
+    // Dense over start-up (database creation, migrations) and the first
+    // instances (new study and series folders, first commits), where each
+    // kind of step happens first; then `points` spread to past the end.
+    let mut cuts: Vec<usize> = (1..=3).chain((4..=60).step_by(3)).collect();
+    for i in 1..=points {
+        cuts.push(60 + i * (base.calls + 5).saturating_sub(60) / points);
     }
+    cuts.sort();
     cuts.dedup();
     let mut found = Vec::new();
     for &cut in &cuts {
@@ -323,4 +327,106 @@ async fn a_power_cut_during_ingest_loses_no_acknowledged_instance() {
         found.len(),
         base.calls
     );
+}
+
+/// A folder that exists is not thereby durable: one left by a kill -9
+/// between its mkdir and the fsyncs of its parents (or one another
+/// association has just created) is in the page cache only. The instance
+/// stored into it, once acknowledged, must survive a power cut.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_instance_in_a_folder_not_yet_durable_survives_a_power_cut() {
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path().canonicalize().unwrap();
+    let shim = build_shim(&work);
+    let file = mr_variants(&work, 1, "pcdir").remove(0);
+    let obj = dicom_object::open_file(&file).unwrap();
+    let uid = |t| obj.element(t).unwrap().to_str().unwrap().to_string();
+    let rel = her2map::spool::Spool::relative_path(
+        &uid(dicom_dictionary_std::tags::STUDY_INSTANCE_UID),
+        &uid(dicom_dictionary_std::tags::SERIES_INSTANCE_UID),
+        &uid(dicom_dictionary_std::tags::SOP_INSTANCE_UID),
+    );
+    let root = work.join("data");
+    let shadow = work.join("shadow");
+    for d in ["files", "dirs"] {
+        std::fs::create_dir_all(shadow.join(d)).unwrap();
+    }
+    // The study and series folders, made (and never fsync'd) as by a run
+    // killed just after its mkdir.
+    std::fs::create_dir_all(root.join("spool").join(rel.parent().unwrap())).unwrap();
+    let env = [
+        ("LD_PRELOAD", shim.to_str().unwrap()),
+        ("POWERCUT_ROOT", root.to_str().unwrap()),
+        ("POWERCUT_SHADOW", shadow.to_str().unwrap()),
+    ];
+    let (mut child, port) = serve_binary(&root, &[], &env);
+    let r = send_files(
+        &format!("127.0.0.1:{port}"),
+        &scu(),
+        &[file.clone()],
+        |_| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!(r[0].status, Some(status::SUCCESS), "{r:?}");
+    // The cut, just after the acknowledgement.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let rebuilt = work.join("rebuilt");
+    rebuild(&shadow, std::fs::metadata(&root).unwrap().ino(), &rebuilt);
+    let stored = rebuilt.join("spool").join(&rel);
+    assert!(stored.is_file(), "acknowledged instance lost by the cut");
+    assert_eq!(
+        stored_dataset(0, "acknowledged", &stored),
+        dataset_bytes(&file)
+    );
+}
+
+/// The harness can fail: with the fsyncs of the spool's temporary files or
+/// of the database's WAL left out of the record (as if the node skipped
+/// them), an instance answered Success is lost in the rebuilt folder.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_harness_catches_a_missing_fsync() {
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path().canonicalize().unwrap();
+    let shim = build_shim(&work);
+    let files = mr_variants(&work, 2, "pcneg");
+    for (case, ignore) in ["part", "wal"].into_iter().enumerate() {
+        let root = work.join(format!("data{case}"));
+        let shadow = work.join(format!("shadow{case}"));
+        for d in ["files", "dirs"] {
+            std::fs::create_dir_all(shadow.join(d)).unwrap();
+        }
+        std::fs::create_dir_all(&root).unwrap();
+        let env = [
+            ("LD_PRELOAD", shim.to_str().unwrap()),
+            ("POWERCUT_ROOT", root.to_str().unwrap()),
+            ("POWERCUT_SHADOW", shadow.to_str().unwrap()),
+            ("POWERCUT_IGNORE", ignore),
+        ];
+        let (mut child, port) = serve_binary(&root, &[], &env);
+        let r = send_files(&format!("127.0.0.1:{port}"), &scu(), &files, |_| {})
+            .await
+            .unwrap();
+        assert!(r.iter().all(|r| r.status == Some(status::SUCCESS)), "{r:?}");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let rebuilt = work.join(format!("rebuilt{case}"));
+        rebuild(&shadow, std::fs::metadata(&root).unwrap().ino(), &rebuilt);
+        let db = Db::connect(&format!(
+            "sqlite://{}",
+            rebuilt.join("her2map.db").display()
+        ))
+        .await
+        .unwrap();
+        let mut whole = 0;
+        for r in &r {
+            if let Some(rel) = db.instance_path(&r.sop_instance_uid).await.unwrap() {
+                let p = rebuilt.join("spool").join(rel);
+                whole += usize::from(her2map::part10::Part10Header::read(&p).is_ok());
+            }
+        }
+        db.close().await;
+        assert_eq!(whole, 0, "without the {ignore} fsyncs nothing may survive");
+    }
 }
