@@ -363,7 +363,7 @@ async fn an_instance_in_a_folder_not_yet_durable_survives_a_power_cut() {
     let r = send_files(
         &format!("127.0.0.1:{port}"),
         &scu(),
-        &[file.clone()],
+        std::slice::from_ref(&file),
         |_| {},
     )
     .await
