@@ -3,8 +3,10 @@
 //! folder fsync'd, so that an acknowledged instance survives a crash and an
 //! unacknowledged one leaves nothing behind.
 
+use std::collections::HashSet;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use sha2::{Digest, Sha256};
 
@@ -17,6 +19,9 @@ pub struct Spool {
     root: PathBuf,
     tmp: PathBuf,
     min_free_bytes: u64,
+    /// Series folders whose own entry, and their study folder's, this
+    /// process has fsync'd (see [`Spool::sync_placed`]).
+    durable_dirs: Arc<Mutex<HashSet<PathBuf>>>,
 }
 
 /// Where a sealed instance ended up.
@@ -54,10 +59,15 @@ impl Spool {
             own
         };
         remove_files_in(&shared_tmp)?;
+        // The spool's entry in the data folder and tmp/'s (and this node's
+        // own tmp folder's) in their parents must survive a power cut too,
+        // before anything is placed under them.
+        sync_dir_and_parents(&tmp, if node.is_empty() { 2 } else { 3 })?;
         Ok(Spool {
             root: root.to_path_buf(),
             tmp,
             min_free_bytes,
+            durable_dirs: Arc::default(),
         })
     }
 
@@ -119,27 +129,44 @@ impl Spool {
     ) -> io::Result<Placement> {
         let target = self.root.join(relative);
         let parent = target.parent().unwrap_or(&self.root).to_path_buf();
-        let created = !parent.exists();
         std::fs::create_dir_all(&parent)?;
         match std::fs::hard_link(&sealed.path, &target) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(Placement::Exists),
             Err(e) => return Err(e),
         }
-        // New study/series folders must be durable in their parents too.
-        sync_dir_and_parents(&parent, if created { 2 } else { 0 })?;
+        self.sync_placed(&parent)?;
         std::fs::remove_file(&sealed.path)?;
         Ok(Placement::Placed)
+    }
+
+    /// Make an entry just placed in the series folder `parent` durable, and
+    /// the first time this process places there, the series folder's entry
+    /// in its study folder and the study folder's in the spool too. That a
+    /// folder exists does not make it durable: another association may
+    /// have just created it and not yet fsync'd its parents, or a run
+    /// killed after its mkdir may have left it in the page cache only; an
+    /// acknowledged instance must not hang on such a folder (found by the
+    /// power-cut test, tests/it/powercut.rs). One set entry per series.
+    fn sync_placed(&self, parent: &Path) -> io::Result<()> {
+        let durable = || self.durable_dirs.lock().unwrap_or_else(|e| e.into_inner());
+        if durable().contains(parent) {
+            return sync_dir(parent);
+        }
+        sync_dir_and_parents(parent, 2)?;
+        durable().insert(parent.to_path_buf());
+        Ok(())
     }
 
     /// Replace a file left without a database row by a crash.
     pub async fn replace(&self, sealed: &SealedInstance, relative: &Path) -> io::Result<()> {
         let target = self.root.join(relative);
         let tmp = sealed.path.clone();
+        let spool = self.clone();
         tokio::task::spawn_blocking(move || {
             std::fs::rename(&tmp, &target)?;
             if let Some(parent) = target.parent() {
-                sync_dir(parent)?;
+                spool.sync_placed(parent)?;
             }
             Ok(())
         })

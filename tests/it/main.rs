@@ -25,6 +25,7 @@ mod orthanc;
 mod outbox;
 mod parity;
 mod pipeline;
+mod powercut;
 mod report_outputs;
 mod scp;
 mod synth_patient;

@@ -211,6 +211,17 @@ pub fn serve_binary(
     args: &[&std::ffi::OsStr],
     env: &[(&str, &str)],
 ) -> (std::process::Child, u16) {
+    let (child, port) = try_serve_binary(data_dir, args, env);
+    (child, port.expect("serve exited before listening"))
+}
+
+/// As [`serve_binary`], but a node that exits before it listens (e.g.
+/// killed during start-up by a fault test) gives `None` for the port.
+pub fn try_serve_binary(
+    data_dir: &Path,
+    args: &[&std::ffi::OsStr],
+    env: &[(&str, &str)],
+) -> (std::process::Child, Option<u16>) {
     use std::io::{BufRead, BufReader};
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_her2map"));
     for (k, _) in std::env::vars() {
@@ -235,10 +246,9 @@ pub fn serve_binary(
     let mut child = cmd.spawn().expect("her2map serve starts");
     let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
     let port = loop {
-        let line = lines
-            .next()
-            .expect("serve exited before listening")
-            .expect("stderr line");
+        let Some(Ok(line)) = lines.next() else {
+            return (child, None);
+        };
         if let Some(rest) = line.split("listening on ").nth(1) {
             let addr: String = rest.chars().take_while(|c| !c.is_whitespace()).collect();
             break addr
@@ -249,7 +259,7 @@ pub fn serve_binary(
         }
     };
     std::thread::spawn(move || for _ in lines {});
-    (child, port)
+    (child, Some(port))
 }
 
 /// A DICOM tool on PATH; a missing one fails the test (tests never skip).
