@@ -1,14 +1,25 @@
-//! `her2map outbox`: the result deliveries, and retrying one.
+//! `her2map outbox`: the result deliveries, and retrying one. The same
+//! filters and view as the API's `/api/v1/outbox` (`ops::outbox_page`).
 
 use std::process::ExitCode;
 
 use clap::Subcommand;
 use her2map::config::Settings;
+use her2map::db::DeliveryState;
+
+/// Rows read per query.
+const PAGE: i64 = 1000;
 
 #[derive(clap::Args)]
 pub struct OutboxArgs {
     #[arg(long)]
     json: bool,
+    /// Only deliveries in this state (pending, sent, dead, ...).
+    #[arg(long)]
+    state: Option<DeliveryState>,
+    /// Only deliveries to this destination (its name, as listed).
+    #[arg(long)]
+    destination: Option<String>,
     #[command(subcommand)]
     action: Option<OutboxAction>,
 }
@@ -35,8 +46,23 @@ pub async fn run(args: OutboxArgs, settings: &Settings) -> anyhow::Result<ExitCo
             }
         };
     }
-    for row in db.outbox().await? {
-        if args.json {
+    let mut offset = 0;
+    loop {
+        let page =
+            her2map::ops::outbox_page(&db, args.state, args.destination.as_deref(), PAGE, offset)
+                .await?;
+        if page.items.is_empty() {
+            break;
+        }
+        offset += page.items.len() as i64;
+        print_rows(&page.items, args.json)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_rows(rows: &[her2map::db::OutboxRow], json: bool) -> anyhow::Result<()> {
+    for row in rows {
+        if json {
             println!("{}", serde_json::to_string(&row)?);
         } else {
             println!(
@@ -52,5 +78,5 @@ pub async fn run(args: OutboxArgs, settings: &Settings) -> anyhow::Result<ExitCo
             );
         }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }

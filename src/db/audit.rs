@@ -79,6 +79,8 @@ pub struct EventFilter {
     pub until: Option<String>,
     pub case_id: Option<String>,
     pub association_id: Option<String>,
+    /// Only the events this node (`[node] id`) wrote.
+    pub node: Option<String>,
     /// Only events after this sequence number (keyset paging).
     pub after_seq: i64,
     pub limit: i64,
@@ -202,30 +204,13 @@ impl Db {
         event: Option<&str>,
         limit: i64,
     ) -> Result<Vec<AuditEvent>, DbError> {
-        self.events_of_node(after_seq, event, None, limit).await
-    }
-
-    /// As [`Db::events`]; `node` keeps only the events that node wrote.
-    pub async fn events_of_node(
-        &self,
-        after_seq: i64,
-        event: Option<&str>,
-        node: Option<&str>,
-        limit: i64,
-    ) -> Result<Vec<AuditEvent>, DbError> {
-        let rows = sqlx::query(
-            "SELECT seq, time, event, association_id, sop_instance_uid, study_instance_uid, \
-             patient_key, status, detail, case_id, node FROM events \
-             WHERE seq > $1 AND ($2 IS NULL OR event = $2) AND ($3 IS NULL OR node = $3) \
-             ORDER BY seq LIMIT $4",
-        )
-        .bind(after_seq)
-        .bind(event)
-        .bind(node)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(audit_event).collect()
+        self.events_filtered(&EventFilter {
+            event: event.map(str::to_string),
+            after_seq,
+            limit,
+            ..Default::default()
+        })
+        .await
     }
 }
 
@@ -237,7 +222,8 @@ impl Db {
              patient_key, status, detail, case_id, node FROM events \
              WHERE seq > $1 AND ($2 IS NULL OR event = $2) AND ($3 IS NULL OR time >= $3) \
              AND ($4 IS NULL OR time < $4) AND ($5 IS NULL OR case_id = $5) \
-             AND ($6 IS NULL OR association_id = $6) ORDER BY seq LIMIT $7",
+             AND ($6 IS NULL OR association_id = $6) AND ($7 IS NULL OR node = $7) \
+             ORDER BY seq LIMIT $8",
         )
         .bind(f.after_seq)
         .bind(f.event.as_deref())
@@ -245,6 +231,7 @@ impl Db {
         .bind(f.until.as_deref())
         .bind(f.case_id.as_deref())
         .bind(f.association_id.as_deref())
+        .bind(f.node.as_deref())
         .bind(f.limit)
         .fetch_all(&self.pool)
         .await?;

@@ -281,6 +281,7 @@ pub struct AuditQuery {
     pub until: Option<String>,
     pub case_id: Option<String>,
     pub association_id: Option<String>,
+    pub node: Option<String>,
     pub after_seq: Option<i64>,
     pub limit: Option<i64>,
 }
@@ -310,6 +311,7 @@ impl AuditQuery {
             until: time("until", &self.until)?,
             case_id: some(&self.case_id),
             association_id: some(&self.association_id),
+            node: some(&self.node),
             after_seq,
             limit,
         })

@@ -90,6 +90,7 @@ pub fn spec() -> Value {
             json!({ "type": "string" }),
             false,
         ),
+        param("node", "query", json!({ "type": "string" }), false),
         param(
             "after_seq",
             "query",

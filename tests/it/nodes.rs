@@ -153,7 +153,12 @@ async fn a_case_runs_on_one_node_and_another_takes_it_over_after_its_lease() {
     );
     // Every event names the node that wrote it.
     let by_survivor = survivor
-        .events_of_node(0, Some("case_state_changed"), Some(survivor.node()), 1000)
+        .events_filtered(&her2map::db::EventFilter {
+            event: Some("case_state_changed".into()),
+            node: Some(survivor.node().to_string()),
+            limit: 1000,
+            ..Default::default()
+        })
         .await
         .unwrap();
     assert!(!by_survivor.is_empty());
