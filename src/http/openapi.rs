@@ -16,6 +16,13 @@ fn ok(schema: Value) -> Value {
     json!({ "description": "OK", "content": { "application/json": { "schema": schema } } })
 }
 
+/// OpenAPI links from a list to the operations on its first item: what
+/// lets a stateful client (schemathesis) reach the per-item endpoints.
+fn links(mut response: Value, links: Value) -> Value {
+    response["links"] = links;
+    response
+}
+
 fn errors(mut responses: Value, codes: &[&str]) -> Value {
     for c in codes {
         responses[*c] = error();
@@ -78,7 +85,12 @@ pub fn spec() -> Value {
         json!({ "type": "string" }),
         false,
     ));
-    let time = json!({ "type": "string", "format": "date-time" });
+    // An empty value means "no filter" (the audit page's form sends its
+    // empty fields), so the schema admits it beside RFC 3339 times.
+    let time = json!({ "anyOf": [
+        { "type": "string", "format": "date-time" },
+        { "type": "string", "maxLength": 0 }
+    ] });
     let audit_params = vec![
         param("event", "query", json!({ "type": "string" }), false),
         param("since", "query", time.clone(), false),
@@ -94,7 +106,7 @@ pub fn spec() -> Value {
         param(
             "after_seq",
             "query",
-            json!({ "type": "integer", "minimum": 0 }),
+            json!({ "type": "integer", "format": "int64", "minimum": 0, "maximum": i64::MAX }),
             false,
         ),
         param(
@@ -116,25 +128,31 @@ pub fn spec() -> Value {
         "/api/v1/associations": { "get": { "summary": "Recent associations, newest first", "parameters": paging(),
             "responses": errors(json!({ "200": ok(page("Association")) }), READ) } },
         "/api/v1/cases": { "get": { "summary": "Cases, newest first", "parameters": cases_params,
-            "responses": errors(json!({ "200": ok(page("Case")) }), READ) } },
-        "/api/v1/cases/{id}": { "get": { "summary": "One case: members by modality, timeline, result, outputs and their delivery",
+            "responses": errors(json!({ "200": links(ok(page("Case")), json!({
+                "GetCase": { "operationId": "getCase", "parameters": { "id": "$response.body#/items/0/id" } },
+                "ActOnCase": { "operationId": "caseAction", "parameters": { "id": "$response.body#/items/0/id" } } })) }), READ) } },
+        "/api/v1/cases/{id}": { "get": { "operationId": "getCase", "summary": "One case: members by modality, timeline, result, outputs and their delivery",
             "parameters": [case_id.clone()],
-            "responses": errors(json!({ "200": ok(json!({ "$ref": "#/components/schemas/CaseDetail" })) }), &["400", "401", "404", "503"]) } },
-        "/api/v1/cases/{id}/actions": { "post": { "summary": "Run, hold or release a case (operator)",
+            "responses": errors(json!({ "200": links(ok(json!({ "$ref": "#/components/schemas/CaseDetail" })), json!({
+                "OutputPng": { "operationId": "outputPng", "parameters": {
+                    "id": "$response.body#/id", "sop": "$response.body#/heatmaps/0" } } })) }),
+                &["400", "401", "404", "503"]) } },
+        "/api/v1/cases/{id}/actions": { "post": { "operationId": "caseAction", "summary": "Run, hold or release a case (operator)",
             "parameters": [case_id.clone()],
             "requestBody": { "required": true, "content": { "application/json": { "schema": {
                 "type": "object", "additionalProperties": false, "required": ["action"],
                 "properties": { "action": { "type": "string", "enum": ["run", "hold", "release"] } } } } } },
             "responses": errors(json!({ "200": ok(json!({ "type": "object", "required": ["id", "from", "to"],
                 "properties": { "id": { "type": "string" }, "from": { "type": "string" }, "to": { "type": "string" } } })) }),
-                &["400", "401", "403", "404", "409", "413", "415", "503"]) } },
-        "/api/v1/cases/{id}/outputs/{sop}/png": { "get": { "summary": "A heatmap secondary capture as PNG",
+                &["400", "401", "403", "404", "409", "413", "415", "422", "503"]) } },
+        "/api/v1/cases/{id}/outputs/{sop}/png": { "get": { "operationId": "outputPng", "summary": "A heatmap secondary capture as PNG",
             "parameters": [case_id, param("sop", "path", json!({ "type": "string" }), true)],
             "responses": errors(json!({ "200": { "description": "PNG", "content": { "image/png": { "schema": { "type": "string", "format": "binary" } } } } }),
                 &["400", "401", "404", "503"]) } },
         "/api/v1/outbox": { "get": { "summary": "Result deliveries", "parameters": outbox_params,
-            "responses": errors(json!({ "200": ok(page("Delivery")) }), READ) } },
-        "/api/v1/outbox/{id}/retry": { "post": { "summary": "Make a dead or waiting delivery due now (operator)",
+            "responses": errors(json!({ "200": links(ok(page("Delivery")), json!({
+                "RetryDelivery": { "operationId": "retryDelivery", "parameters": { "id": "$response.body#/items/0/id" } } })) }), READ) } },
+        "/api/v1/outbox/{id}/retry": { "post": { "operationId": "retryDelivery", "summary": "Make a dead or waiting delivery due now (operator)",
             "parameters": [param("id", "path", json!({ "type": "integer", "format": "int64" }), true)],
             "responses": errors(json!({ "200": ok(json!({ "type": "object", "required": ["id", "state"] })) }),
                 &["400", "401", "403", "404", "503"]) } },
@@ -163,7 +181,8 @@ pub fn spec() -> Value {
               "lesion_side": { "type": "string", "nullable": true }, "instances": { "type": "integer" },
               "ready_at": { "type": "string", "nullable": true }, "max_wait_at": { "type": "string", "nullable": true } } },
           "CaseDetail": { "allOf": [ { "$ref": "#/components/schemas/Case" }, { "type": "object",
-              "required": ["members", "timeline", "outputs"], "properties": {
+              "required": ["members", "timeline", "outputs", "heatmaps"], "properties": {
+              "heatmaps": { "type": "array", "items": { "type": "string" } },
               "members": { "type": "object", "additionalProperties": { "type": "array", "items": { "type": "object" } } },
               "timeline": { "type": "array", "items": { "type": "object", "required": ["time", "kind", "what"] } },
               "result": { "type": "object", "nullable": true },

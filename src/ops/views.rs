@@ -65,6 +65,9 @@ pub struct CaseDetail {
     /// The latest `case_result` event's detail, as the SR states it.
     pub result: Option<serde_json::Value>,
     pub outputs: Vec<OutputView>,
+    /// The SOP Instance UIDs of the heatmap secondary captures among the
+    /// outputs: what `/api/v1/cases/{id}/outputs/{sop}/png` renders.
+    pub heatmaps: Vec<String>,
 }
 
 /// A page of cases, newest first.
@@ -142,9 +145,13 @@ pub async fn case_detail(
     let deliveries = db
         .outbox_filtered(None, None, Some(id), i64::MAX, 0)
         .await?;
-    let outputs = db
-        .case_outputs(id)
-        .await?
+    let outputs = db.case_outputs(id).await?;
+    let heatmaps = outputs
+        .iter()
+        .filter(|o| o.kind == crate::report::OutputKind::HeatmapSc)
+        .map(|o| o.sop_instance_uid.clone())
+        .collect();
+    let outputs = outputs
         .into_iter()
         .map(|o| OutputView {
             deliveries: deliveries
@@ -165,6 +172,7 @@ pub async fn case_detail(
         timeline,
         result,
         outputs,
+        heatmaps,
     }))
 }
 

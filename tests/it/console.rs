@@ -169,9 +169,18 @@ async fn console_auth_health_metrics_api_and_pages() {
         assert!(Instant::now() < deadline, "no case was opened");
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    let detail = json(&n, &format!("/api/v1/cases/{case_id}"), &n.viewer).await;
+    // The assembler attaches instances to the case after ingest has
+    // answered them: wait for all three rather than race it.
+    let detail = loop {
+        let detail = json(&n, &format!("/api/v1/cases/{case_id}"), &n.viewer).await;
+        let members = detail["members"]["MR"].as_array().map_or(0, Vec::len);
+        if members == 3 {
+            break detail;
+        }
+        assert!(Instant::now() < deadline, "3 MR members expected: {detail}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     assert_eq!(detail["state"], "collecting");
-    assert_eq!(detail["members"]["MR"].as_array().unwrap().len(), 3);
     assert!(!detail["timeline"].as_array().unwrap().is_empty());
     assert!(detail["outputs"].as_array().unwrap().is_empty());
     let status = json(&n, "/api/v1/status", &n.viewer).await;

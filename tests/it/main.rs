@@ -21,6 +21,7 @@ mod imaging_settings;
 mod load;
 mod multinode;
 mod nodes;
+mod openapi;
 mod orthanc;
 mod outbox;
 mod parity;
