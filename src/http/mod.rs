@@ -174,9 +174,26 @@ async fn not_found(req: Request) -> Response {
 }
 
 /// Count the answer by code class; every answer says not to be cached or
-/// framed (it may carry PHI).
+/// framed (it may carry PHI). A URL carrying a NUL character (`%00`) is
+/// refused here, once for every route: no identifier or filter of the node
+/// can hold one, and PostgreSQL rejects NUL in text parameters, which would
+/// otherwise come back as a database error (503) instead of the client's
+/// mistake (400).
 async fn count_and_harden(req: Request, next: Next) -> Response {
-    let mut resp = next.run(req).await;
+    let has_nul = req
+        .uri()
+        .path_and_query()
+        .is_some_and(|pq| pq.as_str().to_ascii_lowercase().contains("%00"));
+    let mut resp = if has_nul {
+        let msg = "the URL contains a NUL character (%00)";
+        if req.uri().path().starts_with("/api/") {
+            api::ApiError::bad(msg).into_response()
+        } else {
+            (StatusCode::BAD_REQUEST, msg).into_response()
+        }
+    } else {
+        next.run(req).await
+    };
     let class = format!("{}xx", resp.status().as_u16() / 100);
     crate::metrics::METRICS.http_requests.inc(&[&class]);
     let h = resp.headers_mut();

@@ -30,6 +30,12 @@ fn errors(mut responses: Value, codes: &[&str]) -> Value {
     responses
 }
 
+/// A free-text parameter: any string without NUL, which the node refuses in
+/// URLs (see `count_and_harden`).
+fn text() -> Value {
+    json!({ "type": "string", "pattern": "^[^\\u0000]*$" })
+}
+
 fn param(name: &str, location: &str, schema: Value, required: bool) -> Value {
     json!({ "name": name, "in": location, "required": required, "schema": schema })
 }
@@ -79,12 +85,7 @@ pub fn spec() -> Value {
         json!({ "type": "string", "enum": ["pending", "sent", "dead"] }),
         false,
     ));
-    outbox_params.push(param(
-        "destination",
-        "query",
-        json!({ "type": "string" }),
-        false,
-    ));
+    outbox_params.push(param("destination", "query", text(), false));
     // An empty value means "no filter" (the audit page's form sends its
     // empty fields), so the schema admits it beside RFC 3339 times.
     let time = json!({ "anyOf": [
@@ -92,17 +93,12 @@ pub fn spec() -> Value {
         { "type": "string", "maxLength": 0 }
     ] });
     let audit_params = vec![
-        param("event", "query", json!({ "type": "string" }), false),
+        param("event", "query", text(), false),
         param("since", "query", time.clone(), false),
         param("until", "query", time, false),
-        param("case_id", "query", json!({ "type": "string" }), false),
-        param(
-            "association_id",
-            "query",
-            json!({ "type": "string" }),
-            false,
-        ),
-        param("node", "query", json!({ "type": "string" }), false),
+        param("case_id", "query", text(), false),
+        param("association_id", "query", text(), false),
+        param("node", "query", text(), false),
         param(
             "after_seq",
             "query",
@@ -116,7 +112,7 @@ pub fn spec() -> Value {
             false,
         ),
     ];
-    let case_id = param("id", "path", json!({ "type": "string" }), true);
+    let case_id = param("id", "path", text(), true);
     json!({
       "openapi": "3.0.3",
       "info": { "title": "her2map node API", "version": env!("CARGO_PKG_VERSION"),
@@ -146,7 +142,7 @@ pub fn spec() -> Value {
                 "properties": { "id": { "type": "string" }, "from": { "type": "string" }, "to": { "type": "string" } } })) }),
                 &["400", "401", "403", "404", "409", "413", "415", "422", "503"]) } },
         "/api/v1/cases/{id}/outputs/{sop}/png": { "get": { "operationId": "outputPng", "summary": "A heatmap secondary capture as PNG",
-            "parameters": [case_id, param("sop", "path", json!({ "type": "string" }), true)],
+            "parameters": [case_id, param("sop", "path", text(), true)],
             "responses": errors(json!({ "200": { "description": "PNG", "content": { "image/png": { "schema": { "type": "string", "format": "binary" } } } } }),
                 &["400", "401", "404", "503"]) } },
         "/api/v1/outbox": { "get": { "summary": "Result deliveries", "parameters": outbox_params,

@@ -127,6 +127,16 @@ async fn console_auth_health_metrics_api_and_pages() {
         let e: Value = serde_json::from_str(&body).unwrap();
         assert_eq!(e["error"], "unauthorized");
     }
+    // A NUL in the URL is the client's mistake on either database (PostgreSQL
+    // refuses NUL in text: it must not surface as a database error).
+    for path in [
+        "/api/v1/cases/a%00b",
+        "/api/v1/audit?event=x%00",
+        "/cases/a%00",
+    ] {
+        let (code, body) = get(&n, path, Some(&n.viewer)).await;
+        assert_eq!(code, StatusCode::BAD_REQUEST, "{path}: {body}");
+    }
     let wrong = "not-a-real-token-0123456789";
     let (code, _) = get(&n, "/api/v1/status", Some(wrong)).await;
     assert_eq!(code, StatusCode::UNAUTHORIZED);
