@@ -6,6 +6,7 @@
 
 pub mod app;
 pub mod attrs;
+pub mod audit_limit;
 pub mod batch;
 pub mod cases;
 pub mod clock;

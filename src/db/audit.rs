@@ -23,6 +23,10 @@ pub mod event {
     pub const OPERATOR_ACTION: &str = "operator_action";
     /// A console or API request with a missing or wrong token.
     pub const HTTP_AUTH_FAILED: &str = "http_auth_failed";
+    /// An HTTP connection closed before it made a request: its TLS
+    /// handshake or its headers did not arrive in `[http]
+    /// header_timeout_secs`, or the handshake failed (rate-limited).
+    pub const HTTP_CONNECTION_CUT: &str = "http_connection_cut";
 }
 
 /// One line of the audit log.

@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 use super::Shared;
 use super::api::ApiError;
 use crate::config::{HttpRole, HttpUser};
-use crate::db::{NewEvent, event};
+use crate::db::event;
 
 /// The login cookie's name.
 pub const COOKIE: &str = "her2map_token";
@@ -134,43 +134,31 @@ pub async fn authenticate(state: &Shared, parts: &Parts) -> Result<Identity, Den
             let peer = parts
                 .extensions
                 .get::<ConnectInfo<SocketAddr>>()
-                .map(|c| c.0.to_string())
-                .unwrap_or_default();
-            failed_login(state, &peer, parts.uri.path()).await;
+                .map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |c| c.0);
+            failed_login(state, peer, parts.uri.path()).await;
             Err(Denied::Wrong)
         }
     }
 }
 
-/// Audit a wrong token: at most 20 events a minute, then one summary line
-/// per minute is left to the metric (a flood must not fill the audit log).
-pub async fn failed_login(state: &Shared, peer: &str, path: &str) {
+/// Audit a wrong token through the node's audit rate limit (the same as
+/// for cut connections: a few one by one, then a summary; a flood must not
+/// fill the audit log). The metric counts every one.
+pub async fn failed_login(state: &Shared, peer: SocketAddr, path: &str) {
     crate::metrics::METRICS.http_auth_failures.inc(&[]);
-    let now = state.clock.now();
-    let minute = now.unix_timestamp() / 60;
-    let audit = {
-        let mut g = state.auth_audit.lock().unwrap_or_else(|e| e.into_inner());
-        if g.0 != minute {
-            *g = (minute, 0);
-        }
-        g.1 += 1;
-        g.1 <= 20
-    };
     tracing::warn!(%peer, path, "HTTP request with an unknown token refused");
-    if audit {
-        let _ = state
-            .db
-            .record(
-                NewEvent {
-                    event: event::HTTP_AUTH_FAILED,
-                    detail: Some(serde_json::json!({ "peer": peer, "path": path })),
-                    ..Default::default()
-                },
-                now,
-            )
-            .await;
+    for (peer, reason) in state.audit_limit.note(AUTH_FAILED, peer) {
+        let detail = if reason == AUTH_FAILED {
+            serde_json::json!({ "peer": peer.to_string(), "path": path })
+        } else {
+            serde_json::json!({ "peer": peer.to_string(), "summary": reason })
+        };
+        super::audit(state, event::HTTP_AUTH_FAILED, detail).await;
     }
 }
+
+/// The audit limit's reason of a failed sign-in.
+const AUTH_FAILED: &str = "http_auth_failed";
 
 /// Extractor: any authenticated user (API: 401 JSON when not).
 pub struct Viewer(pub Identity);

@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 use tracing::{debug, info, warn};
 
+use crate::audit_limit::AuditLimit;
 use crate::cases::CaseRules;
 use crate::clock::Clock;
 use crate::config::{HttpSettings, Settings, TlsSettings};
@@ -53,7 +54,9 @@ pub struct Console {
     pub ae_title: String,
     /// Cancelled when the node stops: readiness of the DICOM listener.
     pub shutdown: CancellationToken,
-    auth_audit: std::sync::Mutex<(i64, u32)>,
+    /// The rate limit of the events a peer can cause at will (failed
+    /// sign-ins, cut connections).
+    audit_limit: AuditLimit,
 }
 
 pub type Shared = Arc<Console>;
@@ -71,6 +74,7 @@ pub struct HttpServer {
     listener: TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
     router: Router,
+    console: Shared,
     settings: HttpSettings,
     addr: SocketAddr,
     /// The console's copy of the node's shutdown (readiness reads it).
@@ -132,13 +136,14 @@ pub async fn bind(settings: &Settings, parts: Parts) -> anyhow::Result<Option<Ht
         dicom_addr: parts.dicom_addr,
         ae_title: settings.dicom.ae_title.trim().to_string(),
         shutdown: CancellationToken::new(),
-        auth_audit: std::sync::Mutex::new((0, 0)),
+        audit_limit: AuditLimit::new(),
     });
     let stopping = console.shutdown.clone();
     Ok(Some(HttpServer {
         listener,
         tls,
         stopping,
+        console: console.clone(),
         router: router(console, h),
         settings: h.clone(),
         addr,
@@ -208,6 +213,38 @@ async fn count_and_harden(req: Request, next: Next) -> Response {
     resp
 }
 
+/// Record an audit event; the audit log failing must not take a request
+/// (or the server) down.
+async fn audit(state: &Console, name: &str, detail: serde_json::Value) {
+    let e = crate::db::NewEvent {
+        event: name,
+        detail: Some(detail),
+        ..Default::default()
+    };
+    if let Err(err) = state.db.record(e, state.clock.now()).await {
+        tracing::error!(error = %err, "audit event could not be recorded");
+    }
+}
+
+/// Reasons of [`event::HTTP_CONNECTION_CUT`](crate::db::event::HTTP_CONNECTION_CUT).
+pub const TLS_HANDSHAKE_TIMEOUT: &str = "tls_handshake_timeout";
+pub const TLS_HANDSHAKE_FAILED: &str = "tls_handshake_failed";
+pub const HEADER_TIMEOUT: &str = "header_timeout";
+
+/// Audit the events the rate limit lets through (one cut, or a summary).
+async fn audit_cuts(state: &Console, events: Vec<crate::audit_limit::Limited>) {
+    for (peer, reason) in events {
+        warn!(%peer, %reason, "HTTP connection cut");
+        let detail = serde_json::json!({ "peer": peer.to_string(), "reason": reason });
+        audit(state, crate::db::event::HTTP_CONNECTION_CUT, detail).await;
+    }
+}
+
+async fn cut(state: &Console, reason: &'static str, peer: SocketAddr) {
+    let events = state.audit_limit.note(reason, peer);
+    audit_cuts(state, events).await;
+}
+
 impl HttpServer {
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
@@ -225,6 +262,19 @@ impl HttpServer {
         let limit = Arc::new(tokio::sync::Semaphore::new(self.settings.max_connections));
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         let header_timeout = Duration::from_secs(self.settings.header_timeout_secs);
+        // The summaries of rate-limited events, once their window is over.
+        let flusher = {
+            let (console, stop) = (self.console.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(crate::audit_limit::WINDOW) => {}
+                        _ = stop.cancelled() => break,
+                    }
+                    audit_cuts(&console, console.audit_limit.flush(false)).await;
+                }
+            })
+        };
         loop {
             let permit = tokio::select! {
                 p = limit.clone().acquire_owned() => p.expect("semaphore open"),
@@ -243,6 +293,7 @@ impl HttpServer {
             };
             let _ = stream.set_nodelay(true);
             let router = self.router.clone();
+            let console = self.console.clone();
             let tls = self.tls.clone();
             let watcher = graceful.watcher();
             tokio::spawn(async move {
@@ -273,21 +324,28 @@ impl HttpServer {
                             }
                             Ok(Err(e)) => {
                                 debug!(%peer, error = %e, "HTTPS handshake failed");
+                                cut(&console, TLS_HANDSHAKE_FAILED, peer).await;
                                 return;
                             }
                             Err(_) => {
-                                debug!(%peer, "HTTPS handshake timed out");
+                                cut(&console, TLS_HANDSHAKE_TIMEOUT, peer).await;
                                 return;
                             }
                         }
                     }
                 };
-                if let Err(e) = result {
-                    debug!(%peer, error = %e, "HTTP connection ended");
+                match result {
+                    // hyper's header_read_timeout: the request line and
+                    // headers did not arrive in time (a slow or idle client).
+                    Err(e) if e.is_timeout() => cut(&console, HEADER_TIMEOUT, peer).await,
+                    Err(e) => debug!(%peer, error = %e, "HTTP connection ended"),
+                    Ok(()) => {}
                 }
             });
         }
         drop(self.listener);
+        let _ = flusher.await;
+        audit_cuts(&self.console, self.console.audit_limit.flush(true)).await;
         if tokio::time::timeout(Duration::from_secs(5), graceful.shutdown())
             .await
             .is_err()

@@ -105,7 +105,7 @@ async fn login(
     Form(f): Form<LoginForm>,
 ) -> Response {
     if s.users.find(f.token.trim()).is_none() {
-        auth::failed_login(&s, &peer.to_string(), "/login").await;
+        auth::failed_login(&s, peer, "/login").await;
         let body = "<p class=\"bad\">Unknown token.</p><p><a href=\"/login\">Try again</a></p>";
         return (StatusCode::UNAUTHORIZED, page("Sign in", None, body)).into_response();
     }

@@ -4,13 +4,13 @@
 //! address), and each one lives at most the ARTIM time (PS3.8 9.1.5: the
 //! acceptor starts the ARTIM timer when the transport connection opens and
 //! closes it when no A-ASSOCIATE-RQ arrives in time). Connections cut here are
-//! audited through a rate limit ([`CutLog`]) so that a flood cannot fill the
+//! audited through a rate limit (`crate::audit_limit::AuditLimit`) so that a flood cannot fill the
 //! audit log. It knows nothing of DIMSE, AE titles or the association limit.
 
 use std::collections::{HashMap, HashSet};
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::io::Interest;
 use tokio::net::TcpStream;
@@ -21,11 +21,6 @@ pub const ARTIM_TIMEOUT: &str = "artim_timeout";
 /// Audit reason of a connection closed at accept because a pre-association
 /// cap was reached.
 pub const CONNECTION_LIMIT: &str = "connection_limit";
-
-/// How many cut connections per reason are audited one by one in each
-/// [`CUT_WINDOW`]; the rest are counted and audited as one summary event.
-pub const CUT_EVENTS_PER_WINDOW: u32 = 20;
-pub const CUT_WINDOW: Duration = Duration::from_secs(60);
 
 /// The pre-association limits of the SCP (`[dicom]` artim_timeout_secs,
 /// max_pending_connections, max_pending_per_address).
@@ -215,94 +210,6 @@ pub(super) async fn close_unanswered(mut socket: TcpStream) {
     let _ = tokio::time::timeout(Duration::from_millis(100), socket.shutdown()).await;
 }
 
-/// One reason's audit window.
-struct Window {
-    start: Instant,
-    logged: u32,
-    suppressed: u64,
-    last_peer: Option<SocketAddr>,
-}
-
-/// The rate limit of the audit of cut connections: per reason, the first
-/// [`CUT_EVENTS_PER_WINDOW`] of each [`CUT_WINDOW`] one by one, then one
-/// summary event with the count of the others.
-pub(super) struct CutLog {
-    windows: Mutex<HashMap<&'static str, Window>>,
-}
-
-/// An audit event to write for cut connections: peer and reason.
-pub(super) type CutEvent = (SocketAddr, String);
-
-impl CutLog {
-    pub(super) fn new() -> Self {
-        CutLog {
-            windows: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// A connection was cut: the events to audit now (none, this one, and
-    /// the summary of the window it closes).
-    pub(super) fn note(&self, reason: &'static str, peer: SocketAddr) -> Vec<CutEvent> {
-        let now = Instant::now();
-        let mut windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
-        let mut events = Vec::new();
-        let window = windows.entry(reason).or_insert_with(|| Window {
-            start: now,
-            logged: 0,
-            suppressed: 0,
-            last_peer: None,
-        });
-        if now.duration_since(window.start) >= CUT_WINDOW {
-            events.extend(summary(reason, window));
-            *window = Window {
-                start: now,
-                logged: 0,
-                suppressed: 0,
-                last_peer: None,
-            };
-        }
-        if window.logged < CUT_EVENTS_PER_WINDOW {
-            window.logged += 1;
-            events.push((peer, reason.to_string()));
-        } else {
-            window.suppressed += 1;
-            window.last_peer = Some(peer);
-        }
-        events
-    }
-
-    /// The summaries of windows that are over (all of them when `all`, at
-    /// shutdown); their counts start again.
-    pub(super) fn flush(&self, all: bool) -> Vec<CutEvent> {
-        let now = Instant::now();
-        let mut windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
-        let mut events = Vec::new();
-        for (reason, window) in windows.iter_mut() {
-            if all || now.duration_since(window.start) >= CUT_WINDOW {
-                events.extend(summary(reason, window));
-                window.suppressed = 0;
-                window.last_peer = None;
-            }
-        }
-        windows.retain(|_, w| !all && now.duration_since(w.start) < CUT_WINDOW);
-        events
-    }
-}
-
-fn summary(reason: &str, window: &Window) -> Option<CutEvent> {
-    let peer = window.last_peer?;
-    (window.suppressed > 0).then(|| {
-        (
-            peer,
-            format!(
-                "{reason}: {} more connections cut within {} s, not audited one by one",
-                window.suppressed,
-                CUT_WINDOW.as_secs()
-            ),
-        )
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -337,22 +244,5 @@ mod tests {
         assert!(reserved.admit(pacs).is_none(), "total cap");
         drop((unknown, listed));
         assert_eq!(reserved.pending(), 0);
-    }
-
-    #[test]
-    fn cut_log_audits_a_few_then_a_summary() {
-        let log = CutLog::new();
-        let peer: SocketAddr = "10.0.0.1:4000".parse().unwrap();
-        let mut events = 0;
-        for _ in 0..100 {
-            events += log.note(ARTIM_TIMEOUT, peer).len();
-            events += log.note(CONNECTION_LIMIT, peer).len();
-        }
-        assert_eq!(events, 2 * CUT_EVENTS_PER_WINDOW as usize);
-        assert!(log.flush(false).is_empty(), "the window is not over");
-        let summaries = log.flush(true);
-        assert_eq!(summaries.len(), 2);
-        assert!(summaries.iter().all(|(_, r)| r.contains("80 more")));
-        assert!(log.flush(true).is_empty());
     }
 }

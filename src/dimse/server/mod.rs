@@ -25,7 +25,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use super::command::status;
-use admission::{Admission, CUT_WINDOW, CutLog};
+use crate::audit_limit::{AuditLimit, Limited, WINDOW as CUT_WINDOW};
+use admission::Admission;
 use connection::{Transport, serve_connection};
 
 mod admission;
@@ -151,7 +152,7 @@ struct Shared<S> {
     /// Established associations (`max_associations`), both ports together.
     slots: Arc<Semaphore>,
     admission: Arc<Admission>,
-    cuts: CutLog,
+    cuts: AuditLimit,
 }
 
 impl<S: StoreService> Shared<S> {
@@ -165,7 +166,7 @@ impl<S: StoreService> Shared<S> {
         self.audit_cuts(events).await;
     }
 
-    async fn audit_cuts(&self, events: Vec<admission::CutEvent>) {
+    async fn audit_cuts(&self, events: Vec<Limited>) {
         for (peer, reason) in events {
             warn!(%peer, %reason, "connection cut before association");
             self.service
@@ -228,7 +229,7 @@ impl<S: StoreService> Server<S> {
             config: self.config,
             service: self.service,
             admission,
-            cuts: CutLog::new(),
+            cuts: AuditLimit::new(),
         });
         let tracker = TaskTracker::new();
         let plain = accept_loop(
