@@ -30,3 +30,4 @@ mod report_outputs;
 mod scp;
 mod synth_patient;
 mod tls;
+mod viewer;
