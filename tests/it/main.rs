@@ -12,6 +12,7 @@ mod batch;
 mod cases;
 mod cli;
 mod console;
+mod console_pages;
 mod engine;
 mod evaluate;
 mod faults;
