@@ -1,15 +1,22 @@
 //! The SR's per-image measurement groups (PS3.16 TID 1410 "Planar ROI
 //! Measurements and Qualitative Evaluations"): one group per source image the
 //! model used (MG CC and MLO, the US image, the MRI key slices shown in the
-//! heatmaps), each with the ROI as a closed POLYLINE SCOORD selected from that
-//! image, the HER2 probabilities as NUM items, the HER2 status and a reference to
-//! the heatmap SC of the image. This is what viewers draw (OHIF's
-//! cornerstone-dicom-sr draws a group only when it holds an SCOORD); it owns no
-//! other part of the SR tree.
+//! heatmaps), each the index lesion as seen on that image: the ROI as a closed
+//! POLYLINE SCOORD selected from the image, the algorithm (TID 4019), P(HER2+)
+//! and every branch score as NUM items, the HER2 status, the modalities used
+//! and missing, the ROI methods and a reference to the heatmap SC of the
+//! image. It owns no other part of the SR tree.
+//!
+//! Why every group carries the whole result and has an SCOORD: OHIF 3.13's
+//! cornerstone-dicom-sr (`_checkIfCanAddMeasurementsToDisplaySet`) reads
+//! `coords[0]` of every group of Imaging Measurements and throws on a group
+//! without spatial coordinates (a plain TID 1501 group), which leaves its SR
+//! viewport black; and that viewport opens on the first group, so the groups
+//! of the SR's own study come first (see `docs/report.md`).
 //!
 //! Tracking identifiers are plain text ("HER2 MAP ROI MG L CC"), not OHIF's
 //! `Cornerstone3DTools@^0.1.0:<Tool>` form: a standard reader gets a TID 1410 group,
-//! OHIF shows it read-only in its SR viewport (see `docs/report.md`).
+//! OHIF shows it read-only in its SR viewport.
 
 use super::codes;
 use super::ds::InstanceRef;
@@ -44,9 +51,15 @@ pub(crate) fn referenced_heatmaps(prep: &Prepared) -> Result<Vec<InstanceRef>, R
         .collect()
 }
 
-/// One TID 1410 group per heatmap source with an ROI.
-pub(crate) fn roi_groups(prep: &Prepared) -> Result<Vec<Item>, ReportError> {
-    with_roi(prep).map(|(i, h)| roi_group(prep, i, h)).collect()
+/// One TID 1410 group per heatmap source with an ROI: those of `study` (the
+/// SR's own study) first, then the others, each in input order.
+pub(crate) fn roi_groups(prep: &Prepared, study: &str) -> Result<Vec<Item>, ReportError> {
+    let own = |h: &Heatmap| h.source.study_instance_uid.trim() == study.trim();
+    let (mine, others): (Vec<_>, Vec<_>) = with_roi(prep).partition(|(_, h)| own(h));
+    mine.into_iter()
+        .chain(others)
+        .map(|(i, h)| roi_group(prep, i, h))
+        .collect()
 }
 
 fn roi_group(prep: &Prepared, i: usize, h: &Heatmap) -> Result<Item, ReportError> {
@@ -77,16 +90,10 @@ fn roi_group(prep: &Prepared, i: usize, h: &Heatmap) -> Result<Item, ReportError
         .children
         .extend(super::sr::algorithm_identification(prep));
     group.children.push(image_region(h, roi));
-    group.children.extend(scores(prep, h));
-    group.children.push(Item::text(
-        CONTAINS,
-        codes::P_ROI_METHOD,
-        format!(
-            "{}: {}",
-            codes::normalize_modality(&src.modality),
-            roi.method.trim()
-        ),
-    ));
+    group
+        .children
+        .extend(super::sr::probabilities(input.result));
+    group.children.extend(super::sr::interpretation(prep));
     if input.settings.makes(OutputChoice::Heatmaps) {
         group.children.push(Item::new(
             CONTAINS,
@@ -125,29 +132,4 @@ fn image_region(h: &Heatmap, roi: &super::Roi) -> Item {
             frame: h.source.frame,
         },
     ))
-}
-
-/// P(HER2-positive), this modality's branch score and the HER2 status.
-fn scores(prep: &Prepared, h: &Heatmap) -> Vec<Item> {
-    let r = prep.input.result;
-    let mut items = vec![Item::num(codes::P_HER2_PROBABILITY, r.prob as f64)];
-    let branch = match codes::normalize_modality(&h.source.modality).as_str() {
-        "MG" => r.branch_probs.mg.map(|p| (codes::P_HER2_PROBABILITY_MG, p)),
-        "US" => r.branch_probs.us.map(|p| (codes::P_HER2_PROBABILITY_US, p)),
-        "MR" => r
-            .branch_probs
-            .mri
-            .map(|p| (codes::P_HER2_PROBABILITY_MR, p)),
-        _ => None,
-    };
-    if let Some((code, p)) = branch {
-        items.push(Item::num(code, p as f64));
-    }
-    let status = if r.prob >= prep.input.settings.threshold {
-        codes::POSITIVE
-    } else {
-        codes::NEGATIVE
-    };
-    items.push(Item::code(CONTAINS, codes::HER2_INTERPRETATION, status));
-    items
 }

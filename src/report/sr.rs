@@ -14,17 +14,20 @@
 //!    HAS ACQ CONTEXT CODE Modality, DATE Study Date                               TID 1602
 //!    CONTAINS IMAGE (each instance used) + HAS ACQ CONTEXT Image Laterality / Image View
 //!  CONTAINS CONTAINER (126010, DCM, "Imaging Measurements")
-//!   CONTAINS CONTAINER (125007, DCM, "Measurement Group")                         TID 1501
+//!   CONTAINS CONTAINER (125007, DCM, "Measurement Group") per source image    TID 1410
+//!    the index lesion on that image (see `roi_groups`; own study's images first):
 //!    HAS OBS CONTEXT TEXT Tracking Identifier, UIDREF Tracking Unique Identifier
 //!    CONTAINS CODE Finding = (254837009, SCT, "Malignant neoplasm of breast")
 //!    HAS CONCEPT MOD CODE Finding Site = Breast (+ HAS CONCEPT MOD Laterality)
 //!    HAS CONCEPT MOD TEXT Algorithm Name / Version / Parameters                   TID 4019
+//!    CONTAINS SCOORD Image Region, SELECTED FROM the source image
 //!    CONTAINS NUM P(HER2-positive), unit (1, UCUM, "no units")                   TID 300
 //!    CONTAINS NUM per-branch probabilities
 //!    CONTAINS CODE (48676-1, LN, "HER2 [Interpretation] in Tissue") = Positive | Negative
 //!    CONTAINS CODE modality used / missing, TEXT ROI method per modality
-//!   CONTAINS CONTAINER (125007, DCM, "Measurement Group") per source image    TID 1410
-//!    with the ROI as SCOORD on that image (see `roi_groups`)
+//!    CONTAINS IMAGE Illustration of ROI = the heatmap SC
+//!   or, when no source image has an ROI, one TID 1501 group with the same
+//!   items but the SCOORD and the illustration
 //!  CONTAINS CONTAINER (C0034375, UMLS, "Qualitative Evaluations")
 //!   CONTAINS TEXT (121106, DCM, "Comment") research-use disclaimer, weights status,
 //!                 amendment notice, model notes
@@ -207,7 +210,7 @@ pub(crate) fn target_studies<'a>(prep: &Prepared<'a>) -> Vec<&'a str> {
 
 /// Build the content tree (root item with its children), TID 1500 in the
 /// order of its rows.
-fn content_tree(prep: &Prepared) -> Result<Item, ReportError> {
+fn content_tree(prep: &Prepared, study: &str) -> Result<Item, ReportError> {
     let mut root = Item::container("", codes::IMAGING_MEASUREMENT_REPORT);
     root.children.push(Item::code(
         HAS_CONCEPT_MOD,
@@ -217,11 +220,15 @@ fn content_tree(prep: &Prepared) -> Result<Item, ReportError> {
     root.children.extend(observer_context(prep)?);
     root.children.extend(procedures_reported(prep));
     root.children.push(image_library(prep));
-    let mut measurements =
-        Item::container(CONTAINS, codes::IMAGING_MEASUREMENTS).with(measurement_group(prep)?);
-    measurements
-        .children
-        .extend(super::roi_groups::roi_groups(prep)?);
+    // The index lesion on each source image (TID 1410, with its region);
+    // without any region, one TID 1501 group. Never both: OHIF fails on an
+    // SR whose Imaging Measurements mix groups without SCOORD with others
+    // (see `roi_groups`).
+    let mut measurements = Item::container(CONTAINS, codes::IMAGING_MEASUREMENTS);
+    measurements.children = super::roi_groups::roi_groups(prep, study)?;
+    if measurements.children.is_empty() {
+        measurements.children.push(measurement_group(prep)?);
+    }
     root.children.push(measurements);
     root.children.push(qualitative_evaluations(prep));
     Ok(root)
@@ -416,7 +423,7 @@ pub(crate) fn algorithm_identification(prep: &Prepared) -> Vec<Item> {
 }
 
 /// TID 300 measurements: the fused P(HER2-positive), then each branch's.
-fn probabilities(r: &ModelResult) -> Vec<Item> {
+pub(crate) fn probabilities(r: &ModelResult) -> Vec<Item> {
     let mut items = vec![Item::num(codes::P_HER2_PROBABILITY, r.prob as f64)];
     for (code, p) in [
         (codes::P_HER2_PROBABILITY_MG, r.branch_probs.mg),
@@ -432,7 +439,7 @@ fn probabilities(r: &ModelResult) -> Vec<Item> {
 
 /// The qualitative evaluation: HER2 Positive / Negative at the threshold,
 /// the modalities used and missing, and the ROI method per modality.
-fn interpretation(prep: &Prepared) -> Vec<Item> {
+pub(crate) fn interpretation(prep: &Prepared) -> Vec<Item> {
     let r = prep.input.result;
     let status = if r.prob >= prep.input.settings.threshold {
         codes::POSITIVE
@@ -518,45 +525,38 @@ fn qualitative_evaluations(prep: &Prepared) -> Item {
     qual
 }
 
-/// Build the SR document(s) of a result: the same content tree in each target
-/// study, the documents referencing each other as identical.
+/// Build the SR document(s) of a result, one per target study. They say the
+/// same, but each lists the measurement groups of its own study's images
+/// first (the group a viewer's SR viewport opens on, `roi_groups`), so they
+/// are not Identical Documents (PS3.3 §C.17.2.2: same content) and do not
+/// claim to be.
 pub(crate) fn build_srs(prep: &Prepared) -> Result<Vec<OutputObject>, ReportError> {
     let class = match prep.input.settings.sr_class {
         SrClass::Comprehensive3d => COMPREHENSIVE_3D_SR,
         SrClass::Enhanced => ENHANCED_SR,
     };
-    let targets = target_studies(prep);
-    // UIDs of every SR first, for the Identical Documents Sequence.
-    let mut ids = Vec::new();
-    for study in &targets {
-        ids.push(InstanceRef {
+    let mut out = Vec::new();
+    for study in target_studies(prep) {
+        let me = InstanceRef {
             study_instance_uid: study.to_string(),
             series_instance_uid: prep.uid("sr-series", study, 0)?,
             sop_class_uid: class.to_string(),
             sop_instance_uid: prep.uid("sr", study, 0)?,
-        });
-    }
-    let tree = content_tree(prep)?;
-    let mut out = Vec::new();
-    for (me, study) in ids.iter().zip(&targets) {
+        };
+        let tree = content_tree(prep, study)?;
         out.push(OutputObject {
             kind: OutputKind::Sr,
             study_instance_uid: study.to_string(),
             sop_class_uid: class.to_string(),
             sop_instance_uid: me.sop_instance_uid.clone(),
-            object: super::finish(sr_document(prep, &tree, me, &ids)?)?,
+            object: super::finish(sr_document(prep, &tree, &me)?)?,
         });
     }
     Ok(out)
 }
 
 /// The SR data set placed in study `me.study_instance_uid`.
-fn sr_document(
-    prep: &Prepared,
-    tree: &Item,
-    me: &InstanceRef,
-    ids: &[InstanceRef],
-) -> Result<Obj, ReportError> {
+fn sr_document(prep: &Prepared, tree: &Item, me: &InstanceRef) -> Result<Obj, ReportError> {
     let input = prep.input;
     let s = input.settings;
     let study = me.study_instance_uid.as_str();
@@ -598,19 +598,6 @@ fn sr_document(
     if prep.amended() {
         put_predecessors(&mut o, prep, study);
     }
-    let identical: Vec<InstanceRef> = ids
-        .iter()
-        .filter(|r| r.study_instance_uid != study)
-        .cloned()
-        .collect();
-    if !identical.is_empty() {
-        ds::put_seq(
-            &mut o,
-            tags::IDENTICAL_DOCUMENTS_SEQUENCE,
-            ds::hierarchical_refs(&identical),
-        );
-    }
-
     // SR Document Content module (PS3.3 §C.17.3): the root content item.
     tree.write_value(&mut o);
     put_template_and_coding_scheme(&mut o, s);

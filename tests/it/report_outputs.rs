@@ -524,6 +524,38 @@ fn sop_uids(outs: &[OutputObject]) -> Vec<String> {
     outs.iter().map(|o| o.sop_instance_uid.clone()).collect()
 }
 
+fn concept_value(item: &InMemDicomObject) -> Option<String> {
+    let seq = item.element(tags::CONCEPT_NAME_CODE_SEQUENCE).ok()?;
+    Some(str_of(&seq.items()?[0], tags::CODE_VALUE))
+}
+
+fn children(item: &InMemDicomObject) -> &[InMemDicomObject] {
+    item.element(tags::CONTENT_SEQUENCE)
+        .ok()
+        .and_then(|e| e.items())
+        .unwrap_or_default()
+}
+
+/// The Measurement Groups (125007) of Imaging Measurements (126010), in order.
+fn measurement_groups(sr: &InMemDicomObject) -> Vec<&InMemDicomObject> {
+    children(sr)
+        .iter()
+        .filter(|i| concept_value(i).as_deref() == Some("126010"))
+        .flat_map(children)
+        .filter(|g| concept_value(g).as_deref() == Some("125007"))
+        .collect()
+}
+
+/// The image a group's SCOORD is selected from.
+fn scoord_image(group: &InMemDicomObject) -> Option<String> {
+    let scoord = children(group)
+        .iter()
+        .find(|i| str_of(i, tags::VALUE_TYPE) == "SCOORD")?;
+    let image = children(scoord).first()?;
+    let refs = image.element(tags::REFERENCED_SOP_SEQUENCE).ok()?;
+    Some(str_of(&refs.items()?[0], tags::REFERENCED_SOP_INSTANCE_UID))
+}
+
 fn str_of(obj: &InMemDicomObject, tag: dicom_core::Tag) -> String {
     obj.element(tag)
         .unwrap()
@@ -690,11 +722,26 @@ fn srs_reference_all_evidence_and_each_other() {
                 "1.2.826.0.1.3680043.10.2.4"
             ]
         );
-        // The copies in the other studies are Identical Documents.
-        let ident = o
-            .element(tags::IDENTICAL_DOCUMENTS_SEQUENCE)
-            .expect("identical documents");
-        assert_eq!(ident.items().unwrap().len(), 2);
+        // Each copy opens on its own study's image (the first measurement
+        // group is a viewer's first view), so the copies are not Identical
+        // Documents and do not say they are.
+        assert!(o.element(tags::IDENTICAL_DOCUMENTS_SEQUENCE).is_err());
+        let groups = measurement_groups(o);
+        assert_eq!(groups.len(), 4, "one group per heatmap source");
+        let first = scoord_image(groups[0]).expect("the first group has a region");
+        let own: Vec<_> = evidence()
+            .into_iter()
+            .filter(|i| i.study_instance_uid == sr.study_instance_uid)
+            .map(|i| i.sop_instance_uid)
+            .collect();
+        assert!(
+            own.contains(&first),
+            "{}: first group on {first}, not on an image of its study",
+            sr.study_instance_uid
+        );
+        for g in &groups {
+            assert!(scoord_image(g).is_some(), "every group has a region");
+        }
         assert!(
             o.element(tags::PREDECESSOR_DOCUMENTS_SEQUENCE).is_err(),
             "first result is not amended"

@@ -2,6 +2,7 @@
 //! data folder, and small helpers around DCMTK and test files.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod orthanc;
 pub mod pki;
 
