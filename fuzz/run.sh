@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run each fuzz target for a bounded time (not part of CI or scripts/test.sh).
-#   fuzz/run.sh [SECONDS_PER_TARGET]   (default 60)
+#   fuzz/run.sh [SECONDS_PER_TARGET [TARGET...]]   (default 60, every target)
 # Needs cargo-fuzz (`cargo install cargo-fuzz`) and libFuzzer's nightly
 # flags; on a stable toolchain RUSTC_BOOTSTRAP=1 lets them through.
 # New inputs go to fuzz/corpus/<target>/ (ignored by git), crashes to
@@ -9,12 +9,19 @@ set -uo pipefail
 cd "$(dirname "$0")"
 secs="${1:-60}"
 export RUSTC_BOOTSTRAP=1
-for target in pdu_command ingest_dataset; do
+# Every target of Cargo.toml, or those named after the seconds.
+shift || true
+targets=("$@")
+[ ${#targets[@]} -eq 0 ] && mapfile -t targets < <(cargo fuzz list)
+for target in "${targets[@]}"; do
     mkdir -p "corpus/$target"
+    # scp_session reads whole peer streams: the PDU seeds are that.
+    seeds="seeds/$target"
+    [ "$target" = scp_session ] && seeds="seeds/pdu_command"
     log="$(mktemp)"
     # -s none: no sanitizer (safe Rust; also builds on stable with
     # RUSTC_BOOTSTRAP); -a: debug assertions, so overflows panic.
-    cargo fuzz run -s none -a "$target" "corpus/$target" "seeds/$target" -- \
+    cargo fuzz run -s none -a "$target" "corpus/$target" "$seeds" -- \
         -max_total_time="$secs" -rss_limit_mb=2048 -timeout=10 2>&1 | tee "$log" | tail -5
     status=${PIPESTATUS[0]}
     execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' | tail -1)
