@@ -25,7 +25,6 @@ use her2map::dimse::client::ClientOptions;
 use her2map::outbox::DestinationSettings;
 use her2map::report::OutputKind;
 use her2map::send::{collect_files, send_files};
-use serde_json::Value;
 
 fn study(name: &str) -> Vec<PathBuf> {
     collect_files(&[test_data(&format!("synth-patient/{name}"))])
@@ -124,6 +123,7 @@ async fn orthanc_routes_the_patient_to_the_node_and_stores_its_results() {
         ae_title: ORTHANC_AET.into(),
         host: "127.0.0.1".into(),
         port: orthanc_dicom,
+        dicomweb: None,
         outputs: None,
         tls: None,
     }];
