@@ -63,6 +63,20 @@ pub struct HttpSettings {
     pub tls: HttpTlsSettings,
     #[serde(default)]
     pub users: Vec<HttpUser>,
+    /// Largest STOW-RS request body (`POST /dicom-web/studies`), in bytes.
+    #[serde(default = "default_stow_max_body_bytes")]
+    pub stow_max_body_bytes: usize,
+    /// Seconds for a whole STOW-RS request, body and storing included.
+    #[serde(default = "default_stow_timeout_secs")]
+    pub stow_timeout_secs: u64,
+}
+
+fn default_stow_max_body_bytes() -> usize {
+    1 << 30
+}
+
+fn default_stow_timeout_secs() -> u64 {
+    600
 }
 
 /// `[http.tls]`: HTTPS with the same PEM handling as `[dicom.tls]`.
@@ -84,12 +98,15 @@ pub struct HttpUser {
     pub token_sha256: String,
 }
 
-/// What a console user may do: viewers read, operators also act.
+/// What a console user may do: viewers read, operators also act (and may
+/// STOW-RS); `stow` users may only store instances by STOW-RS (a PACS's or
+/// modality's account: no console page, no API view, no PHI).
 #[derive(Debug, Clone, Copy, Deserialize, serde::Serialize, PartialEq, Eq, PartialOrd, Ord)]
 #[serde(rename_all = "lowercase")]
 pub enum HttpRole {
     Viewer,
     Operator,
+    Stow,
 }
 
 impl HttpRole {
@@ -97,7 +114,13 @@ impl HttpRole {
         match self {
             HttpRole::Viewer => "viewer",
             HttpRole::Operator => "operator",
+            HttpRole::Stow => "stow",
         }
+    }
+
+    /// May store instances by STOW-RS (`POST /dicom-web/studies`).
+    pub fn may_stow(self) -> bool {
+        matches!(self, HttpRole::Operator | HttpRole::Stow)
     }
 }
 
@@ -601,6 +624,12 @@ impl Settings {
                 "http",
                 "max_body_bytes, header_timeout_secs and request_timeout_secs must be at least 1"
                     .into(),
+            ));
+        }
+        if h.stow_max_body_bytes == 0 || h.stow_timeout_secs == 0 {
+            return Err((
+                "http",
+                "stow_max_body_bytes and stow_timeout_secs must be at least 1".into(),
             ));
         }
         if h.max_connections == 0 {
