@@ -11,8 +11,10 @@
 
 use bytes::Bytes;
 
-/// RFC 2046 5.1.1: a boundary is 1 to 70 characters.
-pub const MAX_BOUNDARY_LEN: usize = 70;
+/// RFC 2046 5.1.1 says a boundary is 1 to 70 characters; Orthanc 1.10's
+/// DICOMweb client sends 73 (two UUIDs), so longer ones are read, up to
+/// this. The bodies the node builds keep to 70.
+pub const MAX_BOUNDARY_LEN: usize = 200;
 /// Header block of one part, in bytes: more is not a DICOMweb part.
 const MAX_PART_HEADER_BYTES: usize = 16 * 1024;
 
@@ -39,7 +41,7 @@ pub enum MultipartError {
     NotMultipart(String),
     #[error("Content-Type has no boundary parameter")]
     MissingBoundary,
-    #[error("boundary must be 1 to 70 characters without CR or LF")]
+    #[error("boundary must be 1 to 200 characters without CR or LF")]
     BadBoundary,
     #[error("the body holds no delimiter line for its boundary")]
     NoDelimiter,
@@ -422,6 +424,10 @@ mod tests {
     fn boundaries_with_quotes_and_parameters() {
         let ct = r#"Multipart/Related; type="application/dicom"; boundary="a b;c\"d""#;
         assert_eq!(boundary_of(ct).unwrap(), "a b;c\"d");
+        // Orthanc 1.10's boundary: 73 characters, past RFC 2046's 70.
+        let orthanc = "029a6982-adf0-4fed-b204-f6bd6de561b7-029a6982-adf0-4fed-b204-f6bd6de561b7";
+        let ct = format!("multipart/related; type=\"application/dicom\"; boundary={orthanc}");
+        assert_eq!(boundary_of(&ct).unwrap(), orthanc);
         let ct = "multipart/related;boundary=xyz;type=application/dicom";
         assert_eq!(boundary_of(ct).unwrap(), "xyz");
         let mt = MediaType::parse(ct).unwrap();
@@ -435,7 +441,7 @@ mod tests {
             Err(MultipartError::NotMultipart(_))
         ));
         assert_eq!(
-            boundary_of(&format!("multipart/related; boundary={}", "x".repeat(71))),
+            boundary_of(&format!("multipart/related; boundary={}", "x".repeat(201))),
             Err(MultipartError::BadBoundary)
         );
         assert_eq!(
