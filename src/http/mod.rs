@@ -55,6 +55,8 @@ pub struct Console {
     pub ae_title: String,
     /// Where STOW-RS instances go: the same ingest as C-STORE.
     pub ingest: crate::ingest::Ingest,
+    /// `[dicom] accept_any_storage`: STOW-RS takes the SCP's SOP classes.
+    pub accept_any_storage: bool,
     /// Cancelled when the node stops: readiness of the DICOM listener.
     pub shutdown: CancellationToken,
     auth_audit: std::sync::Mutex<(i64, u32)>,
@@ -137,6 +139,7 @@ pub async fn bind(settings: &Settings, parts: Parts) -> anyhow::Result<Option<Ht
         dicom_addr: parts.dicom_addr,
         ae_title: settings.dicom.ae_title.trim().to_string(),
         ingest: parts.ingest,
+        accept_any_storage: settings.dicom.accept_any_storage,
         shutdown: CancellationToken::new(),
         auth_audit: std::sync::Mutex::new((0, 0)),
     });

@@ -28,7 +28,11 @@ use crate::dimse::command::status;
 use crate::dimse::server::{
     AssociationInfo, AssociationStats, InstanceSink, StoreRequest, StoreService,
 };
+use crate::dimse::sop;
 use crate::part10::Part10Header;
+
+/// PS3.18 10.5.3 Failure Reason: Referenced Transfer Syntax not supported.
+const TRANSFER_SYNTAX_NOT_SUPPORTED: u16 = 0xC122;
 
 /// Most instances in one request.
 const MAX_PARTS: usize = 10_000;
@@ -348,6 +352,36 @@ async fn check_and_ingest(
             known,
             status::CANNOT_UNDERSTAND,
             "data set holds no Study or Series Instance UID".into(),
+        )
+        .await);
+    }
+    // The SCP's SOP classes and transfer syntaxes (`dimse::sop`), as a
+    // C-STORE would negotiate them.
+    let class = header.sop_class_uid.as_str();
+    if !(sop::is_default_storage_class(class)
+        || (s.accept_any_storage && sop::is_storage_class(class)))
+    {
+        return Err(audited(
+            s,
+            info,
+            n,
+            known,
+            status::SOP_CLASS_NOT_SUPPORTED,
+            "SOP class not accepted (see [dicom] accept_any_storage)".into(),
+        )
+        .await);
+    }
+    if !sop::TRANSFER_SYNTAXES
+        .iter()
+        .any(|(ts, _)| *ts == meta.transfer_syntax.trim_end_matches('\0'))
+    {
+        return Err(audited(
+            s,
+            info,
+            n,
+            known,
+            TRANSFER_SYNTAX_NOT_SUPPORTED,
+            "transfer syntax not accepted".into(),
         )
         .await);
     }

@@ -526,6 +526,9 @@ async fn stow_rs_in_refuses_what_it_must_and_keeps_nothing_partial() {
     let dir = tempfile::tempdir().unwrap();
     let mut settings = test_settings(&dir.path().join("node"));
     let tokens = with_users(&mut settings);
+    // STOW-RS has its own body limit, above the API's 64 KiB.
+    assert_eq!(settings.http.max_body_bytes, 65536);
+    settings.http.stow_max_body_bytes = 150_000;
     let node = spawn_app_with(settings).await;
     let base = format!("http://{}", node.http_addr.unwrap());
     let url = format!("{base}/dicom-web/studies");
@@ -594,24 +597,37 @@ async fn stow_rs_in_refuses_what_it_must_and_keeps_nothing_partial() {
     no_uids.remove_element(tags::SOP_CLASS_UID);
     let mut no_uids_bytes = Vec::new();
     no_uids.write_all(&mut no_uids_bytes).unwrap();
+    let mut not_storage = dicom_object::open_file(&mr[2]).unwrap();
+    not_storage.put(dicom_core::DataElement::new(
+        tags::SOP_CLASS_UID,
+        dicom_core::VR::UI,
+        dicom_core::PrimitiveValue::from("1.2.3.4.5"),
+    ));
+    not_storage.update_meta(|m| m.media_storage_sop_class_uid = "1.2.3.4.5".into());
+    let mut not_storage_bytes = Vec::new();
+    not_storage.write_all(&mut not_storage_bytes).unwrap();
     let all_bad = body(
         B,
         &[
             ("application/dicom", b"DICM? no: plain text"),
             ("application/dicom", &no_uids_bytes),
             ("text/plain", b"hello"),
+            ("application/dicom", &not_storage_bytes),
         ],
     );
     let (code, ct, v) = post(&url, Some(&tokens.stow), CT, all_bad).await;
     assert_eq!(code, StatusCode::CONFLICT, "{v}");
     assert!(ct.starts_with("application/dicom+json"), "{ct}");
     let f = failures(&v);
-    assert_eq!(f.len(), 3, "{v}");
+    assert_eq!(f.len(), 4, "{v}");
     assert!(
-        f.iter()
+        f[..3]
+            .iter()
             .all(|(_, reason)| reason.as_deref() == Some("49152")),
         "0xC000: {v}"
     );
+    // Not a storage SOP class: 0x0122, named.
+    assert_eq!(f[3], (Some(uid(&mr[2])), Some("290".to_string())), "{v}");
     assert!(stored(&v).is_empty());
     // Another study than the URL's: 0xA900.
     let other = format!("{url}/1.2.3.4.5.999");
@@ -624,8 +640,8 @@ async fn stow_rs_in_refuses_what_it_must_and_keeps_nothing_partial() {
     assert_eq!(node.db.instance_count().await.unwrap(), 0);
     assert_eq!(walk_dcm(&node.spool()), 0, "nothing partial in the spool");
     assert_eq!(node.temp_files(), 0, "no temporary file left");
-    let failed = wait_events(&node.db, "instance_failed", 4).await;
-    assert!(failed.len() >= 4, "every refusal audited: {failed:?}");
+    let failed = wait_events(&node.db, "instance_failed", 5).await;
+    assert_eq!(failed.len(), 5, "every refusal audited once: {failed:?}");
 
     // Some good, some bad: 202; the good one stored and answered with its
     // Retrieve URL.
@@ -711,5 +727,26 @@ async fn stow_rs_in_refuses_what_it_must_and_keeps_nothing_partial() {
     assert!(e.is_permanent() && e.status() == Some(409), "{e}");
     assert!(e.to_string().contains("failure reason 0xA900"), "{e}");
     assert_eq!(node.db.instance_count().await.unwrap(), 4);
+
+    // Above [http] max_body_bytes but within stow_max_body_bytes: stored;
+    // above that: 413, nothing stored.
+    let many = mr_variants(&files, 20, "many");
+    let many: Vec<Vec<u8>> = many.iter().map(|p| std::fs::read(p).unwrap()).collect();
+    let parts = |n: usize| -> Vec<(&str, &[u8])> {
+        many[..n]
+            .iter()
+            .map(|b| ("application/dicom", b.as_slice()))
+            .collect()
+    };
+    let ten = body(B, &parts(10));
+    assert!(ten.len() > 65536 && ten.len() < 150_000, "{}", ten.len());
+    let (code, _, v) = post(&url, Some(&tokens.stow), CT, ten).await;
+    assert_eq!(code, StatusCode::OK, "{v}");
+    assert_eq!(node.db.instance_count().await.unwrap(), 14);
+    let twenty = body(B, &parts(20));
+    assert!(twenty.len() > 150_000);
+    let (code, _, _) = post(&url, Some(&tokens.stow), CT, twenty).await;
+    assert_eq!(code, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(node.db.instance_count().await.unwrap(), 14);
     node.stop().await;
 }
