@@ -116,6 +116,29 @@ fn boundary(headers: &HeaderMap) -> Result<String, ApiError> {
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string()))
 }
 
+/// PS3.18 10.5.2: the response is DICOM JSON; a client that accepts
+/// neither it nor any JSON (`application/dicom+xml` only) gets 406.
+fn accepts_json(headers: &HeaderMap) -> bool {
+    let values: Vec<&str> = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    values.is_empty()
+        || values.iter().flat_map(|v| v.split(',')).any(|item| {
+            let essence = item
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase();
+            matches!(
+                essence.as_str(),
+                "" | "*/*" | "application/*" | "application/json" | APPLICATION_DICOM_JSON
+            )
+        })
+}
+
 /// The scheme and host the client reached, for Retrieve URLs.
 fn origin(headers: &HeaderMap, secure: bool) -> String {
     let host = headers
@@ -143,6 +166,13 @@ async fn store(
     study: Option<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    if !accepts_json(&headers) {
+        return error(
+            StatusCode::NOT_ACCEPTABLE,
+            "not_acceptable",
+            "the STOW-RS response is application/dicom+json",
+        );
+    }
     let boundary = match boundary(&headers) {
         Ok(b) => b,
         Err(e) => return e.into_response(),
@@ -211,12 +241,7 @@ async fn store(
             }
         }
     }
-    let outcome = if response.failed.is_empty() {
-        "released"
-    } else {
-        "released with failures"
-    };
-    ingest.association_closed(&info, outcome, &stats).await;
+    ingest.association_closed(&info, "released", &stats).await;
     // PS3.18 10.5.3: 200 all stored, 202 some, 409 none.
     let code = match (response.stored.is_empty(), response.failed.is_empty()) {
         (_, true) => StatusCode::OK,
@@ -504,5 +529,15 @@ mod tests {
             StatusCode::UNSUPPORTED_MEDIA_TYPE
         );
         assert_eq!(source_ae("a very long user name\\x"), "averylongusernam");
+        let accept = |v: &str| {
+            let mut m = HeaderMap::new();
+            m.insert(header::ACCEPT, v.parse().unwrap());
+            accepts_json(&m)
+        };
+        assert!(accepts_json(&HeaderMap::new()));
+        assert!(accept("application/dicom+json"));
+        assert!(accept("application/dicom+xml;q=1, application/json;q=0.5"));
+        assert!(accept("*/*"));
+        assert!(!accept("application/dicom+xml"));
     }
 }

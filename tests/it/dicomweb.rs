@@ -700,6 +700,44 @@ async fn stow_rs_in_refuses_what_it_must_and_keeps_nothing_partial() {
         dataset_bytes(&mr[1])
     );
 
+    // Each request is an association of the user, with its counts.
+    let assocs: Value = reqwest::Client::new()
+        .get(format!("{base}/api/v1/associations?limit=100"))
+        .bearer_auth(&tokens.viewer)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let stow: Vec<&Value> = assocs["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["called_ae"] == "STOW-RS")
+        .collect();
+    assert!(
+        stow.iter()
+            .any(|a| a["calling_ae"] == "pacs" && a["stored"] == 3),
+        "{assocs}"
+    );
+    assert!(
+        stow.iter()
+            .any(|a| a["calling_ae"] == "olga" && a["failed"] == 0),
+        "{assocs}"
+    );
+    // A client that takes only XML answers.
+    let r = reqwest::Client::new()
+        .post(&url)
+        .bearer_auth(&tokens.stow)
+        .header("content-type", CT)
+        .header("accept", "application/dicom+xml")
+        .body(one.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_ACCEPTABLE);
+
     // The node's own client, with its token from a file.
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, &tokens.stow).unwrap();
