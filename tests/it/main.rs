@@ -13,6 +13,7 @@ mod cases;
 mod cli;
 mod console;
 mod console_pages;
+mod dicomweb;
 mod engine;
 mod evaluate;
 mod faults;
