@@ -52,6 +52,7 @@ async fn schemathesis_finds_no_server_error_and_no_schema_break() {
         ae_title: "NOWHERE".into(),
         host: "127.0.0.1".into(),
         port: closed_port,
+        dicomweb: None,
         outputs: None,
         tls: None,
     }];

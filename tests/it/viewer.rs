@@ -156,6 +156,7 @@ async fn ohif_shows_the_sr_region_probability_and_summary() {
         ae_title: ORTHANC_AET.into(),
         host: "127.0.0.1".into(),
         port: orthanc.dicom,
+        dicomweb: None,
         outputs: None,
         tls: None,
     }];
