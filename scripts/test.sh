@@ -7,6 +7,11 @@ if [ -z "${HER2MAP_PYDICOM_DIR:-}" ] || [ -z "${HER2MAP_PYDICOM_DATA_DIR:-}" ]; 
     eval "$(sh scripts/pydicom-paths.sh)"
 fi
 export HER2MAP_PYDICOM_DIR HER2MAP_PYDICOM_DATA_DIR
+# The browser tests' playwright-core and OHIF dist (npm, cached outside the
+# clone; scripts/web-deps.sh is idempotent).
+if [ -z "${HER2MAP_WEB_DEPS:-}" ] || [ -z "${HER2MAP_OHIF_DIST:-}" ]; then
+    eval "$(scripts/web-deps.sh)"
+fi
 # The multi-node tests (tests/it/multinode.rs) need a PostgreSQL: without
 # one given, a throwaway server (scripts/postgres.sh), stopped at the end.
 if [ -z "${HER2MAP_MULTINODE_PG_URL:-}" ]; then
