@@ -377,3 +377,22 @@ async fn without_users_the_console_is_loopback_and_read_only() {
     assert_eq!(r.status(), StatusCode::FORBIDDEN);
     app.stop().await;
 }
+
+/// The alert rules the README offers (conf/prometheus/her2map-rules.yml)
+/// are valid Prometheus rules.
+#[test]
+fn the_shipped_alert_rules_pass_promtool() {
+    let rules =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/prometheus/her2map-rules.yml");
+    let out = std::process::Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&rules)
+        .output()
+        .expect("promtool must be installed (apt-get install prometheus)");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
