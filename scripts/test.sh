@@ -7,12 +7,6 @@ if [ -z "${HER2MAP_PYDICOM_DIR:-}" ] || [ -z "${HER2MAP_PYDICOM_DATA_DIR:-}" ]; 
     eval "$(sh scripts/pydicom-paths.sh)"
 fi
 export HER2MAP_PYDICOM_DIR HER2MAP_PYDICOM_DATA_DIR
-# The browser tests (tests/it/viewer.rs, tests/it/console_pages.rs):
-# playwright-core and the OHIF dist from npm, cached outside the clone.
-if [ -z "${HER2MAP_WEB_DEPS:-}" ] || [ -z "${HER2MAP_OHIF_DIST:-}" ]; then
-    eval "$(scripts/web-deps.sh)"
-fi
-export HER2MAP_WEB_DEPS HER2MAP_OHIF_DIST
 # The multi-node tests (tests/it/multinode.rs) need a PostgreSQL: without
 # one given, a throwaway server (scripts/postgres.sh), stopped at the end.
 if [ -z "${HER2MAP_MULTINODE_PG_URL:-}" ]; then
