@@ -98,7 +98,9 @@ pub const SOURCE_IMAGE_FOR_PROCESSING: Code = c(
     "Source image for image processing operation",
 );
 
-// Private concepts (99HER2MAP)
+// Private concepts (99HER2MAP). The meanings are short: OHIF shows each NUM
+// of a measurement group as a label line "meaning: value unit" beside the
+// region, and long lines run off the viewport.
 pub const P_HER2_PROBABILITY: Code = c(
     "HER2P",
     PRIVATE_SCHEME,
@@ -107,17 +109,17 @@ pub const P_HER2_PROBABILITY: Code = c(
 pub const P_HER2_PROBABILITY_US: Code = c(
     "HER2P-US",
     PRIVATE_SCHEME,
-    "Probability of HER2-positive status, ultrasound branch",
+    "HER2-positive probability, US alone",
 );
 pub const P_HER2_PROBABILITY_MR: Code = c(
     "HER2P-MR",
     PRIVATE_SCHEME,
-    "Probability of HER2-positive status, MRI branch",
+    "HER2-positive probability, MR alone",
 );
 pub const P_HER2_PROBABILITY_MG: Code = c(
     "HER2P-MG",
     PRIVATE_SCHEME,
-    "Probability of HER2-positive status, mammography branch",
+    "HER2-positive probability, MG alone",
 );
 pub const P_MODALITY_USED: Code = c("MODUSED", PRIVATE_SCHEME, "Modality used by the model");
 pub const P_MODALITY_MISSING: Code = c(

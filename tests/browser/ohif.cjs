@@ -197,7 +197,7 @@ async function main(args) {
   const views = [];
   for (const v of args.views) {
     const page = await context.newPage();
-    page.on('pageerror', (e) => errors.push(`${v.name}: ${e.message}`));
+    page.on('pageerror', (e) => errors.push(`${v.name}: pageerror: ${e.message}`));
     page.on('console', (m) => {
       if (m.type() === 'error' || (process.env.OHIF_DEBUG && m.type() !== 'debug')) {
         errors.push(`${v.name}: console ${m.type()}: ${m.text()}`);
