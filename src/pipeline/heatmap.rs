@@ -14,7 +14,7 @@ use crate::inference::{InferResponse, TensorData};
 use crate::report;
 
 /// The heatmap images of one side: MG CC and MLO whole views, the US
-/// image, and the MRI axial slices through the CAM peak.
+/// image, and the MRI axial slices through the ROI's centre and the CAM peak.
 pub(super) fn heatmaps(
     p: &PreparedCase,
     response: &InferResponse,
@@ -217,9 +217,9 @@ fn planar_heatmap(
     })
 }
 
-/// MRI heatmaps: the axial source slices through the CAM peak (the peak
-/// slice and its neighbours two slices away), the CAM volume sampled at each
-/// source pixel's patient position.
+/// MRI heatmaps: the axial source slices through the ROI's centre (and its
+/// neighbours two slices away) and through the CAM peak, the CAM volume
+/// sampled at each source pixel's patient position.
 fn mri_heatmaps(
     s: &imaging::Selection,
     headers: &HashMap<String, Header>,
@@ -259,18 +259,23 @@ fn mri_heatmaps(
         box_center_mm[1] + axis(pj),
         box_center_mm[2] + axis(pk),
     ];
-    let rel = [p[0] - origin[0], p[1] - origin[1], p[2] - origin[2]];
     let dot = |a: &[f64; 3], b: &[f64; 3]| a[0] * b[0] + a[1] * b[1] + a[2] * b[2];
-    let peak_slice = (dot(&rel, normal) / spacing[0])
-        .round()
-        .clamp(0.0, (*slices - 1) as f64) as usize;
-    let mut chosen = vec![peak_slice];
-    if peak_slice >= 2 {
-        chosen.insert(0, peak_slice - 2);
-    }
-    if peak_slice + 2 < *slices {
-        chosen.push(peak_slice + 2);
-    }
+    // The key slices: the ROI's centre slice and its neighbours two
+    // slices away (where the lesion the model looked at lies), and the
+    // CAM's peak slice when it falls elsewhere (what the model weighed most;
+    // with untrained weights it can be far off the lesion).
+    let to_slice = |q: &[f64; 3]| {
+        let rel = [q[0] - origin[0], q[1] - origin[1], q[2] - origin[2]];
+        (dot(&rel, normal) / spacing[0])
+            .round()
+            .clamp(0.0, (*slices - 1) as f64) as usize
+    };
+    let peak_slice = to_slice(&p);
+    let centre = to_slice(box_center_mm);
+    let mut chosen = vec![centre.saturating_sub(2), centre, centre + 2, peak_slice];
+    chosen.retain(|&sl| sl < *slices);
+    chosen.sort_unstable();
+    chosen.dedup();
     let sample_cam = |q: [f64; 3]| sample_cube(vol, n, *box_center_mm, *box_side_mm, q);
     let mut out = Vec::new();
     for sl in chosen {

@@ -6,6 +6,9 @@
 //! deliveries, and must find no 5xx, no undocumented status and no response
 //! that breaks the schema (`--checks all`).
 //!
+//! The STOW-RS operations (multipart/related bodies, which schemathesis
+//! cannot generate) are left to tests/it/dicomweb.rs.
+//!
 //! Needs schemathesis (`pip install schemathesis`, as .ci/run does): the
 //! test fails without it, never skips.
 
@@ -105,6 +108,11 @@ async fn schemathesis_finds_no_server_error_and_no_schema_break() {
         "--seed".into(),
         "20261201".into(),
         "--no-color".into(),
+        // STOW-RS takes multipart/related, which schemathesis cannot
+        // generate ("no supported serializers"); tests/it/dicomweb.rs sends
+        // it real and malformed bodies instead.
+        "--exclude-path-regex".into(),
+        "^/dicom-web/".into(),
     ];
     // Off the runtime's workers: the node answers on them meanwhile.
     let out = tokio::task::spawn_blocking(move || {
@@ -132,8 +140,10 @@ async fn schemathesis_finds_no_server_error_and_no_schema_break() {
     };
     let selected = count("Selected:");
     let (picked, total) = selected.split_once('/').expect("Selected: N/M");
-    assert_eq!(picked, total, "{text}");
-    assert!(total.parse::<usize>().unwrap() >= 9, "{text}");
+    let (picked_n, total_n): (usize, usize) = (picked.parse().unwrap(), total.parse().unwrap());
+    // Everything but the two STOW-RS operations.
+    assert_eq!(picked_n + 2, total_n, "{text}");
+    assert!(picked_n >= 9, "{text}");
     assert_eq!(count("Tested:"), picked, "{text}");
     for phase in ["Coverage", "Fuzzing", "Stateful"] {
         assert!(text.contains(&format!("✅ {phase}")), "{phase}:\n{text}");
