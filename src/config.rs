@@ -761,6 +761,42 @@ mod tests {
             .to_string();
         assert!(err.contains("dicom.tls.certificate"), "{err}");
 
+        std::fs::write(
+            &file,
+            "[[destinations]]\nae_title = \"PACS\"\nhost = \"h\"\nport = 104\n\
+             [[destinations]]\noutputs = [\"sr\"]\n[destinations.dicomweb]\n\
+             url = \"https://pacs.example.org/dicom-web/\"\nbearer_token_env = \"PACS_TOKEN\"\n",
+        )
+        .unwrap();
+        let s = Settings::load_with_env(Some(&file), false).unwrap();
+        assert_eq!(s.destinations[0].name(), "PACS@h:104");
+        assert!(s.destinations[0].dicomweb.is_none());
+        let web = s.destinations[1].dicomweb.as_ref().unwrap();
+        assert_eq!(web.timeout_secs, 60);
+        assert_eq!(
+            s.destinations[1].name(),
+            "https://pacs.example.org/dicom-web"
+        );
+        for bad in [
+            // Both kinds at once.
+            "[[destinations]]\nae_title = \"PACS\"\n[destinations.dicomweb]\nurl = \"http://h/dw\"\n",
+            // A password in the URL.
+            "[[destinations]]\n[destinations.dicomweb]\nurl = \"http://u:p@h/dw\"\n",
+            // Not HTTP.
+            "[[destinations]]\n[destinations.dicomweb]\nurl = \"h/dw\"\n",
+            // A user without a password source.
+            "[[destinations]]\n[destinations.dicomweb]\nurl = \"http://h/dw\"\nbasic_user = \"u\"\n",
+            // Two token sources.
+            "[[destinations]]\n[destinations.dicomweb]\nurl = \"http://h/dw\"\n\
+             bearer_token_env = \"A\"\nbearer_token_file = \"/f\"\n",
+        ] {
+            std::fs::write(&file, bad).unwrap();
+            let err = Settings::load_with_env(Some(&file), false)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("destinations.dicomweb"), "{bad}: {err}");
+        }
+
         std::fs::write(&file, "[dicom]\nae_title = \"THIS-IS-FAR-TOO-LONG\"\n").unwrap();
         let err = Settings::load_with_env(Some(&file), false)
             .unwrap_err()

@@ -532,6 +532,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_service_that_never_answers_times_out_transiently() {
+        // Accepts the connection, reads nothing, answers nothing.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let hold = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = l.accept().await {
+                held.push(s);
+            }
+        });
+        let c = DicomWebClient::new(&DicomWebEndpoint {
+            url: format!("http://127.0.0.1:{port}/dicom-web"),
+            timeout_secs: 1,
+            ..Default::default()
+        })
+        .unwrap();
+        let started = std::time::Instant::now();
+        let e = c.store(None, vec![b"x".to_vec()]).await.unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(
+            matches!(e, DicomWebError::Transport { timeout: true, .. }) && e.is_transient(),
+            "{e}"
+        );
+        hold.abort();
+    }
+
+    #[tokio::test]
     async fn no_service_is_a_transient_error() {
         // A port nothing listens on.
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
