@@ -606,6 +606,11 @@ async fn stow_rs_in_refuses_what_it_must_and_keeps_nothing_partial() {
     not_storage.update_meta(|m| m.media_storage_sop_class_uid = "1.2.3.4.5".into());
     let mut not_storage_bytes = Vec::new();
     not_storage.write_all(&mut not_storage_bytes).unwrap();
+    // A meta element claiming 4 GB: refused, not allocated.
+    let mut hostile = vec![0u8; 128];
+    hostile.extend_from_slice(b"DICM\x02\x00\x00\x00UL\x04\x00\xc8\x00\x00\x00");
+    hostile.extend_from_slice(b"\x02\x00\x01\x00OB\x00\x00\xf0\xff\xff\xff");
+    hostile.extend_from_slice(&[0u8; 64]);
     let all_bad = body(
         B,
         &[
@@ -613,13 +618,15 @@ async fn stow_rs_in_refuses_what_it_must_and_keeps_nothing_partial() {
             ("application/dicom", &no_uids_bytes),
             ("text/plain", b"hello"),
             ("application/dicom", &not_storage_bytes),
+            ("application/dicom", &hostile),
         ],
     );
     let (code, ct, v) = post(&url, Some(&tokens.stow), CT, all_bad).await;
     assert_eq!(code, StatusCode::CONFLICT, "{v}");
     assert!(ct.starts_with("application/dicom+json"), "{ct}");
     let f = failures(&v);
-    assert_eq!(f.len(), 4, "{v}");
+    assert_eq!(f.len(), 5, "{v}");
+    assert_eq!(f[4], (None, Some("49152".to_string())), "{v}");
     assert!(
         f[..3]
             .iter()
@@ -640,8 +647,8 @@ async fn stow_rs_in_refuses_what_it_must_and_keeps_nothing_partial() {
     assert_eq!(node.db.instance_count().await.unwrap(), 0);
     assert_eq!(walk_dcm(&node.spool()), 0, "nothing partial in the spool");
     assert_eq!(node.temp_files(), 0, "no temporary file left");
-    let failed = wait_events(&node.db, "instance_failed", 5).await;
-    assert_eq!(failed.len(), 5, "every refusal audited once: {failed:?}");
+    let failed = wait_events(&node.db, "instance_failed", 6).await;
+    assert_eq!(failed.len(), 6, "every refusal audited once: {failed:?}");
 
     // Some good, some bad: 202; the good one stored and answered with its
     // Retrieve URL.
