@@ -795,3 +795,58 @@ async fn stow_rs_in_refuses_what_it_must_and_keeps_nothing_partial() {
     assert_eq!(node.db.instance_count().await.unwrap(), 14);
     node.stop().await;
 }
+
+/// The node's DICOMweb client over HTTPS (rustls, ring) with the hospital
+/// CA of `ca_certificate`, against the node's own STOW-RS under
+/// `[http.tls]`: stored with the CA; refused, before anything is sent,
+/// without it or with another CA; an unreadable CA file is a settings
+/// error.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_client_verifies_https_with_the_configured_ca() {
+    let pki = common::pki::make_pki();
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = test_settings(&dir.path().join("node"));
+    let tokens = with_users(&mut settings);
+    settings.http.tls.enabled = true;
+    settings.http.tls.certificate = pki.server_cert.clone();
+    settings.http.tls.private_key = pki.server_key.clone();
+    let node = spawn_app_with(settings).await;
+    let port = node.http_addr.unwrap().port();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, &tokens.stow).unwrap();
+    let endpoint = |ca: Option<PathBuf>| DicomWebEndpoint {
+        url: format!("https://127.0.0.1:{port}/dicom-web"),
+        bearer_token_file: Some(token_file.clone()),
+        ca_certificate: ca,
+        timeout_secs: 20,
+        ..Default::default()
+    };
+    let files = mr_variants(dir.path(), 1, "https");
+    let bytes = std::fs::read(&files[0]).unwrap();
+
+    let client = DicomWebClient::new(&endpoint(Some(pki.ca.clone()))).unwrap();
+    let r = client.store(None, vec![bytes.clone()]).await.unwrap();
+    assert_eq!(r.status, 200);
+    let url = r.stored[0].retrieve_url.clone().unwrap();
+    assert!(
+        url.starts_with(&format!("https://127.0.0.1:{port}/dicom-web/studies/")),
+        "{url}"
+    );
+
+    for ca in [None, Some(pki.rogue_cert.clone())] {
+        let client = DicomWebClient::new(&endpoint(ca)).unwrap();
+        let e = client.store(None, vec![bytes.clone()]).await.unwrap_err();
+        assert!(
+            matches!(e, her2map::dicomweb::DicomWebError::Transport { .. }),
+            "{e}"
+        );
+        assert!(e.to_string().to_lowercase().contains("certificate"), "{e}");
+    }
+    let e = DicomWebClient::new(&endpoint(Some(dir.path().join("no-such-ca.pem")))).unwrap_err();
+    assert!(
+        e.is_permanent() && e.to_string().contains("ca_certificate"),
+        "{e}"
+    );
+    assert_eq!(node.db.instance_count().await.unwrap(), 1);
+    node.stop().await;
+}
