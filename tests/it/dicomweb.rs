@@ -316,6 +316,31 @@ async fn stow_rs_destinations_dead_letter_4xx_and_retry_when_down() {
     )
     .unwrap();
 
+    // A token file that is not there stops the node at start, named.
+    let broken = web_destination(
+        "http://127.0.0.1:1/dicom-web".into(),
+        Some(dir.path().join("no-such-token")),
+    );
+    let err = Outbox::new(
+        db.clone(),
+        data.clone(),
+        vec![broken],
+        OutboxSettings {
+            retry_base_ms: 50,
+            retry_max_ms: 500,
+            max_attempts: 50,
+            timeout_secs: 10,
+        },
+        "HER2MAP".into(),
+    )
+    .err()
+    .expect("a missing token file is refused")
+    .to_string();
+    assert!(
+        err.contains("destinations.dicomweb") && err.contains("no-such-token"),
+        "{err}"
+    );
+
     assert_eq!(outbox.deliver_due().await.unwrap(), 7);
     let rows = db.outbox().await.unwrap();
     for r in rows.iter().filter(|r| r.destination == wrong.name()) {
