@@ -69,6 +69,13 @@ pub struct HttpSettings {
     /// Seconds for a whole STOW-RS request, body and storing included.
     #[serde(default = "default_stow_timeout_secs")]
     pub stow_timeout_secs: u64,
+    /// STOW-RS requests read and stored at once (each body is in memory).
+    #[serde(default = "default_stow_concurrency")]
+    pub stow_concurrency: usize,
+}
+
+fn default_stow_concurrency() -> usize {
+    4
 }
 
 fn default_stow_max_body_bytes() -> usize {
@@ -626,10 +633,11 @@ impl Settings {
                     .into(),
             ));
         }
-        if h.stow_max_body_bytes == 0 || h.stow_timeout_secs == 0 {
+        if h.stow_max_body_bytes == 0 || h.stow_timeout_secs == 0 || h.stow_concurrency == 0 {
             return Err((
                 "http",
-                "stow_max_body_bytes and stow_timeout_secs must be at least 1".into(),
+                "stow_max_body_bytes, stow_timeout_secs and stow_concurrency must be at least 1"
+                    .into(),
             ));
         }
         if h.max_connections == 0 {

@@ -554,6 +554,8 @@ async fn stow_rs_in_refuses_what_it_must_and_keeps_nothing_partial() {
     // STOW-RS has its own body limit, above the API's 64 KiB.
     assert_eq!(settings.http.max_body_bytes, 65536);
     settings.http.stow_max_body_bytes = 150_000;
+    // One request at a time: the others wait for their turn.
+    settings.http.stow_concurrency = 1;
     let node = spawn_app_with(settings).await;
     let base = format!("http://{}", node.http_addr.unwrap());
     let url = format!("{base}/dicom-web/studies");
@@ -818,6 +820,22 @@ async fn stow_rs_in_refuses_what_it_must_and_keeps_nothing_partial() {
     let (code, _, _) = post(&url, Some(&tokens.stow), CT, twenty).await;
     assert_eq!(code, StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(node.db.instance_count().await.unwrap(), 14);
+    // Three at once with stow_concurrency = 1: each waits its turn.
+    let (a, b, c) = tokio::join!(
+        post(&url, Some(&tokens.stow), CT, body(B, &parts(12)[10..11])),
+        post(&url, Some(&tokens.stow), CT, body(B, &parts(12)[11..12])),
+        post(
+            &url,
+            Some(&tokens.operator),
+            CT,
+            body(B, &parts(12)[10..12])
+        ),
+    );
+    assert_eq!(
+        (a.0, b.0, c.0),
+        (StatusCode::OK, StatusCode::OK, StatusCode::OK)
+    );
+    assert_eq!(node.db.instance_count().await.unwrap(), 16);
     node.stop().await;
 }
 
