@@ -69,6 +69,13 @@ pub struct HttpSettings {
     /// Seconds for a whole STOW-RS request, body and storing included.
     #[serde(default = "default_stow_timeout_secs")]
     pub stow_timeout_secs: u64,
+    /// STOW-RS requests read and stored at once (each body is in memory).
+    #[serde(default = "default_stow_concurrency")]
+    pub stow_concurrency: usize,
+}
+
+fn default_stow_concurrency() -> usize {
+    4
 }
 
 fn default_stow_max_body_bytes() -> usize {
@@ -626,10 +633,11 @@ impl Settings {
                     .into(),
             ));
         }
-        if h.stow_max_body_bytes == 0 || h.stow_timeout_secs == 0 {
+        if h.stow_max_body_bytes == 0 || h.stow_timeout_secs == 0 || h.stow_concurrency == 0 {
             return Err((
                 "http",
-                "stow_max_body_bytes and stow_timeout_secs must be at least 1".into(),
+                "stow_max_body_bytes, stow_timeout_secs and stow_concurrency must be at least 1"
+                    .into(),
             ));
         }
         if h.max_connections == 0 {
@@ -760,6 +768,42 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("dicom.tls.certificate"), "{err}");
+
+        std::fs::write(
+            &file,
+            "[[destinations]]\nae_title = \"PACS\"\nhost = \"h\"\nport = 104\n\
+             [[destinations]]\noutputs = [\"sr\"]\n[destinations.dicomweb]\n\
+             url = \"https://pacs.example.org/dicom-web/\"\nbearer_token_env = \"PACS_TOKEN\"\n",
+        )
+        .unwrap();
+        let s = Settings::load_with_env(Some(&file), false).unwrap();
+        assert_eq!(s.destinations[0].name(), "PACS@h:104");
+        assert!(s.destinations[0].dicomweb.is_none());
+        let web = s.destinations[1].dicomweb.as_ref().unwrap();
+        assert_eq!(web.timeout_secs, 60);
+        assert_eq!(
+            s.destinations[1].name(),
+            "https://pacs.example.org/dicom-web"
+        );
+        for bad in [
+            // Both kinds at once.
+            "[[destinations]]\nae_title = \"PACS\"\n[destinations.dicomweb]\nurl = \"http://h/dw\"\n",
+            // A password in the URL.
+            "[[destinations]]\n[destinations.dicomweb]\nurl = \"http://u:p@h/dw\"\n",
+            // Not HTTP.
+            "[[destinations]]\n[destinations.dicomweb]\nurl = \"h/dw\"\n",
+            // A user without a password source.
+            "[[destinations]]\n[destinations.dicomweb]\nurl = \"http://h/dw\"\nbasic_user = \"u\"\n",
+            // Two token sources.
+            "[[destinations]]\n[destinations.dicomweb]\nurl = \"http://h/dw\"\n\
+             bearer_token_env = \"A\"\nbearer_token_file = \"/f\"\n",
+        ] {
+            std::fs::write(&file, bad).unwrap();
+            let err = Settings::load_with_env(Some(&file), false)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("destinations.dicomweb"), "{bad}: {err}");
+        }
 
         std::fs::write(&file, "[dicom]\nae_title = \"THIS-IS-FAR-TOO-LONG\"\n").unwrap();
         let err = Settings::load_with_env(Some(&file), false)

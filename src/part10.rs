@@ -71,6 +71,7 @@ impl Part10Header {
         if bytes.len() < 132 {
             return Err(Part10Error::NotPart10("shorter than the preamble".into()));
         }
+        check_meta_lengths(&bytes[132..])?;
         let mut rest = &bytes[128..];
         let meta = dicom_object::meta::FileMetaTable::from_reader(&mut rest)
             .map_err(|e| Part10Error::NotPart10(e.to_string()))?;
@@ -88,6 +89,53 @@ impl Part10Header {
             dataset_len: len - dataset_offset,
         })
     }
+}
+
+/// Walk the meta group's elements (always Explicit VR Little Endian, PS3.10
+/// 7.1) and refuse one whose declared length runs past the bytes there
+/// are: the meta reader allocates (and zero-fills) a value's declared
+/// length before reading it, so a 4 GB claim in a 1 KB upload would cost
+/// 4 GB of memory.
+fn check_meta_lengths(mut b: &[u8]) -> Result<(), Part10Error> {
+    let bad = |m: &str| Err(Part10Error::NotPart10(format!("file meta group: {m}")));
+    while b.len() >= 8 && b[0] == 0x02 && b[1] == 0x00 {
+        let vr = &b[4..6];
+        let long = matches!(
+            vr,
+            b"OB"
+                | b"OD"
+                | b"OF"
+                | b"OL"
+                | b"OV"
+                | b"OW"
+                | b"SQ"
+                | b"SV"
+                | b"UC"
+                | b"UN"
+                | b"UR"
+                | b"UT"
+                | b"UV"
+        );
+        let (header, len) = if long {
+            if b.len() < 12 {
+                return bad("truncated element header");
+            }
+            (
+                12usize,
+                u32::from_le_bytes([b[8], b[9], b[10], b[11]]) as usize,
+            )
+        } else {
+            (8usize, usize::from(u16::from_le_bytes([b[6], b[7]])))
+        };
+        if len == 0xFFFF_FFFF {
+            return bad("undefined length");
+        }
+        if len > b.len() - header {
+            return bad("an element is longer than the file");
+        }
+        b = &b[header + len..];
+    }
+    Ok(())
 }
 
 /// Encode preamble, magic and File Meta Information for a data set received
@@ -140,5 +188,17 @@ mod tests {
         assert_eq!(b.transfer_syntax, h.transfer_syntax);
         assert!(Part10Header::from_bytes(&bytes[..100]).is_err());
         assert!(Part10Header::from_bytes(b"not dicom at all").is_err());
+        // A meta element claiming 4 GB in a small upload: refused without
+        // allocating it.
+        let mut hostile = vec![0u8; 128];
+        hostile.extend_from_slice(b"DICM");
+        hostile.extend_from_slice(&[0x02, 0x00, 0x00, 0x00, b'U', b'L', 4, 0, 200, 0, 0, 0]);
+        hostile.extend_from_slice(&[0x02, 0x00, 0x01, 0x00, b'O', b'B', 0, 0]);
+        hostile.extend_from_slice(&0xFFFF_FFF0u32.to_le_bytes());
+        hostile.extend_from_slice(&[0u8; 64]);
+        let started = std::time::Instant::now();
+        let e = Part10Header::from_bytes(&hostile).unwrap_err().to_string();
+        assert!(e.contains("longer than the file"), "{e}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
     }
 }

@@ -531,6 +531,131 @@ mod tests {
         assert!(DicomWebClient::new(&e).is_err());
     }
 
+    /// One HTTP exchange on a raw socket: the request's head as sent, and
+    /// `answer` written back.
+    async fn one_exchange(answer: &'static str) -> (u16, tokio::task::JoinHandle<String>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let task = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut b = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = s.read(&mut b).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                head.extend_from_slice(&b[..n]);
+            }
+            s.write_all(answer.as_bytes()).await.unwrap();
+            s.shutdown().await.unwrap();
+            String::from_utf8_lossy(&head).into_owned()
+        });
+        (port, task)
+    }
+
+    #[tokio::test]
+    async fn credentials_and_query_go_on_the_wire_as_configured() {
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("pw");
+        std::fs::write(&pw, "open sesame\n").unwrap();
+        let (port, head) = one_exchange(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/dicom+json\r\nContent-Length: 2\r\n\r\n[]",
+        )
+        .await;
+        let c = DicomWebClient::new(&DicomWebEndpoint {
+            url: format!("http://127.0.0.1:{port}/dw/"),
+            basic_user: Some("her2map".into()),
+            basic_password_file: Some(pw),
+            timeout_secs: 5,
+            ..Default::default()
+        })
+        .unwrap();
+        let found = c
+            .search(
+                "studies",
+                &[("PatientID", "A B&C"), ("ModalitiesInStudy", "MR")],
+            )
+            .await
+            .unwrap();
+        assert!(found.is_empty());
+        let head = head.await.unwrap();
+        // base64("her2map:open sesame")
+        let auth = head
+            .lines()
+            .find(|l| l.to_ascii_lowercase().starts_with("authorization:"))
+            .unwrap_or_default();
+        assert_eq!(
+            auth[14..].trim(),
+            "Basic aGVyMm1hcDpvcGVuIHNlc2FtZQ==",
+            "{head}"
+        );
+        assert!(
+            head.starts_with("GET /dw/studies?PatientID=A+B%26C&ModalitiesInStudy=MR HTTP/1.1"),
+            "{head}"
+        );
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("accept: application/dicom+json"),
+            "{head}"
+        );
+
+        let (port, head) = one_exchange("HTTP/1.1 204 No Content\r\n\r\n").await;
+        let token = dir.path().join("token");
+        std::fs::write(&token, " t0ken \n").unwrap();
+        let c = DicomWebClient::new(&DicomWebEndpoint {
+            url: format!("http://127.0.0.1:{port}/dw"),
+            bearer_token_file: Some(token),
+            timeout_secs: 5,
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(
+            c.search("studies/1.2/series", &[])
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let head = head.await.unwrap();
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("authorization: bearer t0ken\r\n"),
+            "{head}"
+        );
+        assert!(
+            head.starts_with("GET /dw/studies/1.2/series HTTP/1.1"),
+            "{head}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_service_that_never_answers_times_out_transiently() {
+        // Accepts the connection, reads nothing, answers nothing.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let hold = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = l.accept().await {
+                held.push(s);
+            }
+        });
+        let c = DicomWebClient::new(&DicomWebEndpoint {
+            url: format!("http://127.0.0.1:{port}/dicom-web"),
+            timeout_secs: 1,
+            ..Default::default()
+        })
+        .unwrap();
+        let started = std::time::Instant::now();
+        let e = c.store(None, vec![b"x".to_vec()]).await.unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(
+            matches!(e, DicomWebError::Transport { timeout: true, .. }) && e.is_transient(),
+            "{e}"
+        );
+        hold.abort();
+    }
+
     #[tokio::test]
     async fn no_service_is_a_transient_error() {
         // A port nothing listens on.

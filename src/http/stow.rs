@@ -7,12 +7,14 @@
 //! AE `STOW-RS`), so the views and the audit log show who sent what.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 
@@ -42,6 +44,10 @@ pub const CALLED: &str = "STOW-RS";
 /// The STOW-RS routes, with their own body limit and timeout (a request
 /// carries whole studies; `[http] stow_max_body_bytes`, `stow_timeout_secs`).
 pub fn routes(h: &HttpSettings) -> Router<Shared> {
+    // At most `stow_concurrency` requests read and store at once: each
+    // holds its body in memory (up to `stow_max_body_bytes`); the others
+    // wait before their body is read (TCP backpressure on the sender).
+    let slots = Arc::new(tokio::sync::Semaphore::new(h.stow_concurrency.max(1)));
     Router::new()
         .route("/dicom-web/studies", post(store_any))
         .route("/dicom-web/studies/{study}", post(store_study))
@@ -49,6 +55,13 @@ pub fn routes(h: &HttpSettings) -> Router<Shared> {
         .layer(tower_http::limit::RequestBodyLimitLayer::new(
             h.stow_max_body_bytes,
         ))
+        .layer(axum::middleware::from_fn(move |req, next: Next| {
+            let slots = slots.clone();
+            async move {
+                let _slot = slots.acquire_owned().await;
+                next.run(req).await
+            }
+        }))
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             std::time::Duration::from_secs(h.stow_timeout_secs),

@@ -316,6 +316,31 @@ async fn stow_rs_destinations_dead_letter_4xx_and_retry_when_down() {
     )
     .unwrap();
 
+    // A token file that is not there stops the node at start, named.
+    let broken = web_destination(
+        "http://127.0.0.1:1/dicom-web".into(),
+        Some(dir.path().join("no-such-token")),
+    );
+    let err = Outbox::new(
+        db.clone(),
+        data.clone(),
+        vec![broken],
+        OutboxSettings {
+            retry_base_ms: 50,
+            retry_max_ms: 500,
+            max_attempts: 50,
+            timeout_secs: 10,
+        },
+        "HER2MAP".into(),
+    )
+    .err()
+    .expect("a missing token file is refused")
+    .to_string();
+    assert!(
+        err.contains("destinations.dicomweb") && err.contains("no-such-token"),
+        "{err}"
+    );
+
     assert_eq!(outbox.deliver_due().await.unwrap(), 7);
     let rows = db.outbox().await.unwrap();
     for r in rows.iter().filter(|r| r.destination == wrong.name()) {
@@ -529,6 +554,8 @@ async fn stow_rs_in_refuses_what_it_must_and_keeps_nothing_partial() {
     // STOW-RS has its own body limit, above the API's 64 KiB.
     assert_eq!(settings.http.max_body_bytes, 65536);
     settings.http.stow_max_body_bytes = 150_000;
+    // One request at a time: the others wait for their turn.
+    settings.http.stow_concurrency = 1;
     let node = spawn_app_with(settings).await;
     let base = format!("http://{}", node.http_addr.unwrap());
     let url = format!("{base}/dicom-web/studies");
@@ -606,6 +633,11 @@ async fn stow_rs_in_refuses_what_it_must_and_keeps_nothing_partial() {
     not_storage.update_meta(|m| m.media_storage_sop_class_uid = "1.2.3.4.5".into());
     let mut not_storage_bytes = Vec::new();
     not_storage.write_all(&mut not_storage_bytes).unwrap();
+    // A meta element claiming 4 GB: refused, not allocated.
+    let mut hostile = vec![0u8; 128];
+    hostile.extend_from_slice(b"DICM\x02\x00\x00\x00UL\x04\x00\xc8\x00\x00\x00");
+    hostile.extend_from_slice(b"\x02\x00\x01\x00OB\x00\x00\xf0\xff\xff\xff");
+    hostile.extend_from_slice(&[0u8; 64]);
     let all_bad = body(
         B,
         &[
@@ -613,13 +645,15 @@ async fn stow_rs_in_refuses_what_it_must_and_keeps_nothing_partial() {
             ("application/dicom", &no_uids_bytes),
             ("text/plain", b"hello"),
             ("application/dicom", &not_storage_bytes),
+            ("application/dicom", &hostile),
         ],
     );
     let (code, ct, v) = post(&url, Some(&tokens.stow), CT, all_bad).await;
     assert_eq!(code, StatusCode::CONFLICT, "{v}");
     assert!(ct.starts_with("application/dicom+json"), "{ct}");
     let f = failures(&v);
-    assert_eq!(f.len(), 4, "{v}");
+    assert_eq!(f.len(), 5, "{v}");
+    assert_eq!(f[4], (None, Some("49152".to_string())), "{v}");
     assert!(
         f[..3]
             .iter()
@@ -640,8 +674,8 @@ async fn stow_rs_in_refuses_what_it_must_and_keeps_nothing_partial() {
     assert_eq!(node.db.instance_count().await.unwrap(), 0);
     assert_eq!(walk_dcm(&node.spool()), 0, "nothing partial in the spool");
     assert_eq!(node.temp_files(), 0, "no temporary file left");
-    let failed = wait_events(&node.db, "instance_failed", 5).await;
-    assert_eq!(failed.len(), 5, "every refusal audited once: {failed:?}");
+    let failed = wait_events(&node.db, "instance_failed", 6).await;
+    assert_eq!(failed.len(), 6, "every refusal audited once: {failed:?}");
 
     // Some good, some bad: 202; the good one stored and answered with its
     // Retrieve URL.
@@ -786,5 +820,76 @@ async fn stow_rs_in_refuses_what_it_must_and_keeps_nothing_partial() {
     let (code, _, _) = post(&url, Some(&tokens.stow), CT, twenty).await;
     assert_eq!(code, StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(node.db.instance_count().await.unwrap(), 14);
+    // Three at once with stow_concurrency = 1: each waits its turn.
+    let (a, b, c) = tokio::join!(
+        post(&url, Some(&tokens.stow), CT, body(B, &parts(12)[10..11])),
+        post(&url, Some(&tokens.stow), CT, body(B, &parts(12)[11..12])),
+        post(
+            &url,
+            Some(&tokens.operator),
+            CT,
+            body(B, &parts(12)[10..12])
+        ),
+    );
+    assert_eq!(
+        (a.0, b.0, c.0),
+        (StatusCode::OK, StatusCode::OK, StatusCode::OK)
+    );
+    assert_eq!(node.db.instance_count().await.unwrap(), 16);
+    node.stop().await;
+}
+
+/// The node's DICOMweb client over HTTPS (rustls, ring) with the hospital
+/// CA of `ca_certificate`, against the node's own STOW-RS under
+/// `[http.tls]`: stored with the CA; refused, before anything is sent,
+/// without it or with another CA; an unreadable CA file is a settings
+/// error.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_client_verifies_https_with_the_configured_ca() {
+    let pki = common::pki::make_pki();
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = test_settings(&dir.path().join("node"));
+    let tokens = with_users(&mut settings);
+    settings.http.tls.enabled = true;
+    settings.http.tls.certificate = pki.server_cert.clone();
+    settings.http.tls.private_key = pki.server_key.clone();
+    let node = spawn_app_with(settings).await;
+    let port = node.http_addr.unwrap().port();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, &tokens.stow).unwrap();
+    let endpoint = |ca: Option<PathBuf>| DicomWebEndpoint {
+        url: format!("https://127.0.0.1:{port}/dicom-web"),
+        bearer_token_file: Some(token_file.clone()),
+        ca_certificate: ca,
+        timeout_secs: 20,
+        ..Default::default()
+    };
+    let files = mr_variants(dir.path(), 1, "https");
+    let bytes = std::fs::read(&files[0]).unwrap();
+
+    let client = DicomWebClient::new(&endpoint(Some(pki.ca.clone()))).unwrap();
+    let r = client.store(None, vec![bytes.clone()]).await.unwrap();
+    assert_eq!(r.status, 200);
+    let url = r.stored[0].retrieve_url.clone().unwrap();
+    assert!(
+        url.starts_with(&format!("https://127.0.0.1:{port}/dicom-web/studies/")),
+        "{url}"
+    );
+
+    for ca in [None, Some(pki.rogue_cert.clone())] {
+        let client = DicomWebClient::new(&endpoint(ca)).unwrap();
+        let e = client.store(None, vec![bytes.clone()]).await.unwrap_err();
+        assert!(
+            matches!(e, her2map::dicomweb::DicomWebError::Transport { .. }),
+            "{e}"
+        );
+        assert!(e.to_string().to_lowercase().contains("certificate"), "{e}");
+    }
+    let e = DicomWebClient::new(&endpoint(Some(dir.path().join("no-such-ca.pem")))).unwrap_err();
+    assert!(
+        e.is_permanent() && e.to_string().contains("ca_certificate"),
+        "{e}"
+    );
+    assert_eq!(node.db.instance_count().await.unwrap(), 1);
     node.stop().await;
 }
