@@ -25,7 +25,6 @@ use her2map::dimse::client::ClientOptions;
 use her2map::outbox::DestinationSettings;
 use her2map::report::OutputKind;
 use her2map::send::{collect_files, send_files};
-use serde_json::Value;
 
 fn study(name: &str) -> Vec<PathBuf> {
     collect_files(&[test_data(&format!("synth-patient/{name}"))])
