@@ -15,6 +15,7 @@ pub mod demo;
 pub mod dimse;
 pub mod durable;
 pub mod evaluate;
+pub mod fetch;
 pub mod header;
 pub mod http;
 pub mod imaging;
