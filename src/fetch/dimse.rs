@@ -337,7 +337,11 @@ async fn run(
         }
     }
     Ok(Outcome {
-        status: if partial.is_empty() { "ok" } else { "partial" },
+        status: match (partial.is_empty(), received) {
+            (true, _) => "ok",
+            (false, 0) => "failed",
+            (false, _) => "partial",
+        },
         matches,
         series_requested: chosen.len() as i64,
         instances_received: received,

@@ -15,6 +15,7 @@ mod console;
 mod engine;
 mod evaluate;
 mod faults;
+mod fetch;
 mod imaging_real_files;
 mod imaging_resize;
 mod imaging_settings;

@@ -1,0 +1,493 @@
+//! Query/retrieve of what a case lacks (issue 17), with real PACSs: the
+//! synthetic patient's MG, US and MR studies are in the PACS, only the MG
+//! study is sent to the node, and the node fetches the US and MR series it
+//! needs — by C-MOVE and C-GET from Orthanc, by C-MOVE from DCMTK's
+//! dcmqrscp — so that the result uses all three modalities. Sources that
+//! are down, that answer with another patient's studies (a Patient ID
+//! with a wildcard character, which a PACS applies), or whose C-MOVE
+//! fails or is partial, never stop the case: the audit events say what
+//! happened.
+//!
+//! Needs Orthanc, DCMTK (dcmqrscp, storescu) and curl; a missing tool is a
+//! failure, never a skip.
+
+use crate::common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::orthanc::*;
+use common::*;
+use dicom_core::{DataElement, PrimitiveValue, VR};
+use dicom_dictionary_std::tags;
+use her2map::config::{RetrieveMethod, Settings, SourceSettings};
+use her2map::db::{AuditEvent, CaseState, Db};
+use her2map::dimse::client::ClientOptions;
+use her2map::send::{collect_files, send_files};
+use serde_json::Value;
+
+fn study(name: &str) -> Vec<PathBuf> {
+    collect_files(&[test_data(&format!("synth-patient/{name}"))])
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "dcm"))
+        .collect()
+}
+
+async fn wait_until<F, Fut>(what: &str, secs: u64, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn node_settings(dir: &Path, sources: Vec<SourceSettings>, max_wait: u64) -> Settings {
+    let mut s = test_settings(&dir.join("node"));
+    s.cases.stable_age_secs = 2;
+    s.cases.max_wait_secs = max_wait;
+    s.sources = sources;
+    s.fetch.timeout_secs = 10;
+    s.fetch.source_timeout_secs = 60;
+    s
+}
+
+fn source(name: &str, ae: &str, port: u16, retrieve: RetrieveMethod) -> SourceSettings {
+    SourceSettings {
+        name: name.into(),
+        ae_title: ae.into(),
+        host: "127.0.0.1".into(),
+        port,
+        retrieve,
+        tls: None,
+        timeout_secs: 0,
+        max_retrieves: 0,
+    }
+}
+
+/// Orthanc knowing the node (C-FIND, C-MOVE and C-GET are refused to an AE
+/// not in `DicomModalities`).
+fn orthanc(dir: &Path, http: u16, dicom: u16, node_port: u16) -> Orthanc {
+    tokio::task::block_in_place(|| {
+        Orthanc::start_with(
+            dir,
+            http,
+            dicom,
+            serde_json::json!({
+                "DicomModalities": { "her2map": [NODE_AET, "127.0.0.1", node_port] },
+            }),
+        )
+    })
+}
+
+async fn store(addr: &str, called: &str, files: &[PathBuf]) {
+    let options = ClientOptions {
+        calling_ae: "MODALITY".into(),
+        called_ae: called.into(),
+        ..Default::default()
+    };
+    let results = send_files(addr, &options, files, |_| {}).await.unwrap();
+    assert!(results.iter().all(|r| r.ok()), "storing: {results:?}");
+}
+
+async fn events(db: &Db, name: &str) -> Vec<AuditEvent> {
+    db.events(0, Some(name), 10_000).await.unwrap()
+}
+
+fn detail(e: &AuditEvent) -> &Value {
+    e.detail.as_ref().expect("event detail")
+}
+
+/// The one case's result: its modalities used (every side).
+async fn wait_result(db: &Db, secs: u64) -> Vec<String> {
+    wait_until("the case's result", secs, || async {
+        let cases = db.all_cases().await.unwrap();
+        assert!(
+            cases.iter().all(|c| c.state != CaseState::Failed),
+            "case failed: {cases:?}"
+        );
+        cases.iter().any(|c| c.state == CaseState::Done)
+    })
+    .await;
+    let results = db.events(0, Some("case_result"), 10).await.unwrap();
+    assert_eq!(results.len(), 1, "one result: {results:?}");
+    let mut used: Vec<String> = detail(&results[0])["sides"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|s| s["modalities_used"].as_array().unwrap().clone())
+        .map(|m| m.as_str().unwrap().to_string())
+        .collect();
+    used.sort();
+    used.dedup();
+    used
+}
+
+/// The node, with Orthanc (and a source that is down) as sources, fetches
+/// what the MG-only case lacks by `method`.
+async fn orthanc_fetch(method: RetrieveMethod) {
+    let started = Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    orthanc_binary();
+    let (http, dicom) = (free_port(), free_port());
+    let down = free_port();
+    let settings = node_settings(
+        dir.path(),
+        vec![
+            source("down", "NOBODY", down, RetrieveMethod::Move),
+            source("orthanc", ORTHANC_AET, dicom, method),
+        ],
+        300,
+    );
+    let node = spawn_app_with(settings).await;
+    let pacs = orthanc(dir.path(), http, dicom, node.port());
+    let pacs_addr = format!("127.0.0.1:{dicom}");
+    let (mg, us, mr) = (study("MG"), study("US"), study("MR"));
+    for files in [&mg, &us, &mr] {
+        store(&pacs_addr, ORTHANC_AET, files).await;
+    }
+    // Only the mammograms reach the node.
+    store(&node.address(), NODE_AET, &mg).await;
+
+    let used = wait_result(&node.db, 240).await;
+    assert_eq!(
+        used,
+        ["MG", "MR", "US"],
+        "the result uses all three modalities"
+    );
+    let all = mg.len() + us.len() + mr.len();
+    assert_eq!(
+        node.db.instance_count().await.unwrap() as usize,
+        all,
+        "the node holds the patient's instances, each once"
+    );
+
+    let attempts = events(&node.db, "fetch_attempt").await;
+    let of = |name: &str| -> Vec<&Value> {
+        attempts
+            .iter()
+            .map(detail)
+            .filter(|d| d["source"] == name)
+            .collect()
+    };
+    let ok = of("orthanc");
+    assert_eq!(ok.len(), 1, "{attempts:?}");
+    assert_eq!(ok[0]["status"], "ok", "{:?}", ok[0]);
+    assert_eq!(ok[0]["trigger"], "on_open");
+    assert_eq!(
+        ok[0]["instances_received"].as_u64().unwrap() as usize,
+        us.len() + mr.len()
+    );
+    // 1 US series + 6 DCE series.
+    assert_eq!(ok[0]["series_requested"], 7, "{:?}", ok[0]);
+    let down = of("down");
+    assert_eq!(down.len(), 1, "{attempts:?}");
+    assert_eq!(down[0]["status"], "failed", "{:?}", down[0]);
+
+    let retrieves = events(&node.db, "fetch_retrieve").await;
+    assert_eq!(retrieves.len(), 7, "{retrieves:?}");
+    let want_method = match method {
+        RetrieveMethod::Move => "C-MOVE",
+        RetrieveMethod::Get => "C-GET",
+    };
+    for r in &retrieves {
+        let d = detail(r);
+        assert_eq!(d["method"], want_method, "{d}");
+        assert_eq!(d["status"], "0x0000", "{d}");
+        assert!(d["instances_received"].as_u64().unwrap() > 0, "{d}");
+        assert_ne!(d["modality"], "MG", "MG was not missing: {d}");
+    }
+    let queries = events(&node.db, "fetch_query").await;
+    let study_query = queries
+        .iter()
+        .map(detail)
+        .find(|d| d["source"] == "orthanc" && d["level"] == "STUDY")
+        .expect("a study-level query");
+    // The MR and US studies (the MG study is not asked for: not missing).
+    assert_eq!(study_query["accepted"], 2, "{study_query}");
+    // The cases view named the source while it fetched.
+    let cases = node.db.all_cases().await.unwrap();
+    let transitions = node.db.case_transitions(&cases[0].id).await.unwrap();
+    assert!(
+        transitions.iter().any(
+            |(_, _, _, reason)| reason.contains("fetching from down, orthanc")
+                || reason.contains("fetch from the sources queued")
+        ),
+        "{transitions:?}"
+    );
+    node.stop().await;
+    drop(pacs);
+    println!(
+        "fetch by {want_method} from Orthanc: {} instances in {:.1} s",
+        us.len() + mr.len(),
+        started.elapsed().as_secs_f64()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn orthanc_c_move_completes_the_case() {
+    orthanc_fetch(RetrieveMethod::Move).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn orthanc_c_get_completes_the_case() {
+    orthanc_fetch(RetrieveMethod::Get).await;
+}
+
+/// dcmqrscp on free ports, with the node as its only move destination;
+/// killed when dropped.
+struct Dcmqrscp {
+    child: Child,
+    port: u16,
+    storage: PathBuf,
+}
+
+impl Dcmqrscp {
+    fn start(dir: &Path, node_port: u16) -> Dcmqrscp {
+        let port = free_port();
+        let storage = dir.join("dcmqrscp-db");
+        std::fs::create_dir_all(&storage).unwrap();
+        let config = dir.join("dcmqrscp.cfg");
+        std::fs::write(
+            &config,
+            format!(
+                "NetworkTCPPort = {port}\nMaxPDUSize = 16384\nMaxAssociations = 16\n\n\
+                 HostTable BEGIN\nnode = ({NODE_AET}, 127.0.0.1, {node_port})\nHostTable END\n\n\
+                 VendorTable BEGIN\nVendorTable END\n\n\
+                 AETable BEGIN\nDCMQRSCP {} RW (500, 1024mb) ANY\nAETable END\n",
+                storage.display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new("dcmqrscp")
+            .arg("-c")
+            .arg(&config)
+            .env("TCP_NODELAY", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("dcmqrscp must be installed (apt-get install dcmtk)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "dcmqrscp did not listen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Dcmqrscp {
+            child,
+            port,
+            storage,
+        }
+    }
+}
+
+impl Drop for Dcmqrscp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// DCMTK's dcmqrscp as a second vendor's PACS, C-FIND/C-MOVE, with some MR
+/// files gone from its storage: those series come back partial (failed
+/// sub-operations, warning status); the case still completes with all
+/// three modalities, and the events say what failed.
+#[tokio::test(flavor = "multi_thread")]
+async fn dcmqrscp_c_move_completes_the_case_despite_failed_sub_operations() {
+    let dir = tempfile::tempdir().unwrap();
+    // The node's port is needed in dcmqrscp's configuration and dcmqrscp's
+    // in the node's: bind the node first on a port chosen here.
+    let node_port = free_port();
+    let qr = tokio::task::block_in_place(|| Dcmqrscp::start(dir.path(), node_port));
+    let mut settings = node_settings(
+        dir.path(),
+        vec![source(
+            "dcmqrscp",
+            "DCMQRSCP",
+            qr.port,
+            RetrieveMethod::Move,
+        )],
+        300,
+    );
+    settings.dicom.port = node_port;
+    let node = spawn_app_with(settings).await;
+    let qr_addr = format!("127.0.0.1:{}", qr.port);
+    let (mg, us, mr) = (study("MG"), study("US"), study("MR"));
+    store(&qr_addr, "DCMQRSCP", &us).await;
+    store(&qr_addr, "DCMQRSCP", &mr).await;
+    // Lose every tenth MR file from the PACS's storage.
+    let mut stored: Vec<PathBuf> = std::fs::read_dir(&qr.storage)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("MR"))
+        })
+        .collect();
+    stored.sort();
+    assert_eq!(stored.len(), mr.len(), "dcmqrscp holds the MR files");
+    let lost: Vec<&PathBuf> = stored.iter().step_by(10).collect();
+    for p in &lost {
+        std::fs::remove_file(p).unwrap();
+    }
+    store(&node.address(), NODE_AET, &mg).await;
+
+    let used = wait_result(&node.db, 240).await;
+    assert_eq!(used, ["MG", "MR", "US"]);
+    assert_eq!(
+        node.db.instance_count().await.unwrap() as usize,
+        mg.len() + us.len() + mr.len() - lost.len()
+    );
+    let attempts = events(&node.db, "fetch_attempt").await;
+    assert_eq!(attempts.len(), 1, "{attempts:?}");
+    let a = detail(&attempts[0]);
+    assert_eq!(a["status"], "partial", "{a}");
+    assert_eq!(
+        a["instances_received"].as_u64().unwrap() as usize,
+        us.len() + mr.len() - lost.len(),
+        "{a}"
+    );
+    let retrieves = events(&node.db, "fetch_retrieve").await;
+    let failed: u64 = retrieves
+        .iter()
+        .map(|r| detail(r)["failed"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(failed as usize, lost.len(), "{retrieves:?}");
+    assert!(
+        retrieves
+            .iter()
+            .any(|r| detail(r)["result"] == "partial" && detail(r)["status"] == "0xB000"),
+        "{retrieves:?}"
+    );
+    node.stop().await;
+}
+
+/// A copy of `files` as another patient's: Patient ID `patient_id`, fresh
+/// Study/Series/SOP Instance UIDs.
+fn as_patient(files: &[PathBuf], out: &Path, patient_id: &str, salt: &str) -> Vec<PathBuf> {
+    std::fs::create_dir_all(out).unwrap();
+    let fresh = |uid: &str| format!("{}.{salt}", uid.trim_end_matches(['\0', ' ']));
+    files
+        .iter()
+        .map(|f| {
+            let mut obj = dicom_object::open_file(f).unwrap();
+            let get = |o: &dicom_object::DefaultDicomObject, tag| {
+                o.element(tag).unwrap().to_str().unwrap().to_string()
+            };
+            let (st, se, sop) = (
+                fresh(&get(&obj, tags::STUDY_INSTANCE_UID)),
+                fresh(&get(&obj, tags::SERIES_INSTANCE_UID)),
+                fresh(&get(&obj, tags::SOP_INSTANCE_UID)),
+            );
+            for (tag, vr, v) in [
+                (tags::PATIENT_ID, VR::LO, patient_id.to_string()),
+                (tags::STUDY_INSTANCE_UID, VR::UI, st),
+                (tags::SERIES_INSTANCE_UID, VR::UI, se),
+                (tags::SOP_INSTANCE_UID, VR::UI, sop.clone()),
+            ] {
+                obj.put(DataElement::new(tag, vr, PrimitiveValue::from(v)));
+            }
+            obj.meta_mut().media_storage_sop_instance_uid = sop;
+            obj.meta_mut().update_information_group_length();
+            let path = out.join(f.file_name().unwrap());
+            obj.write_to_file(&path).unwrap();
+            path
+        })
+        .collect()
+}
+
+/// The case's patient has a Patient ID with a wildcard character in it;
+/// Orthanc applies it (PS3.4 C.2.2.2.4) and answers with another patient's
+/// US and MR studies. The node refuses those matches, retrieves nothing,
+/// and the case runs with its mammograms at its max wait. A second source
+/// refuses the C-MOVE (a destination it does not know): the case goes on.
+#[tokio::test(flavor = "multi_thread")]
+async fn another_patients_matches_and_a_refused_move_do_not_reach_the_case() {
+    let dir = tempfile::tempdir().unwrap();
+    orthanc_binary();
+    let (http, dicom) = (free_port(), free_port());
+    let (http2, dicom2) = (free_port(), free_port());
+    let mut settings = node_settings(
+        dir.path(),
+        vec![
+            source("orthanc", ORTHANC_AET, dicom, RetrieveMethod::Move),
+            source("orthanc-b", ORTHANC_AET, dicom2, RetrieveMethod::Move),
+        ],
+        12,
+    );
+    // Orthanc B knows the node for queries, but C-MOVE names a destination
+    // neither Orthanc knows.
+    settings.fetch.move_destination = "NOWHERE".into();
+    let node = spawn_app_with(settings).await;
+    for d in ["a", "b"] {
+        std::fs::create_dir_all(dir.path().join(d)).unwrap();
+    }
+    let pacs = orthanc(&dir.path().join("a"), http, dicom, node.port());
+    let pacs_b = orthanc(&dir.path().join("b"), http2, dicom2, node.port());
+    let mg = as_patient(&study("MG"), &dir.path().join("mg"), "RISK?01", "1");
+    let other_us = as_patient(&study("US"), &dir.path().join("us"), "RISKX01", "2");
+    let other_mr = as_patient(&study("MR"), &dir.path().join("mr"), "RISKX01", "3");
+    store(&format!("127.0.0.1:{dicom}"), ORTHANC_AET, &other_us).await;
+    store(&format!("127.0.0.1:{dicom}"), ORTHANC_AET, &other_mr).await;
+    let own_us = as_patient(&study("US"), &dir.path().join("own-us"), "RISK?01", "4");
+    store(&format!("127.0.0.1:{dicom2}"), ORTHANC_AET, &own_us).await;
+    store(&node.address(), NODE_AET, &mg).await;
+
+    let used = wait_result(&node.db, 120).await;
+    assert_eq!(used, ["MG"], "only the case's own modality");
+    assert_eq!(
+        node.db.instance_count().await.unwrap() as usize,
+        mg.len(),
+        "nothing of another patient reached the node"
+    );
+    let queries = events(&node.db, "fetch_query").await;
+    let a = queries
+        .iter()
+        .map(detail)
+        .find(|d| d["source"] == "orthanc" && d["level"] == "STUDY")
+        .expect("a study query to orthanc");
+    assert_eq!(a["matches"], 2, "Orthanc matched the wildcard: {a}");
+    assert_eq!(a["accepted"], 0, "{a}");
+    let rejected = a["rejected"].as_array().unwrap();
+    assert!(
+        rejected.iter().all(|r| r == "another Patient ID"),
+        "{rejected:?}"
+    );
+    let retrieves = events(&node.db, "fetch_retrieve").await;
+    assert!(
+        retrieves.iter().all(|r| detail(r)["source"] == "orthanc-b"),
+        "nothing retrieved from orthanc: {retrieves:?}"
+    );
+    let b: Vec<&Value> = retrieves.iter().map(detail).collect();
+    assert!(!b.is_empty(), "orthanc-b was asked to move its US study");
+    for d in &b {
+        assert_eq!(d["result"], "failed", "{d}");
+        assert_eq!(d["instances_received"], 0, "{d}");
+    }
+    let attempts = events(&node.db, "fetch_attempt").await;
+    let statuses: Vec<(String, String)> = attempts
+        .iter()
+        .map(detail)
+        .map(|d| {
+            (
+                d["source"].as_str().unwrap().to_string(),
+                d["status"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert!(
+        statuses.contains(&("orthanc".into(), "nothing".into())),
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.contains(&("orthanc-b".into(), "partial".into()))
+            || statuses.contains(&("orthanc-b".into(), "failed".into())),
+        "{statuses:?}"
+    );
+    node.stop().await;
+    drop((pacs, pacs_b));
+}
