@@ -9,7 +9,7 @@ set -uo pipefail
 cd "$(dirname "$0")"
 secs="${1:-60}"
 export RUSTC_BOOTSTRAP=1
-for target in pdu_command ingest_dataset; do
+for target in pdu_command ingest_dataset multipart_related; do
     mkdir -p "corpus/$target"
     log="$(mktemp)"
     # -s none: no sanitizer (safe Rust; also builds on stable with

@@ -84,7 +84,7 @@ impl App {
         let wake = ingest.stored_notify();
         let workers = Workers::new(&settings, &db, &clock, engine)?;
         let fetcher = fetcher(&settings, &db, &clock, &ingest, &wake)?;
-        let server = bind_server(&settings, ingest, tls).await?;
+        let server = bind_server(&settings, ingest.clone(), tls).await?;
         let addr = server.local_addr()?;
         let tls_addr = server.tls_local_addr()?;
         let http = crate::http::bind(
@@ -94,6 +94,7 @@ impl App {
                 clock: clock.clone(),
                 engine: workers.pipeline.engine.clone(),
                 dicom_addr: addr,
+                ingest,
             },
         )
         .await?;

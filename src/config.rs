@@ -69,6 +69,20 @@ pub struct HttpSettings {
     pub tls: HttpTlsSettings,
     #[serde(default)]
     pub users: Vec<HttpUser>,
+    /// Largest STOW-RS request body (`POST /dicom-web/studies`), in bytes.
+    #[serde(default = "default_stow_max_body_bytes")]
+    pub stow_max_body_bytes: usize,
+    /// Seconds for a whole STOW-RS request, body and storing included.
+    #[serde(default = "default_stow_timeout_secs")]
+    pub stow_timeout_secs: u64,
+}
+
+fn default_stow_max_body_bytes() -> usize {
+    1 << 30
+}
+
+fn default_stow_timeout_secs() -> u64 {
+    600
 }
 
 /// `[http.tls]`: HTTPS with the same PEM handling as `[dicom.tls]`.
@@ -90,12 +104,15 @@ pub struct HttpUser {
     pub token_sha256: String,
 }
 
-/// What a console user may do: viewers read, operators also act.
+/// What a console user may do: viewers read, operators also act (and may
+/// STOW-RS); `stow` users may only store instances by STOW-RS (a PACS's or
+/// modality's account: no console page, no API view, no PHI).
 #[derive(Debug, Clone, Copy, Deserialize, serde::Serialize, PartialEq, Eq, PartialOrd, Ord)]
 #[serde(rename_all = "lowercase")]
 pub enum HttpRole {
     Viewer,
     Operator,
+    Stow,
 }
 
 impl HttpRole {
@@ -103,7 +120,13 @@ impl HttpRole {
         match self {
             HttpRole::Viewer => "viewer",
             HttpRole::Operator => "operator",
+            HttpRole::Stow => "stow",
         }
+    }
+
+    /// May store instances by STOW-RS (`POST /dicom-web/studies`).
+    pub fn may_stow(self) -> bool {
+        matches!(self, HttpRole::Operator | HttpRole::Stow)
     }
 }
 
@@ -246,13 +269,91 @@ pub struct PeerSettings {
     pub host: Option<String>,
 }
 
-/// `[[destinations]]`: where results go.
+/// A DICOMweb service (PS3.18): a `[[destinations]]` entry's `dicomweb`
+/// table, and a DICOMweb `[[sources]]` entry. Secrets are never in the
+/// file itself: a token or password is read from the file or environment
+/// variable named here (turned into a client by `dicomweb::client`).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DicomWebEndpoint {
+    /// The service root, e.g. `https://pacs.example.org/dicom-web`
+    /// (`studies` is appended to it). No user or password in it.
+    pub url: String,
+    /// A file holding the bearer token (`Authorization: Bearer`).
+    #[serde(default)]
+    pub bearer_token_file: Option<PathBuf>,
+    /// An environment variable holding the bearer token.
+    #[serde(default)]
+    pub bearer_token_env: Option<String>,
+    /// HTTP basic auth user (with a password file or variable).
+    #[serde(default)]
+    pub basic_user: Option<String>,
+    #[serde(default)]
+    pub basic_password_file: Option<PathBuf>,
+    #[serde(default)]
+    pub basic_password_env: Option<String>,
+    /// PEM: a CA to trust besides the system's (a hospital PKI).
+    #[serde(default)]
+    pub ca_certificate: Option<PathBuf>,
+    /// Seconds for one whole request (connect, send, response).
+    #[serde(default = "default_dicomweb_timeout_secs")]
+    pub timeout_secs: u64,
+}
+
+fn default_dicomweb_timeout_secs() -> u64 {
+    60
+}
+
+impl DicomWebEndpoint {
+    /// What is wrong with it, if anything (the key's name is the caller's).
+    pub fn problem(&self) -> Option<String> {
+        let url = self.url.trim();
+        let Some((scheme, rest)) = url.split_once("://") else {
+            return Some(format!("url {url:?} is not an http:// or https:// URL"));
+        };
+        if !matches!(scheme, "http" | "https") || rest.is_empty() {
+            return Some(format!("url {url:?} is not an http:// or https:// URL"));
+        }
+        let authority = rest.split('/').next().unwrap_or("");
+        if authority.contains('@') {
+            return Some("url must not hold a user or password: use basic_user and basic_password_file or _env".into());
+        }
+        if self.bearer_token_file.is_some() && self.bearer_token_env.is_some() {
+            return Some("bearer_token_file and bearer_token_env: set one".into());
+        }
+        let bearer = self.bearer_token_file.is_some() || self.bearer_token_env.is_some();
+        let password = self.basic_password_file.is_some() || self.basic_password_env.is_some();
+        if self.basic_user.is_some() != password
+            || (self.basic_password_file.is_some() && self.basic_password_env.is_some())
+        {
+            return Some(
+                "basic_user needs exactly one of basic_password_file and basic_password_env".into(),
+            );
+        }
+        if bearer && self.basic_user.is_some() {
+            return Some("bearer token and basic auth: set one".into());
+        }
+        if self.timeout_secs == 0 {
+            return Some("timeout_secs must be at least 1".into());
+        }
+        None
+    }
+}
+
+/// `[[destinations]]`: where results go: a DIMSE peer (`ae_title`, `host`,
+/// `port`) or a DICOMweb service (`dicomweb = { url = ... }`, STOW-RS).
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct DestinationSettings {
+    #[serde(default)]
     pub ae_title: String,
+    #[serde(default)]
     pub host: String,
+    #[serde(default)]
     pub port: u16,
+    /// Deliver by STOW-RS to this service instead of C-STORE.
+    #[serde(default)]
+    pub dicomweb: Option<DicomWebEndpoint>,
     /// Output kinds this destination receives ("sr", "sc", "gsps"; the summary
     /// card is an "sc"); all when absent.
     #[serde(default)]
@@ -265,6 +366,9 @@ pub struct DestinationSettings {
 impl DestinationSettings {
     /// The stable name of a destination in the outbox table.
     pub fn name(&self) -> String {
+        if let Some(web) = &self.dicomweb {
+            return web.url.trim().trim_end_matches('/').to_string();
+        }
         format!("{}@{}:{}", self.ae_title.trim(), self.host, self.port)
     }
     pub fn wants(&self, kind: &str) -> bool {
@@ -549,9 +653,21 @@ impl Settings {
             }
         }
         for d in &self.destinations {
-            validate_ae_title(&d.ae_title).map_err(|m| invalid("destinations.ae_title", &m))?;
-            if d.host.trim().is_empty() {
-                return Err(invalid("destinations.host", "must not be empty"));
+            if let Some(web) = &d.dicomweb {
+                if !d.ae_title.is_empty() || !d.host.is_empty() || d.port != 0 || d.tls.is_some() {
+                    return Err(invalid(
+                        "destinations.dicomweb",
+                        "a DICOMweb destination has no ae_title, host, port or tls (its TLS is dicomweb.ca_certificate)",
+                    ));
+                }
+                if let Some(m) = web.problem() {
+                    return Err(invalid("destinations.dicomweb", &m));
+                }
+            } else {
+                validate_ae_title(&d.ae_title).map_err(|m| invalid("destinations.ae_title", &m))?;
+                if d.host.trim().is_empty() {
+                    return Err(invalid("destinations.host", "must not be empty"));
+                }
             }
             if let Some(kinds) = &d.outputs
                 && kinds
@@ -638,6 +754,12 @@ impl Settings {
                 "http",
                 "max_body_bytes, header_timeout_secs and request_timeout_secs must be at least 1"
                     .into(),
+            ));
+        }
+        if h.stow_max_body_bytes == 0 || h.stow_timeout_secs == 0 {
+            return Err((
+                "http",
+                "stow_max_body_bytes and stow_timeout_secs must be at least 1".into(),
             ));
         }
         if h.max_connections == 0 {

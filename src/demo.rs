@@ -149,6 +149,7 @@ fn configure_node(settings: &mut Settings, out: &Path, receiver_port: u16) {
         ae_title: RECEIVER_AE.into(),
         host: "127.0.0.1".into(),
         port: receiver_port,
+        dicomweb: None,
         outputs: None,
         tls: None,
     }];

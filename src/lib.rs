@@ -12,6 +12,7 @@ pub mod clock;
 pub mod config;
 pub mod db;
 pub mod demo;
+pub mod dicomweb;
 pub mod dimse;
 pub mod durable;
 pub mod evaluate;

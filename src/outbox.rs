@@ -1,5 +1,6 @@
 //! Reliable delivery of result objects: a persisted queue (one row per object
-//! x destination) drained by one worker with the node's own C-STORE SCU,
+//! x destination) drained by one worker with the destination's transport
+//! (the node's own C-STORE SCU, or STOW-RS for a DICOMweb destination),
 //! retrying transient failures with exponential backoff and moving permanent
 //! ones to a dead-letter state at once.
 
@@ -16,6 +17,7 @@ use tracing::{error, info, warn};
 use crate::clock::Clock;
 pub use crate::config::{DestinationSettings, OutboxSettings};
 use crate::db::{Db, DbError, DeliveryState, OutboxRow, format_time};
+use crate::dicomweb::{DicomWebClient, DicomWebError, StowResponse};
 use crate::dimse::client::{ClientOptions, ClientTls};
 use crate::dimse::tls::TlsError;
 use crate::report::OutputKind;
@@ -70,11 +72,22 @@ const DELIVERY_LEASE: Duration = Duration::from_secs(300);
 /// Most deliveries claimed (and sent) in one round.
 const DELIVERY_BATCH: i64 = 32;
 
+/// How a destination is reached, built once at start.
+enum Transport {
+    /// C-STORE, with its TLS when configured.
+    Dimse(Option<ClientTls>),
+    /// STOW-RS (PS3.18 10.5).
+    DicomWeb(DicomWebClient),
+}
+
+/// Most bytes of result files in one STOW-RS request.
+const STOW_REQUEST_BYTES: usize = 64 << 20;
+
 pub struct Outbox {
     db: Db,
     data_dir: PathBuf,
-    /// Each destination with its TLS, built once at start.
-    destinations: Vec<(DestinationSettings, Option<ClientTls>)>,
+    /// Each destination with its transport.
+    destinations: Vec<(DestinationSettings, Transport)>,
     settings: OutboxSettings,
     calling_ae: String,
     clock: Clock,
@@ -95,6 +108,14 @@ impl Outbox {
         let destinations = destinations
             .into_iter()
             .map(|d| {
+                if let Some(web) = &d.dicomweb {
+                    // The token file, variable and CA are read now.
+                    let client = DicomWebClient::new(web).map_err(|e| TlsError {
+                        key: "destinations.dicomweb",
+                        message: e.to_string(),
+                    })?;
+                    return Ok((d, Transport::DicomWeb(client)));
+                }
                 let tls = d
                     .tls
                     .as_ref()
@@ -106,7 +127,7 @@ impl Outbox {
                         )
                     })
                     .transpose()?;
-                Ok((d, tls))
+                Ok((d, Transport::Dimse(tls)))
             })
             .collect::<Result<_, TlsError>>()?;
         Ok(Outbox {
@@ -212,12 +233,20 @@ impl Outbox {
         let mut attempted = 0;
         for (name, rows) in by_dest {
             attempted += rows.len();
-            let Some((dest, tls)) = self.destinations.iter().find(|(d, _)| d.name() == name) else {
+            let Some((dest, transport)) = self.destinations.iter().find(|(d, _)| d.name() == name)
+            else {
                 for row in &rows {
                     self.record(row, Verdict::Dead, "destination no longer configured")
                         .await?;
                 }
                 continue;
+            };
+            let tls = match transport {
+                Transport::Dimse(tls) => tls,
+                Transport::DicomWeb(client) => {
+                    self.deliver_stow(client, &rows).await?;
+                    continue;
+                }
             };
             let options = ClientOptions {
                 calling_ae: self.calling_ae.clone(),
@@ -265,6 +294,54 @@ impl Outbox {
         Ok(attempted)
     }
 
+    /// Deliver rows to a DICOMweb destination by STOW-RS, in requests of
+    /// at most [`STOW_REQUEST_BYTES`]: a 4xx (409 included) is permanent,
+    /// with the service's failure reasons recorded; 5xx and no answer are
+    /// retried; per instance, a 202's Failed SOP Sequence decides by its
+    /// Failure Reason as a C-STORE status would (0xA7xx retried).
+    async fn deliver_stow(
+        &self,
+        client: &DicomWebClient,
+        rows: &[OutboxRow],
+    ) -> Result<(), DbError> {
+        let mut batch: Vec<(&OutboxRow, Vec<u8>)> = Vec::new();
+        let mut bytes = 0usize;
+        for row in rows {
+            match tokio::fs::read(self.data_dir.join(&row.path)).await {
+                Ok(file) => {
+                    if !batch.is_empty() && bytes + file.len() > STOW_REQUEST_BYTES {
+                        self.stow_batch(client, std::mem::take(&mut batch)).await?;
+                        bytes = 0;
+                    }
+                    bytes += file.len();
+                    batch.push((row, file));
+                }
+                Err(e) => {
+                    self.record(row, Verdict::Dead, &format!("file {}: {e}", row.path))
+                        .await?;
+                }
+            }
+        }
+        if !batch.is_empty() {
+            self.stow_batch(client, batch).await?;
+        }
+        Ok(())
+    }
+
+    async fn stow_batch(
+        &self,
+        client: &DicomWebClient,
+        batch: Vec<(&OutboxRow, Vec<u8>)>,
+    ) -> Result<(), DbError> {
+        let (rows, files): (Vec<&OutboxRow>, Vec<Vec<u8>>) = batch.into_iter().unzip();
+        let answer = client.store(None, files).await;
+        for row in rows {
+            let (verdict, status) = stow_verdict(&answer, &row.sop_instance_uid);
+            self.record(row, verdict, &status).await?;
+        }
+        Ok(())
+    }
+
     /// The delivery worker: wakes when outputs are queued, when the earliest
     /// retry is due, and every few seconds for operator retries.
     pub async fn run(self, wake: Arc<Notify>, shutdown: CancellationToken) {
@@ -283,9 +360,74 @@ impl Outbox {
     }
 }
 
+/// What a STOW-RS answer means for one of the instances it carried.
+fn stow_verdict(answer: &Result<StowResponse, DicomWebError>, uid: &str) -> (Verdict, String) {
+    match answer {
+        Ok(r) => match r.failed.iter().find(|f| f.sop_instance_uid == uid) {
+            Some(f) => {
+                let code = f
+                    .reason
+                    .unwrap_or(crate::dimse::command::status::CANNOT_UNDERSTAND);
+                (
+                    classify_status(code),
+                    format!("STOW-RS {}: failure reason {code:#06X}", r.status),
+                )
+            }
+            None => {
+                let warning = r
+                    .stored
+                    .iter()
+                    .find(|s| s.sop_instance_uid == uid)
+                    .and_then(|s| s.warning)
+                    .map(|w| format!(", warning {w:#06X}"))
+                    .unwrap_or_default();
+                (Verdict::Sent, format!("STOW-RS {}{warning}", r.status))
+            }
+        },
+        Err(e) if e.is_transient() => (Verdict::Retry, e.to_string()),
+        Err(e) => (Verdict::Dead, e.to_string()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stow_answers_split_into_sent_retry_and_dead_letter() {
+        use crate::dicomweb::StowFailed;
+        let partial = Ok(StowResponse {
+            status: 202,
+            failed: vec![
+                StowFailed {
+                    sop_instance_uid: "1.1".into(),
+                    reason: Some(0xC000),
+                    ..Default::default()
+                },
+                StowFailed {
+                    sop_instance_uid: "1.2".into(),
+                    reason: Some(0xA700),
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        });
+        assert_eq!(stow_verdict(&partial, "1.1").0, Verdict::Dead);
+        assert_eq!(stow_verdict(&partial, "1.2").0, Verdict::Retry);
+        assert_eq!(stow_verdict(&partial, "1.3").0, Verdict::Sent);
+        let status = |status| {
+            Err(DicomWebError::Status {
+                status,
+                url: "u".into(),
+                reason: "r".into(),
+            })
+        };
+        let (v, text) = stow_verdict(&status(409), "1.1");
+        assert_eq!(v, Verdict::Dead);
+        assert!(text.contains("409") && text.contains('r'), "{text}");
+        assert_eq!(stow_verdict(&status(404), "1.1").0, Verdict::Dead);
+        assert_eq!(stow_verdict(&status(503), "1.1").0, Verdict::Retry);
+    }
 
     #[test]
     fn statuses_split_into_retry_and_dead_letter() {

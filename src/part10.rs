@@ -63,6 +63,33 @@ impl Part10Header {
     }
 }
 
+impl Part10Header {
+    /// The same from the bytes of a whole file held in memory (a STOW-RS
+    /// part).
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, Part10Error> {
+        let len = bytes.len() as u64;
+        if bytes.len() < 132 {
+            return Err(Part10Error::NotPart10("shorter than the preamble".into()));
+        }
+        let mut rest = &bytes[128..];
+        let meta = dicom_object::meta::FileMetaTable::from_reader(&mut rest)
+            .map_err(|e| Part10Error::NotPart10(e.to_string()))?;
+        let dataset_offset = 128 + 4 + 12 + u64::from(meta.information_group_length);
+        if dataset_offset > len {
+            return Err(Part10Error::NotPart10(
+                "meta group length beyond end of file".into(),
+            ));
+        }
+        Ok(Part10Header {
+            sop_class_uid: meta.media_storage_sop_class_uid().to_string(),
+            sop_instance_uid: meta.media_storage_sop_instance_uid().to_string(),
+            transfer_syntax: meta.transfer_syntax().to_string(),
+            dataset_offset,
+            dataset_len: len - dataset_offset,
+        })
+    }
+}
+
 /// Encode preamble, magic and File Meta Information for a data set received
 /// with the given identity and transfer syntax.
 pub fn encode_header(
@@ -108,5 +135,10 @@ mod tests {
         assert_eq!(h.transfer_syntax, "1.2.840.10008.1.2.1");
         assert_eq!(h.dataset_offset, offset);
         assert_eq!(h.dataset_len, 4);
+        let b = Part10Header::from_bytes(&bytes).unwrap();
+        assert_eq!(b.dataset_offset, offset);
+        assert_eq!(b.transfer_syntax, h.transfer_syntax);
+        assert!(Part10Header::from_bytes(&bytes[..100]).is_err());
+        assert!(Part10Header::from_bytes(b"not dicom at all").is_err());
     }
 }

@@ -10,7 +10,8 @@ use her2map::config::HttpRole;
 pub struct TokenArgs {
     /// The user's name, as the audit log will record their actions.
     name: String,
-    /// "viewer" (reads) or "operator" (also runs, holds, releases, retries).
+    /// "viewer" (reads), "operator" (also runs, holds, releases, retries,
+    /// and may STOW-RS) or "stow" (may only STOW-RS instances).
     #[arg(long, value_parser = parse_role, default_value = "viewer")]
     role: HttpRole,
 }
@@ -19,7 +20,10 @@ fn parse_role(s: &str) -> Result<HttpRole, String> {
     match s {
         "viewer" => Ok(HttpRole::Viewer),
         "operator" => Ok(HttpRole::Operator),
-        other => Err(format!("role must be viewer or operator, not {other:?}")),
+        "stow" => Ok(HttpRole::Stow),
+        other => Err(format!(
+            "role must be viewer, operator or stow, not {other:?}"
+        )),
     }
 }
 

@@ -108,6 +108,8 @@ pub enum Denied {
     Missing,
     /// A token that belongs to nobody.
     Wrong,
+    /// A `stow` user's token outside STOW-RS.
+    StowOnly,
 }
 
 /// Authenticate a request: the user of its token; with no users
@@ -125,6 +127,10 @@ pub async fn authenticate(state: &Shared, parts: &Parts) -> Result<Identity, Den
         return Err(Denied::Missing);
     };
     match state.users.find(&token) {
+        // A STOW-RS account reads nothing (no page, no API view: PHI).
+        Some((_, HttpRole::Stow)) if !parts.uri.path().starts_with("/dicom-web/") => {
+            Err(Denied::StowOnly)
+        }
         Some((name, role)) => Ok(Identity {
             name,
             role,
@@ -206,8 +212,38 @@ pub fn unauthorized(d: Denied) -> ApiError {
     let message = match d {
         Denied::Missing => "send Authorization: Bearer TOKEN",
         Denied::Wrong => "unknown token",
+        Denied::StowOnly => {
+            return ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "this user may only store instances (STOW-RS)",
+            );
+        }
     };
     ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+}
+
+/// Extractor: a signed-in user who may store instances by STOW-RS (401
+/// without a token, 403 for a viewer).
+pub struct Stower(pub Identity);
+
+impl FromRequestParts<Shared> for Stower {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &Shared) -> Result<Self, ApiError> {
+        let id = authenticate(state, parts).await.map_err(unauthorized)?;
+        if !id.signed_in {
+            // A node without users serves loopback read-only: no STOW-RS.
+            return Err(unauthorized(Denied::Missing));
+        }
+        if !id.role.may_stow() {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "storing instances needs the stow or operator role",
+            ));
+        }
+        Ok(Stower(id))
+    }
 }
 
 /// For handlers that take the state by extractor.

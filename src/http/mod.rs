@@ -1,7 +1,8 @@
 //! The node's one HTTP server (issue 15): the administrator's console
 //! ([`pages`]), the REST API under `/api/v1` ([`api`], described by
 //! [`openapi`]), Prometheus metrics ([`metrics`]) and the health checks
-//! ([`health`]), behind bearer-token users and roles ([`auth`]). It owns
+//! ([`health`]), STOW-RS in ([`stow`]), behind bearer-token users and
+//! roles ([`auth`]). It owns
 //! the listener, its accept loop and per-connection limits (slow headers,
 //! slow bodies, body size, connection count: issue 19's HTTP part); it
 //! reads and acts only through `ops` and `db`, as the CLI does.
@@ -12,6 +13,7 @@ pub mod health;
 pub mod metrics;
 pub mod openapi;
 pub mod pages;
+pub mod stow;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -51,6 +53,10 @@ pub struct Console {
     pub min_free_bytes: u64,
     pub dicom_addr: SocketAddr,
     pub ae_title: String,
+    /// Where STOW-RS instances go: the same ingest as C-STORE.
+    pub ingest: crate::ingest::Ingest,
+    /// `[dicom] accept_any_storage`: STOW-RS takes the SCP's SOP classes.
+    pub accept_any_storage: bool,
     /// Cancelled when the node stops: readiness of the DICOM listener.
     pub shutdown: CancellationToken,
     auth_audit: std::sync::Mutex<(i64, u32)>,
@@ -64,6 +70,7 @@ pub struct Parts {
     pub clock: Clock,
     pub engine: EngineHandle,
     pub dicom_addr: SocketAddr,
+    pub ingest: crate::ingest::Ingest,
 }
 
 /// The bound HTTP server, ready to serve.
@@ -131,6 +138,8 @@ pub async fn bind(settings: &Settings, parts: Parts) -> anyhow::Result<Option<Ht
         min_free_bytes: settings.storage.min_free_mb << 20,
         dicom_addr: parts.dicom_addr,
         ae_title: settings.dicom.ae_title.trim().to_string(),
+        ingest: parts.ingest,
+        accept_any_storage: settings.dicom.accept_any_storage,
         shutdown: CancellationToken::new(),
         auth_audit: std::sync::Mutex::new((0, 0)),
     });
@@ -145,7 +154,8 @@ pub async fn bind(settings: &Settings, parts: Parts) -> anyhow::Result<Option<Ht
     }))
 }
 
-/// Every route, with the limits every request gets.
+/// Every route, with the limits every request gets (STOW-RS has its own
+/// body limit and timeout: [`stow::routes`]).
 pub fn router(console: Shared, h: &HttpSettings) -> Router {
     Router::new()
         .merge(health::routes())
@@ -153,7 +163,6 @@ pub fn router(console: Shared, h: &HttpSettings) -> Router {
         .merge(api::routes())
         .merge(pages::routes())
         .fallback(not_found)
-        .layer(middleware::from_fn(count_and_harden))
         .layer(DefaultBodyLimit::max(h.max_body_bytes))
         .layer(tower_http::limit::RequestBodyLimitLayer::new(
             h.max_body_bytes,
@@ -162,6 +171,8 @@ pub fn router(console: Shared, h: &HttpSettings) -> Router {
             StatusCode::REQUEST_TIMEOUT,
             Duration::from_secs(h.request_timeout_secs),
         ))
+        .merge(stow::routes(h))
+        .layer(middleware::from_fn(count_and_harden))
         .with_state(console)
 }
 

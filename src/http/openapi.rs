@@ -52,6 +52,32 @@ fn page(item: &str) -> Value {
 
 const READ: &[&str] = &["400", "401", "503"];
 
+/// STOW-RS (PS3.18 10.5): the request and the DICOM JSON response.
+fn stow(with_study: bool) -> Value {
+    let response = |d: &str| {
+        json!({ "description": d, "content": { "application/dicom+json": { "schema": {
+            "$ref": "#/components/schemas/StowResponse" } } } })
+    };
+    let mut op = json!({
+        "summary": if with_study {
+            "Store instances of one study by STOW-RS (stow or operator role); an instance of another study fails (0xA900)"
+        } else {
+            "Store instances by STOW-RS (stow or operator role): each through ingest, durable and indexed before the answer"
+        },
+        "requestBody": { "required": true, "content": {
+            "multipart/related; type=\"application/dicom\"": { "schema": { "type": "string", "format": "binary" } } } },
+        "responses": errors(json!({
+            "200": response("Every instance stored (duplicates included: the first copy is kept)"),
+            "202": response("Some instances stored, the others in FailedSOPSequence"),
+            "409": response("No instance stored: FailedSOPSequence gives each FailureReason")
+        }), &["400", "401", "403", "408", "413", "415", "503"])
+    });
+    if with_study {
+        op["parameters"] = json!([param("study", "path", json!({ "type": "string" }), true)]);
+    }
+    op
+}
+
 /// The document.
 pub fn spec() -> Value {
     let case_states: Vec<&str> = crate::db::CaseState::ALL
@@ -141,6 +167,8 @@ pub fn spec() -> Value {
             "responses": errors(json!({ "200": ok(json!({ "type": "object", "required": ["items", "limit"], "properties": {
                 "items": { "type": "array", "items": { "$ref": "#/components/schemas/AuditEvent" } },
                 "limit": { "type": "integer" }, "next_after_seq": { "type": "integer", "nullable": true } } })) }), READ) } },
+        "/dicom-web/studies": { "post": stow(false) },
+        "/dicom-web/studies/{study}": { "post": stow(true) },
         "/api/v1/openapi.json": { "get": { "summary": "This document",
             "responses": errors(json!({ "200": ok(json!({ "type": "object" })) }), &["401"]) } }
       },
@@ -173,6 +201,8 @@ pub fn spec() -> Value {
               "state": { "type": "string", "enum": ["pending", "sent", "dead"] }, "attempts": { "type": "integer" },
               "last_status": { "type": "string" }, "next_attempt_at": { "type": "string" }, "case_id": { "type": "string" },
               "kind": { "type": "string" } } },
+          "StowResponse": { "type": "object", "description": "PS3.18 10.5.3, DICOM JSON: 00081190 Retrieve URL, 00081199 Referenced SOP Sequence, 00081198 Failed SOP Sequence (00081150, 00081155, 00081197 Failure Reason)",
+              "properties": { "00081190": { "type": "object" }, "00081199": { "type": "object" }, "00081198": { "type": "object" } } },
           "AuditEvent": { "type": "object", "required": ["seq", "time", "event"], "properties": {
               "seq": { "type": "integer" }, "time": { "type": "string" }, "event": { "type": "string" } } }
         }

@@ -12,6 +12,7 @@ mod batch;
 mod cases;
 mod cli;
 mod console;
+mod dicomweb;
 mod engine;
 mod evaluate;
 mod faults;

@@ -123,6 +123,7 @@ async fn orthanc_routes_the_patient_to_the_node_and_stores_its_results() {
         ae_title: ORTHANC_AET.into(),
         host: "127.0.0.1".into(),
         port: orthanc_dicom,
+        dicomweb: None,
         outputs: None,
         tls: None,
     }];

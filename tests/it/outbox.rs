@@ -36,6 +36,7 @@ fn dest(ae: &str, port: u16) -> DestinationSettings {
         ae_title: ae.into(),
         host: "127.0.0.1".into(),
         port,
+        dicomweb: None,
         outputs: None,
         tls: None,
     }

@@ -59,6 +59,7 @@ async fn one_patient_in_pieces_across_restarts_gives_one_result() {
             ae_title: "HER2MAP".into(),
             host: "127.0.0.1".into(),
             port: destination.port(),
+            dicomweb: None,
             outputs: None,
             tls: None,
         }];

@@ -386,6 +386,7 @@ async fn bad_destination_tls_files_are_startup_errors_naming_the_key() {
         ae_title: "PACS".into(),
         host: "127.0.0.1".into(),
         port: 104,
+        dicomweb: None,
         outputs: None,
         tls: Some(her2map::config::ClientTlsSettings {
             ca: dir.path().join("missing.pem"),
