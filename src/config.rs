@@ -390,7 +390,8 @@ pub enum RetrieveMethod {
 }
 
 /// `[[sources]]`: one PACS the node may query (issue 17): by DIMSE
-/// (`ae_title`, `host`, `port`) or by DICOMweb.
+/// (`ae_title`, `host`, `port`: C-FIND, then C-MOVE or C-GET) or by
+/// DICOMweb (`dicomweb = { url = ... }`: QIDO-RS, then WADO-RS).
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct SourceSettings {
@@ -410,6 +411,9 @@ pub struct SourceSettings {
     /// DICOM TLS to this source; plain TCP when absent.
     #[serde(default)]
     pub tls: Option<ClientTlsSettings>,
+    /// Query by QIDO-RS and retrieve by WADO-RS from this service instead.
+    #[serde(default)]
+    pub dicomweb: Option<DicomWebEndpoint>,
     /// Seconds to wait for each response (0: `[fetch] timeout_secs`).
     #[serde(default)]
     pub timeout_secs: u64,
@@ -423,6 +427,9 @@ impl SourceSettings {
     pub fn name(&self) -> String {
         if !self.name.trim().is_empty() {
             return self.name.trim().to_string();
+        }
+        if let Some(web) = &self.dicomweb {
+            return web.url.trim().trim_end_matches('/').to_string();
         }
         format!("{}@{}:{}", self.ae_title.trim(), self.host, self.port)
     }
@@ -719,12 +726,31 @@ impl Settings {
     fn validate_sources(&self) -> Result<(), (&'static str, String)> {
         let mut names = std::collections::BTreeSet::new();
         for src in &self.sources {
-            validate_ae_title(&src.ae_title).map_err(|m| ("sources.ae_title", m))?;
-            if src.host.trim().is_empty() || src.port == 0 {
-                return Err((
-                    "sources",
-                    format!("source {:?}: host and port are required", src.name()),
-                ));
+            if let Some(web) = &src.dicomweb {
+                if !src.ae_title.is_empty()
+                    || !src.host.is_empty()
+                    || src.port != 0
+                    || src.tls.is_some()
+                    || src.retrieve != RetrieveMethod::Move
+                {
+                    return Err((
+                        "sources.dicomweb",
+                        "a DICOMweb source has no ae_title, host, port, tls or retrieve \
+                         (it retrieves by WADO-RS; its TLS is dicomweb.ca_certificate)"
+                            .into(),
+                    ));
+                }
+                if let Some(m) = web.problem() {
+                    return Err(("sources.dicomweb", m));
+                }
+            } else {
+                validate_ae_title(&src.ae_title).map_err(|m| ("sources.ae_title", m))?;
+                if src.host.trim().is_empty() || src.port == 0 {
+                    return Err((
+                        "sources",
+                        format!("source {:?}: host and port are required", src.name()),
+                    ));
+                }
             }
             if !names.insert(src.name()) {
                 return Err(("sources.name", format!("{:?} is repeated", src.name())));

@@ -5,8 +5,8 @@
 //! asked for the patient's studies (study level, then series level), its
 //! answers are validated on the identifiers ([`select`]), and only the
 //! series that could complete the case are retrieved (C-MOVE to the node's
-//! own AE, C-GET, or WADO-RS); what arrives goes through ingest like any
-//! C-STORE. A source that is down, refuses or fails only records its
+//! own AE, C-GET, or WADO-RS: [`dimse`], [`dicomweb`]); what arrives goes
+//! through ingest like any C-STORE. A source that is down, refuses or fails only records its
 //! attempt: the case goes on with what it has.
 //!
 //! Several nodes: a fetch is a row claimed with a lease (`db::fetch`), so
@@ -31,6 +31,7 @@ use crate::dimse::client::ClientTls;
 use crate::ingest::Ingest;
 use crate::modality::Modality;
 
+mod dicomweb;
 mod dimse;
 pub mod select;
 
@@ -302,7 +303,11 @@ impl Fetcher {
                 let limit = Duration::from_secs(self.settings.source_timeout_secs);
                 let run = async {
                     let _permit = source.permits.acquire().await;
-                    dimse::attempt(self, source, want).await
+                    if source.settings.dicomweb.is_some() {
+                        dicomweb::attempt(self, source, want).await
+                    } else {
+                        dimse::attempt(self, source, want).await
+                    }
                 };
                 match tokio::time::timeout(limit, run).await {
                     Ok(o) => o,

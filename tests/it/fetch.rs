@@ -2,7 +2,7 @@
 //! synthetic patient's MG, US and MR studies are in the PACS, only the MG
 //! study is sent to the node, and the node fetches the US and MR series it
 //! needs — by C-MOVE and C-GET from Orthanc, by C-MOVE from DCMTK's
-//! dcmqrscp — so that the result uses all three modalities. Sources that
+//! dcmqrscp, by QIDO-RS/WADO-RS from Orthanc's DICOMweb plugin — so that the result uses all three modalities. Sources that
 //! are down, that answer with another patient's studies (a Patient ID
 //! with a wildcard character, which a PACS applies), or whose C-MOVE
 //! fails or is partial, never stop the case: the audit events say what
@@ -21,7 +21,7 @@ use common::orthanc::*;
 use common::*;
 use dicom_core::{DataElement, PrimitiveValue, VR};
 use dicom_dictionary_std::tags;
-use her2map::config::{RetrieveMethod, Settings, SourceSettings};
+use her2map::config::{DicomWebEndpoint, RetrieveMethod, Settings, SourceSettings};
 use her2map::db::{AuditEvent, CaseState, Db};
 use her2map::dimse::client::ClientOptions;
 use her2map::send::{collect_files, send_files};
@@ -64,24 +64,56 @@ fn source(name: &str, ae: &str, port: u16, retrieve: RetrieveMethod) -> SourceSe
         port,
         retrieve,
         tls: None,
+        dicomweb: None,
         timeout_secs: 0,
         max_retrieves: 0,
     }
 }
 
+/// Orthanc's DICOMweb server (QIDO-RS, WADO-RS) as a source.
+fn web_source(name: &str, http: u16) -> SourceSettings {
+    SourceSettings {
+        ae_title: String::new(),
+        host: String::new(),
+        port: 0,
+        dicomweb: Some(DicomWebEndpoint {
+            url: format!("http://127.0.0.1:{http}/dicom-web"),
+            bearer_token_file: None,
+            bearer_token_env: None,
+            basic_user: None,
+            basic_password_file: None,
+            basic_password_env: None,
+            ca_certificate: None,
+            timeout_secs: 30,
+        }),
+        ..source(name, "", 0, RetrieveMethod::Move)
+    }
+}
+
+/// How the node reaches Orthanc in [`orthanc_fetch`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Via {
+    Move,
+    Get,
+    Wado,
+}
+
 /// Orthanc knowing the node (C-FIND, C-MOVE and C-GET are refused to an AE
 /// not in `DicomModalities`).
 fn orthanc(dir: &Path, http: u16, dicom: u16, node_port: u16) -> Orthanc {
-    tokio::task::block_in_place(|| {
-        Orthanc::start_with(
-            dir,
-            http,
-            dicom,
-            serde_json::json!({
-                "DicomModalities": { "her2map": [NODE_AET, "127.0.0.1", node_port] },
-            }),
-        )
-    })
+    orthanc_with(dir, http, dicom, node_port, false)
+}
+
+fn orthanc_with(dir: &Path, http: u16, dicom: u16, node_port: u16, web: bool) -> Orthanc {
+    let mut extra = serde_json::json!({
+        "DicomModalities": { "her2map": [NODE_AET, "127.0.0.1", node_port] },
+    });
+    if web {
+        let (plugins, dicomweb) = dicomweb_plugin();
+        extra["Plugins"] = plugins;
+        extra["DicomWeb"] = dicomweb;
+    }
+    tokio::task::block_in_place(|| Orthanc::start_with(dir, http, dicom, extra))
 }
 
 async fn store(addr: &str, called: &str, files: &[PathBuf]) {
@@ -128,23 +160,25 @@ async fn wait_result(db: &Db, secs: u64) -> Vec<String> {
 }
 
 /// The node, with Orthanc (and a source that is down) as sources, fetches
-/// what the MG-only case lacks by `method`.
-async fn orthanc_fetch(method: RetrieveMethod) {
+/// what the MG-only case lacks by `via`.
+async fn orthanc_fetch(via: Via) {
     let started = Instant::now();
     let dir = tempfile::tempdir().unwrap();
     orthanc_binary();
     let (http, dicom) = (free_port(), free_port());
     let down = free_port();
-    let settings = node_settings(
-        dir.path(),
-        vec![
-            source("down", "NOBODY", down, RetrieveMethod::Move),
-            source("orthanc", ORTHANC_AET, dicom, method),
-        ],
-        300,
-    );
+    let pacs_source = match via {
+        Via::Move => source("orthanc", ORTHANC_AET, dicom, RetrieveMethod::Move),
+        Via::Get => source("orthanc", ORTHANC_AET, dicom, RetrieveMethod::Get),
+        Via::Wado => web_source("orthanc", http),
+    };
+    let down_source = match via {
+        Via::Wado => web_source("down", down),
+        _ => source("down", "NOBODY", down, RetrieveMethod::Move),
+    };
+    let settings = node_settings(dir.path(), vec![down_source, pacs_source], 300);
     let node = spawn_app_with(settings).await;
-    let pacs = orthanc(dir.path(), http, dicom, node.port());
+    let pacs = orthanc_with(dir.path(), http, dicom, node.port(), via == Via::Wado);
     let pacs_addr = format!("127.0.0.1:{dicom}");
     let (mg, us, mr) = (study("MG"), study("US"), study("MR"));
     for files in [&mg, &us, &mr] {
@@ -190,14 +224,15 @@ async fn orthanc_fetch(method: RetrieveMethod) {
 
     let retrieves = events(&node.db, "fetch_retrieve").await;
     assert_eq!(retrieves.len(), 7, "{retrieves:?}");
-    let want_method = match method {
-        RetrieveMethod::Move => "C-MOVE",
-        RetrieveMethod::Get => "C-GET",
+    let (want_method, ok_status) = match via {
+        Via::Move => ("C-MOVE", "0x0000"),
+        Via::Get => ("C-GET", "0x0000"),
+        Via::Wado => ("WADO-RS", "200"),
     };
     for r in &retrieves {
         let d = detail(r);
         assert_eq!(d["method"], want_method, "{d}");
-        assert_eq!(d["status"], "0x0000", "{d}");
+        assert_eq!(d["status"], ok_status, "{d}");
         assert!(d["instances_received"].as_u64().unwrap() > 0, "{d}");
         assert_ne!(d["modality"], "MG", "MG was not missing: {d}");
     }
@@ -230,12 +265,17 @@ async fn orthanc_fetch(method: RetrieveMethod) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn orthanc_c_move_completes_the_case() {
-    orthanc_fetch(RetrieveMethod::Move).await;
+    orthanc_fetch(Via::Move).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn orthanc_c_get_completes_the_case() {
-    orthanc_fetch(RetrieveMethod::Get).await;
+    orthanc_fetch(Via::Get).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn orthanc_wado_rs_completes_the_case() {
+    orthanc_fetch(Via::Wado).await;
 }
 
 /// dcmqrscp on free ports, with the node as its only move destination;
