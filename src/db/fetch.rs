@@ -136,6 +136,22 @@ impl Db {
         }))
     }
 
+    /// After a restart: this node's running fetches did not finish; they
+    /// are pending again (rather than waiting out their lease).
+    pub async fn requeue_own_fetches(&self, now: OffsetDateTime) -> Result<u64, DbError> {
+        Ok(sqlx::query(
+            "UPDATE fetches SET state = $1, claimed_by = '', lease_until = '', updated_at = $2 \
+             WHERE state = $3 AND claimed_by = $4",
+        )
+        .bind(PENDING)
+        .bind(format_time(now))
+        .bind(RUNNING)
+        .bind(&*self.node)
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
+    }
+
     /// Renew this node's claim on a running fetch and say which sources it
     /// is querying now.
     pub async fn renew_fetch(

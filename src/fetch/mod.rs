@@ -170,6 +170,14 @@ impl Fetcher {
     /// task, so a slow source never holds up another case.
     pub async fn run(self, shutdown: CancellationToken) {
         let this = Arc::new(self);
+        match this.db.requeue_own_fetches(this.clock.now()).await {
+            Ok(0) => {}
+            Ok(n) => info!(
+                fetches = n,
+                "unfinished fetches queued again after a restart"
+            ),
+            Err(e) => error!(error = %e, "requeueing unfinished fetches failed"),
+        }
         let tracker = TaskTracker::new();
         loop {
             loop {

@@ -528,6 +528,18 @@ async fn another_patients_matches_and_a_refused_move_do_not_reach_the_case() {
             || statuses.contains(&("orthanc-b".into(), "failed".into())),
         "{statuses:?}"
     );
+    // Half-way to the max wait the sources were due again, but the patient
+    // was asked about too recently (`min_query_interval_secs`).
+    let before_run: Vec<&Value> = attempts
+        .iter()
+        .map(detail)
+        .filter(|d| d["trigger"] == "before_run")
+        .collect();
+    assert_eq!(before_run.len(), 2, "{attempts:?}");
+    assert!(
+        before_run.iter().all(|d| d["status"] == "skipped"),
+        "{before_run:?}"
+    );
     node.stop().await;
     drop((pacs, pacs_b));
 }
