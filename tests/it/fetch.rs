@@ -331,10 +331,41 @@ impl Drop for Dcmqrscp {
     }
 }
 
+/// DCMTK's storescp on `port`, storing into `dir`; killed when dropped.
+struct StoreScp(Child);
+
+impl StoreScp {
+    fn start(dir: &Path, port: u16) -> StoreScp {
+        std::fs::create_dir_all(dir).unwrap();
+        let child = Command::new("storescp")
+            .args(["-aet", "STORESCP", "-od"])
+            .arg(dir)
+            .arg(port.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("storescp must be installed (apt-get install dcmtk)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "storescp did not listen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        StoreScp(child)
+    }
+}
+
+impl Drop for StoreScp {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// DCMTK's dcmqrscp as a second vendor's PACS, C-FIND/C-MOVE, with some MR
 /// files gone from its storage: those series come back partial (failed
 /// sub-operations, warning status); the case still completes with all
-/// three modalities, and the events say what failed.
+/// three modalities, and the events say what failed. A second source is a
+/// storage-only peer that refuses query/retrieve at negotiation.
 #[tokio::test(flavor = "multi_thread")]
 async fn dcmqrscp_c_move_completes_the_case_despite_failed_sub_operations() {
     let dir = tempfile::tempdir().unwrap();
@@ -342,14 +373,15 @@ async fn dcmqrscp_c_move_completes_the_case_despite_failed_sub_operations() {
     // in the node's: bind the node first on a port chosen here.
     let node_port = free_port();
     let qr = tokio::task::block_in_place(|| Dcmqrscp::start(dir.path(), node_port));
+    // A peer that is no PACS: DCMTK's storescp refuses the Q/R contexts.
+    let store_port = free_port();
+    let storescp = StoreScp::start(&dir.path().join("storescp"), store_port);
     let mut settings = node_settings(
         dir.path(),
-        vec![source(
-            "dcmqrscp",
-            "DCMQRSCP",
-            qr.port,
-            RetrieveMethod::Move,
-        )],
+        vec![
+            source("dcmqrscp", "DCMQRSCP", qr.port, RetrieveMethod::Move),
+            source("storescp", "STORESCP", store_port, RetrieveMethod::Get),
+        ],
         300,
     );
     settings.dicom.port = node_port;
@@ -383,14 +415,31 @@ async fn dcmqrscp_c_move_completes_the_case_despite_failed_sub_operations() {
         mg.len() + us.len() + mr.len() - lost.len()
     );
     let attempts = events(&node.db, "fetch_attempt").await;
-    assert_eq!(attempts.len(), 1, "{attempts:?}");
-    let a = detail(&attempts[0]);
+    assert_eq!(attempts.len(), 2, "{attempts:?}");
+    let of = |name: &str| {
+        attempts
+            .iter()
+            .map(detail)
+            .find(|d| d["source"] == name)
+            .unwrap_or_else(|| panic!("no attempt of {name}: {attempts:?}"))
+    };
+    let refused = of("storescp");
+    assert_eq!(refused["status"], "failed", "{refused}");
+    assert!(
+        refused["reason"]
+            .as_str()
+            .unwrap()
+            .contains("no presentation context"),
+        "{refused}"
+    );
+    let a = of("dcmqrscp");
     assert_eq!(a["status"], "partial", "{a}");
     assert_eq!(
         a["instances_received"].as_u64().unwrap() as usize,
         us.len() + mr.len() - lost.len(),
         "{a}"
     );
+    drop(storescp);
     let retrieves = events(&node.db, "fetch_retrieve").await;
     let failed: u64 = retrieves
         .iter()
