@@ -602,3 +602,45 @@ async fn another_patients_matches_and_a_refused_move_do_not_reach_the_case() {
     node.stop().await;
     drop((pacs, pacs_b));
 }
+
+/// `max_matches` bounds what a C-FIND reads: past it the node sends a
+/// C-CANCEL (PS3.7 9.3.2.3) and keeps the matches it has; the association
+/// goes on and the fetch retrieves from what it kept.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_query_past_max_matches_is_cancelled_and_the_fetch_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    orthanc_binary();
+    let (http, dicom) = (free_port(), free_port());
+    let mut settings = node_settings(
+        dir.path(),
+        vec![source("orthanc", ORTHANC_AET, dicom, RetrieveMethod::Move)],
+        300,
+    );
+    settings.fetch.max_matches = 1;
+    let node = spawn_app_with(settings).await;
+    let pacs = orthanc(dir.path(), http, dicom, node.port());
+    let pacs_addr = format!("127.0.0.1:{dicom}");
+    let (mg, us, mr) = (study("MG"), study("US"), study("MR"));
+    for files in [&us, &mr] {
+        store(&pacs_addr, ORTHANC_AET, files).await;
+    }
+    store(&node.address(), NODE_AET, &mg).await;
+    wait_until("the fetch", 120, || async {
+        !events(&node.db, "fetch_attempt").await.is_empty()
+    })
+    .await;
+    let queries = events(&node.db, "fetch_query").await;
+    let study_query = queries
+        .iter()
+        .map(detail)
+        .find(|d| d["level"] == "STUDY")
+        .expect("a study query");
+    assert_eq!(study_query["matches"], 1, "{study_query}");
+    assert_eq!(study_query["truncated"], true, "{study_query}");
+    let attempts = events(&node.db, "fetch_attempt").await;
+    let a = detail(&attempts[0]);
+    assert_eq!(a["status"], "ok", "{a}");
+    assert!(a["instances_received"].as_u64().unwrap() > 0, "{a}");
+    node.stop().await;
+    drop(pacs);
+}
