@@ -644,3 +644,52 @@ async fn a_query_past_max_matches_is_cancelled_and_the_fetch_goes_on() {
     node.stop().await;
     drop(pacs);
 }
+
+/// A source whose host accepts the connection but never answers (a hung
+/// PACS): the case shows "fetching from silent" while the node waits, the
+/// association request fails after the source's `timeout_secs`, the
+/// attempt is recorded as failed and the case collects on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_source_that_never_answers_times_out_while_the_case_shows_fetching() {
+    let dir = tempfile::tempdir().unwrap();
+    // The kernel completes the TCP handshake into the backlog; nothing
+    // ever reads.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let mut s = source("silent", "SILENT", port, RetrieveMethod::Move);
+    s.timeout_secs = 3;
+    let settings = node_settings(dir.path(), vec![s], 300);
+    let rules = settings.case_rules();
+    let node = spawn_app_with(settings).await;
+    store(&node.address(), NODE_AET, &study("MG")).await;
+    wait_until("the case to show the fetch", 30, || async {
+        her2map::ops::describe_cases(&node.db, &rules)
+            .await
+            .unwrap()
+            .iter()
+            .any(|v| v.fetching.as_deref() == Some("fetching from silent"))
+    })
+    .await;
+    wait_until("the attempt", 30, || async {
+        !events(&node.db, "fetch_attempt").await.is_empty()
+    })
+    .await;
+    let attempts = events(&node.db, "fetch_attempt").await;
+    let a = detail(&attempts[0]);
+    assert_eq!(a["status"], "failed", "{a}");
+    // dicom-ul 0.10.1 reports the read timeout on the A-ASSOCIATE-AC
+    // oddly ("TLS not enabled, but peer seems to be sending TLS data"):
+    // only the stage is checked.
+    assert!(
+        a["reason"].as_str().unwrap().starts_with("association"),
+        "{a}"
+    );
+    let views = her2map::ops::describe_cases(&node.db, &rules)
+        .await
+        .unwrap();
+    assert_eq!(views.len(), 1);
+    assert_eq!(views[0].case.state, CaseState::Collecting);
+    assert_eq!(views[0].fetching, None, "the fetch is over: {:?}", views[0]);
+    node.stop().await;
+    drop(silent);
+}
