@@ -38,6 +38,8 @@ pub struct App {
     pipeline: Pipeline,
     /// The console, API, metrics and health server (`[http]`).
     http: Option<crate::http::HttpServer>,
+    /// Query/retrieve from `[[sources]]`, when any is configured.
+    fetcher: Option<crate::fetch::Fetcher>,
     /// SQLite: this node's exclusive claim on the database file.
     _node_lock: Option<std::fs::File>,
 }
@@ -81,6 +83,7 @@ impl App {
         let ingest = Ingest::new(spool, db.clone(), instances.queue(), clock.clone());
         let wake = ingest.stored_notify();
         let workers = Workers::new(&settings, &db, &clock, engine)?;
+        let fetcher = fetcher(&settings, &db, &clock, &ingest, &wake)?;
         let server = bind_server(&settings, ingest.clone(), tls).await?;
         let addr = server.local_addr()?;
         let tls_addr = server.tls_local_addr()?;
@@ -110,6 +113,7 @@ impl App {
             outbox_wake: workers.outbox_wake,
             pipeline: workers.pipeline,
             http,
+            fetcher,
             _node_lock: node_lock,
         })
     }
@@ -171,6 +175,7 @@ impl App {
             .jobs_rx
             .map(|jobs| tokio::spawn(self.pipeline.run(jobs, shutdown.clone())));
         let outbox = tokio::spawn(self.outbox.run(self.outbox_wake.clone(), shutdown.clone()));
+        let fetcher = self.fetcher.map(|f| tokio::spawn(f.run(shutdown.clone())));
         // After the DICOM lines: scripts read the first "listening on".
         let http = self.http.map(|h| tokio::spawn(h.run(shutdown.clone())));
         self.server.run(shutdown).await;
@@ -178,6 +183,9 @@ impl App {
         self.instances.shutdown().await;
         let _ = assembler.await;
         let _ = outbox.await;
+        if let Some(f) = fetcher {
+            let _ = f.await;
+        }
         if let Some(p) = pipeline {
             let _ = p.await;
         }
@@ -295,6 +303,37 @@ async fn bind_server(
     Ok(server)
 }
 
+/// The query/retrieve worker (`[[sources]]`, `[fetch]`); none without
+/// sources.
+fn fetcher(
+    settings: &Settings,
+    db: &Db,
+    clock: &Clock,
+    ingest: &Ingest,
+    wake: &std::sync::Arc<tokio::sync::Notify>,
+) -> anyhow::Result<Option<crate::fetch::Fetcher>> {
+    if settings.sources.is_empty() {
+        return Ok(None);
+    }
+    let f = crate::fetch::Fetcher::new(crate::fetch::FetcherParts {
+        db: db.clone(),
+        clock: clock.clone(),
+        ingest: ingest.clone(),
+        spool_dir: settings.spool_dir(),
+        settings: settings.fetch.clone(),
+        sources: settings.sources.clone(),
+        rules: settings.case_rules(),
+        key_mode: settings.cases.patient_key,
+        window_days: settings.cases.window_days,
+        node_ae: settings.dicom.ae_title.trim().to_string(),
+        pre_patterns: settings.imaging.mri_pre_patterns.clone(),
+        post_patterns: settings.imaging.mri_post_patterns.clone(),
+        assembler_wake: wake.clone(),
+    })
+    .context("configuring [[sources]]")?;
+    Ok(Some(f))
+}
+
 /// The tasks behind ingest: the case assembler, the pipeline that runs
 /// ready cases, and the outbox, with the channels between them.
 struct Workers {
@@ -324,6 +363,15 @@ impl Workers {
         )
         .with_prepare_hints(hints_tx)
         .with_case_lease(lease);
+        let assembler = if settings.sources.is_empty() {
+            assembler
+        } else {
+            let f = &settings.fetch;
+            assembler.with_fetch(crate::cases::FetchPlan {
+                on_open: f.on_open,
+                before_run: f.before_run.then(|| Duration::from_secs(f.before_run_secs)),
+            })
+        };
         // Several nodes share the backlog: each claims one case ahead.
         let assembler = match db.backend() {
             crate::db::Backend::Postgres => assembler.with_claim_ahead(1),

@@ -32,6 +32,12 @@ pub struct Settings {
     pub cases: CasesSettings,
     #[serde(default)]
     pub destinations: Vec<DestinationSettings>,
+    /// `[[sources]]`: PACSs the node may query for what a case lacks.
+    #[serde(default)]
+    pub sources: Vec<SourceSettings>,
+    /// `[fetch]`: when and how the node queries its sources.
+    #[serde(default)]
+    pub fetch: FetchSettings,
     pub outbox: OutboxSettings,
     pub imaging: crate::imaging::ImagingSettings,
     pub model: ModelSettings,
@@ -379,6 +385,104 @@ impl DestinationSettings {
     }
 }
 
+/// How a DIMSE source delivers what the node asks for.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RetrieveMethod {
+    /// C-MOVE to the node's own AE title (the PACS must know the node).
+    #[default]
+    Move,
+    /// C-GET: the instances come back on the query's own association.
+    Get,
+}
+
+/// `[[sources]]`: one PACS the node may query (issue 17): by DIMSE
+/// (`ae_title`, `host`, `port`: C-FIND, then C-MOVE or C-GET) or by
+/// DICOMweb (`dicomweb = { url = ... }`: QIDO-RS, then WADO-RS).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SourceSettings {
+    /// The name in events and in the cases view; `AE@host:port` (or the
+    /// DICOMweb URL) when empty.
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub ae_title: String,
+    #[serde(default)]
+    pub host: String,
+    #[serde(default)]
+    pub port: u16,
+    /// "move" (default) or "get".
+    #[serde(default)]
+    pub retrieve: RetrieveMethod,
+    /// DICOM TLS to this source; plain TCP when absent.
+    #[serde(default)]
+    pub tls: Option<ClientTlsSettings>,
+    /// Query by QIDO-RS and retrieve by WADO-RS from this service instead.
+    #[serde(default)]
+    pub dicomweb: Option<DicomWebEndpoint>,
+    /// Seconds to wait for each response (0: `[fetch] timeout_secs`).
+    #[serde(default)]
+    pub timeout_secs: u64,
+    /// Retrieves from this source at once (0: `[fetch] max_retrieves_per_source`).
+    #[serde(default)]
+    pub max_retrieves: usize,
+}
+
+impl SourceSettings {
+    /// The stable name of the source in events and attempts.
+    pub fn name(&self) -> String {
+        if !self.name.trim().is_empty() {
+            return self.name.trim().to_string();
+        }
+        if let Some(web) = &self.dicomweb {
+            return web.url.trim().trim_end_matches('/').to_string();
+        }
+        format!("{}@{}:{}", self.ae_title.trim(), self.host, self.port)
+    }
+}
+
+/// `[fetch]`: when the node queries its `[[sources]]` for a case's missing
+/// modalities, and its limits.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct FetchSettings {
+    /// Query when a case opens with a required modality missing.
+    pub on_open: bool,
+    /// Query again `before_run_secs` before a case's max wait, when a
+    /// required modality is still missing.
+    pub before_run: bool,
+    pub before_run_secs: u64,
+    /// Retrieves at once per source (on this node).
+    pub max_retrieves_per_source: usize,
+    /// The least time between two queries of one patient at one source.
+    pub min_query_interval_secs: u64,
+    /// Seconds to wait for each DIMSE response or HTTP reply.
+    pub timeout_secs: u64,
+    /// Seconds one source may take for a whole query and retrieve.
+    pub source_timeout_secs: u64,
+    /// C-FIND matches read per query at most (then C-CANCEL).
+    pub max_matches: usize,
+    /// The AE title a C-MOVE sends to; `[dicom] ae_title` when empty.
+    pub move_destination: String,
+}
+
+impl Default for FetchSettings {
+    fn default() -> Self {
+        FetchSettings {
+            on_open: true,
+            before_run: true,
+            before_run_secs: 300,
+            max_retrieves_per_source: 2,
+            min_query_interval_secs: 60,
+            timeout_secs: 30,
+            source_timeout_secs: 600,
+            max_matches: 500,
+            move_destination: String::new(),
+        }
+    }
+}
+
 /// `[outbox]`: retry policy and timeouts.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -590,6 +694,8 @@ impl Settings {
                 ));
             }
         }
+        self.validate_sources()
+            .map_err(|(key, m)| invalid(key, &m))?;
         if self.outbox.max_attempts < 1 {
             return Err(invalid("outbox.max_attempts", "must be at least 1"));
         }
@@ -620,6 +726,56 @@ impl Settings {
                 "database.url",
                 "must be a sqlite: or postgres:// URL",
             ));
+        }
+        Ok(())
+    }
+
+    fn validate_sources(&self) -> Result<(), (&'static str, String)> {
+        let mut names = std::collections::BTreeSet::new();
+        for src in &self.sources {
+            if let Some(web) = &src.dicomweb {
+                if !src.ae_title.is_empty()
+                    || !src.host.is_empty()
+                    || src.port != 0
+                    || src.tls.is_some()
+                    || src.retrieve != RetrieveMethod::Move
+                {
+                    return Err((
+                        "sources.dicomweb",
+                        "a DICOMweb source has no ae_title, host, port, tls or retrieve \
+                         (it retrieves by WADO-RS; its TLS is dicomweb.ca_certificate)"
+                            .into(),
+                    ));
+                }
+                if let Some(m) = web.problem() {
+                    return Err(("sources.dicomweb", m));
+                }
+            } else {
+                validate_ae_title(&src.ae_title).map_err(|m| ("sources.ae_title", m))?;
+                if src.host.trim().is_empty() || src.port == 0 {
+                    return Err((
+                        "sources",
+                        format!("source {:?}: host and port are required", src.name()),
+                    ));
+                }
+            }
+            if !names.insert(src.name()) {
+                return Err(("sources.name", format!("{:?} is repeated", src.name())));
+            }
+        }
+        let f = &self.fetch;
+        if f.max_retrieves_per_source == 0 || f.timeout_secs == 0 || f.source_timeout_secs == 0 {
+            return Err((
+                "fetch",
+                "max_retrieves_per_source, timeout_secs and source_timeout_secs must be at least 1"
+                    .into(),
+            ));
+        }
+        if f.max_matches == 0 {
+            return Err(("fetch.max_matches", "must be at least 1".into()));
+        }
+        if !f.move_destination.is_empty() {
+            validate_ae_title(&f.move_destination).map_err(|m| ("fetch.move_destination", m))?;
         }
         Ok(())
     }

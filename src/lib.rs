@@ -17,6 +17,7 @@ pub mod dicomweb;
 pub mod dimse;
 pub mod durable;
 pub mod evaluate;
+pub mod fetch;
 pub mod header;
 pub mod http;
 pub mod imaging;

@@ -25,6 +25,10 @@ pub struct CaseView {
     pub ready_at: Option<String>,
     /// When it runs partial / is held at the latest.
     pub max_wait_at: Option<String>,
+    /// "fetching from SOURCE, ..." while a query/retrieve of what it lacks
+    /// is under way (`[[sources]]`): a waiting reason.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fetching: Option<String>,
 }
 
 /// Describe every case for the operator.
@@ -39,7 +43,25 @@ pub async fn describe_cases(db: &Db, rules: &CaseRules) -> Result<Vec<CaseView>,
 /// One case as operators see it: what it has, lacks, and when it runs.
 pub async fn describe_case(db: &Db, rules: &CaseRules, case: CaseRow) -> Result<CaseView, DbError> {
     let members = db.case_members(&case.id).await?;
-    Ok(view_of(case, &members, rules))
+    let fetching = fetching_reason(db, &case).await?;
+    Ok(CaseView {
+        fetching,
+        ..view_of(case, &members, rules)
+    })
+}
+
+/// The waiting reason of a case whose missing modalities are being fetched.
+pub(crate) async fn fetching_reason(db: &Db, case: &CaseRow) -> Result<Option<String>, DbError> {
+    if case.state != CaseState::Collecting {
+        return Ok(None);
+    }
+    Ok(db.active_fetch(&case.id, None).await?.map(|sources| {
+        if sources.is_empty() {
+            "fetch from the sources queued".to_string()
+        } else {
+            format!("fetching from {sources}")
+        }
+    }))
 }
 
 fn view_of(case: CaseRow, members: &[CaseMember], rules: &CaseRules) -> CaseView {
@@ -62,6 +84,7 @@ fn view_of(case: CaseRow, members: &[CaseMember], rules: &CaseRules) -> CaseView
         max_wait_at: collecting
             .then(|| first.map(|t| format_time(t + rules.max_wait)))
             .flatten(),
+        fetching: None,
         case,
     }
 }

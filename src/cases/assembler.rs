@@ -47,7 +47,25 @@ pub struct Assembler {
     /// Most cases this node claims ahead of the one it runs (waiting in its
     /// queue); `None`: as many as the queue holds.
     claim_ahead: Option<usize>,
+    /// When to plan fetches from `[[sources]]` (none configured: `None`).
+    fetch: Option<FetchPlan>,
 }
+
+/// When the assembler plans a fetch of what a case lacks (`[fetch]`): the
+/// fetch worker (`crate::fetch`) runs it, and the case waits for it,
+/// "fetching from SOURCE", before it runs or times out with a modality
+/// missing.
+#[derive(Debug, Clone, Copy)]
+pub struct FetchPlan {
+    /// When the case opens (is first seen collecting) with one missing.
+    pub on_open: bool,
+    /// This long before the case's max wait, with one still missing.
+    pub before_run: Option<Duration>,
+}
+
+/// Trigger names of planned fetches, as `fetches.trigger_name` stores them.
+pub const FETCH_ON_OPEN: &str = "on_open";
+pub const FETCH_BEFORE_RUN: &str = "before_run";
 
 /// The longest the task sleeps without looking at the database, so that
 /// operator commands (`her2map cases run|hold|release`) take effect.
@@ -115,7 +133,58 @@ impl Assembler {
             prepare_hints: None,
             case_lease: CASE_LEASE,
             claim_ahead: None,
+            fetch: None,
         }
+    }
+
+    /// Plan fetches of what cases lack (see [`FetchPlan`]).
+    pub fn with_fetch(mut self, plan: FetchPlan) -> Self {
+        self.fetch = Some(plan);
+        self
+    }
+
+    /// Plan the fetches due for a collecting case that lacks a required
+    /// modality; the sources a fetch of it is busy with ("" while queued),
+    /// if one is. `next` learns when the before-run fetch is due.
+    async fn fetching(
+        &self,
+        case: &CaseRow,
+        first: OffsetDateTime,
+        now: OffsetDateTime,
+        next: &mut Option<OffsetDateTime>,
+    ) -> Result<Option<String>, DbError> {
+        let Some(plan) = self.fetch else {
+            return Ok(None);
+        };
+        // Once the first burst has landed (a study still streaming in would
+        // be asked for what is on its way).
+        let quiet = parse_time(&case.last_instance_at).is_none_or(|l| now >= l + PREPARE_QUIET);
+        if plan.on_open
+            && quiet
+            && self
+                .db
+                .plan_fetch(&case.id, case.revision, FETCH_ON_OPEN, now)
+                .await?
+        {
+            info!(case = %case.id, "fetch planned: case opened with a modality missing");
+        }
+        if let Some(ahead) = plan.before_run {
+            // Never before the middle of the wait: a short max wait does
+            // not query twice at once.
+            let due = first + self.rules.max_wait - ahead.min(self.rules.max_wait / 2);
+            if now >= due {
+                if self
+                    .db
+                    .plan_fetch(&case.id, case.revision, FETCH_BEFORE_RUN, now)
+                    .await?
+                {
+                    info!(case = %case.id, "fetch planned: max wait near with a modality missing");
+                }
+            } else {
+                *next = Some(next.map_or(due, |n: OffsetDateTime| n.min(due)));
+            }
+        }
+        self.db.active_fetch(&case.id, Some(now)).await
     }
 
     /// Claim at most `n` cases ahead of the running one: with several
@@ -262,7 +331,29 @@ impl Assembler {
             let c = rules::completeness(&members, &self.rules);
             let first = parse_time(&case.first_instance_at).unwrap_or(now);
             let last = parse_time(&case.last_instance_at).unwrap_or(now);
-            match rules::decide(&c, first, last, now, &self.rules) {
+            let mut decision = rules::decide(&c, first, last, now, &self.rules);
+            if !c.missing.is_empty()
+                && let Some(sources) = self.fetching(&case, first, now, &mut next).await?
+            {
+                // What a source may still deliver is worth the wait: the
+                // fetch is bounded by its lease (`[fetch] source_timeout_secs`).
+                let what = if sources.is_empty() {
+                    "fetch from the sources queued".to_string()
+                } else {
+                    format!("fetching from {sources}")
+                };
+                decision = match decision {
+                    Decision::Wait { until, reason } => Decision::Wait {
+                        until: until.min(now + POLL),
+                        reason: format!("{what}; {reason}"),
+                    },
+                    Decision::Ready { .. } | Decision::Hold { .. } => Decision::Wait {
+                        until: now + POLL,
+                        reason: format!("{what}; max wait reached"),
+                    },
+                };
+            }
+            match decision {
                 Decision::Wait { until, reason } => {
                     if c.missing.is_empty()
                         && let Some(hints) = &self.prepare_hints

@@ -13,5 +13,5 @@ pub mod rules;
 
 pub use crate::clock::Clock;
 pub use crate::db::CaseState;
-pub use assembler::{Assembler, CaseJob, PatientKeyMode};
+pub use assembler::{Assembler, CaseJob, FetchPlan, PatientKeyMode};
 pub use rules::{CaseRules, Modality, Partial};

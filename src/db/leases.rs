@@ -25,7 +25,7 @@ pub const ASSEMBLER_ROLE: &str = "case_assembler";
 
 impl Db {
     /// `FOR UPDATE SKIP LOCKED` where the backend has row locks.
-    fn skip_locked(&self) -> &'static str {
+    pub(super) fn skip_locked(&self) -> &'static str {
         match self.backend {
             Backend::Postgres => " FOR UPDATE SKIP LOCKED",
             Backend::Sqlite => "",

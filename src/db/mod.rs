@@ -1,7 +1,8 @@
 //! The only module with SQL, split by table family: the audit log
 //! (associations, events: `audit`), the instance index and its group-commit
 //! writer (`instances`), cases (`cases`), outputs with their outbox
-//! (`outbox`) and the leases with which nodes claim work (`leases`); the
+//! (`outbox`), the leases with which nodes claim work (`leases`) and the
+//! query/retrieve of what a case lacks (`fetch`); the
 //! stored vocabularies (case and delivery states) are enums in `state`.
 //! This file owns the connection, the backend choice, the error type and
 //! the stored time format. Nothing outside `db` writes SQL. Every write
@@ -37,6 +38,7 @@ use sqlx::sqlite::SqliteConnectOptions;
 
 mod audit;
 mod cases;
+mod fetch;
 mod instances;
 mod leases;
 mod outbox;
@@ -44,6 +46,7 @@ mod state;
 
 pub use audit::{AssociationRow, AuditEvent, EventFilter, NewEvent, event};
 pub use cases::{Assignment, CaseMember, CaseRow, UnassignedInstance, case_event};
+pub use fetch::{FetchAttempt, FetchJob, fetch_event};
 pub use instances::{Inserted, InstanceQueue, InstanceRow, InstanceWriter};
 pub use leases::ASSEMBLER_ROLE;
 pub use outbox::{OutboxRow, OutputRow, outbox_event};

@@ -12,6 +12,13 @@ pub mod field {
     pub const C_STORE_RSP: u16 = 0x8001;
     pub const C_ECHO_RQ: u16 = 0x0030;
     pub const C_ECHO_RSP: u16 = 0x8030;
+    pub const C_GET_RQ: u16 = 0x0010;
+    pub const C_GET_RSP: u16 = 0x8010;
+    pub const C_FIND_RQ: u16 = 0x0020;
+    pub const C_FIND_RSP: u16 = 0x8020;
+    pub const C_MOVE_RQ: u16 = 0x0021;
+    pub const C_MOVE_RSP: u16 = 0x8021;
+    pub const C_CANCEL_RQ: u16 = 0x0FFF;
 }
 
 /// Command Data Set Type value meaning "no data set" (PS3.7 E.1-1).
@@ -33,6 +40,21 @@ pub mod status {
     pub const UNRECOGNIZED_OPERATION: u16 = 0x0211;
     /// Mistyped argument (PS3.7 C.5.13): a required command element is absent.
     pub const MISTYPED_ARGUMENT: u16 = 0x0212;
+    /// Pending (PS3.4 C.4.1.1.4, C.4.2.1.5): a match or a sub-operation
+    /// report follows; the operation goes on.
+    pub const PENDING: u16 = 0xFF00;
+    /// Pending, some Optional Keys not supported (PS3.4 C.4.1.1.4).
+    pub const PENDING_WARNING: u16 = 0xFF01;
+    /// Cancelled by a C-CANCEL (PS3.4 C.4.1.1.4).
+    pub const CANCEL: u16 = 0xFE00;
+    /// Sub-operations complete, one or more failures or warnings
+    /// (PS3.4 C.4.2.1.5, C.4.3.1.5).
+    pub const SUB_OPERATIONS_WARNING: u16 = 0xB000;
+}
+
+/// Whether a status is Pending (PS3.7 C.1: FF00, FF01).
+pub fn is_pending(status: u16) -> bool {
+    status == status::PENDING || status == status::PENDING_WARNING
 }
 
 /// A decoded command set: the elements the node reads.
@@ -274,6 +296,120 @@ pub fn store_request(
     ]))
 }
 
+/// A response command set of a C-FIND, C-MOVE or C-GET (PS3.7 9.3.2.2,
+/// 9.3.4.2, 9.3.3.2) or of a C-STORE/C-ECHO: the elements the SCU reads.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Response {
+    pub command_field: u16,
+    pub message_id_being_responded_to: u16,
+    pub status: u16,
+    pub error_comment: Option<String>,
+    pub has_data_set: bool,
+    /// Number of Remaining / Completed / Failed / Warning Sub-operations
+    /// (0000,1020-1023): C-MOVE and C-GET only, each optional.
+    pub remaining: Option<u16>,
+    pub completed: Option<u16>,
+    pub failed: Option<u16>,
+    pub warning: Option<u16>,
+}
+
+impl Response {
+    pub fn decode(bytes: &[u8]) -> Result<Self, CommandError> {
+        let elements = CommandElements::read(bytes)?;
+        let command_field = elements
+            .us(tags::COMMAND_FIELD)
+            .ok_or(CommandError::Missing("CommandField (0000,0100)"))?;
+        let status = elements
+            .us(tags::STATUS)
+            .ok_or(CommandError::Missing("Status (0000,0900)"))?;
+        Ok(Response {
+            command_field,
+            message_id_being_responded_to: elements
+                .us(tags::MESSAGE_ID_BEING_RESPONDED_TO)
+                .unwrap_or_default(),
+            status,
+            error_comment: elements
+                .text(tags::ERROR_COMMENT)
+                .map(|s| s.trim().to_string()),
+            has_data_set: elements
+                .us(tags::COMMAND_DATA_SET_TYPE)
+                .is_some_and(|t| t != NO_DATA_SET),
+            remaining: elements.us(tags::NUMBER_OF_REMAINING_SUBOPERATIONS),
+            completed: elements.us(tags::NUMBER_OF_COMPLETED_SUBOPERATIONS),
+            failed: elements.us(tags::NUMBER_OF_FAILED_SUBOPERATIONS),
+            warning: elements.us(tags::NUMBER_OF_WARNING_SUBOPERATIONS),
+        })
+    }
+}
+
+/// The field of a command set without decoding the rest (requests and
+/// responses share it), to tell an incoming C-STORE-RQ from a response.
+pub fn command_field(bytes: &[u8]) -> Result<u16, CommandError> {
+    CommandElements::read(bytes)?
+        .us(tags::COMMAND_FIELD)
+        .ok_or(CommandError::Missing("CommandField (0000,0100)"))
+}
+
+/// A C-FIND-RQ, C-MOVE-RQ or C-GET-RQ command set (PS3.7 9.3.2.1, 9.3.4.1,
+/// 9.3.3.1), medium priority, with an Identifier following. `move_destination`
+/// is the C-MOVE's Move Destination AE title (required there, absent
+/// otherwise).
+pub fn query_request(
+    command_field: u16,
+    message_id: u16,
+    sop_class_uid: &str,
+    move_destination: Option<&str>,
+) -> Result<Vec<u8>, CommandError> {
+    let mut elements = vec![
+        DataElement::new(
+            tags::AFFECTED_SOP_CLASS_UID,
+            VR::UI,
+            PrimitiveValue::from(sop_class_uid),
+        ),
+        DataElement::new(
+            tags::COMMAND_FIELD,
+            VR::US,
+            dicom_value!(U16, [command_field]),
+        ),
+        DataElement::new(tags::MESSAGE_ID, VR::US, dicom_value!(U16, [message_id])),
+        DataElement::new(tags::PRIORITY, VR::US, dicom_value!(U16, [0x0000])),
+        DataElement::new(
+            tags::COMMAND_DATA_SET_TYPE,
+            VR::US,
+            dicom_value!(U16, [0x0000]),
+        ),
+    ];
+    if let Some(ae) = move_destination {
+        elements.push(DataElement::new(
+            tags::MOVE_DESTINATION,
+            VR::AE,
+            PrimitiveValue::from(ae.trim()),
+        ));
+    }
+    encode(&InMemDicomObject::command_from_element_iter(elements))
+}
+
+/// A C-CANCEL-RQ for the operation with `message_id` (PS3.7 9.3.2.3).
+pub fn cancel_request(message_id: u16) -> Result<Vec<u8>, CommandError> {
+    encode(&InMemDicomObject::command_from_element_iter([
+        DataElement::new(
+            tags::COMMAND_FIELD,
+            VR::US,
+            dicom_value!(U16, [field::C_CANCEL_RQ]),
+        ),
+        DataElement::new(
+            tags::MESSAGE_ID_BEING_RESPONDED_TO,
+            VR::US,
+            dicom_value!(U16, [message_id]),
+        ),
+        DataElement::new(
+            tags::COMMAND_DATA_SET_TYPE,
+            VR::US,
+            dicom_value!(U16, [NO_DATA_SET]),
+        ),
+    ]))
+}
+
 /// Read the status (and error comment) of a response command set.
 pub fn response_status(bytes: &[u8]) -> Result<(u16, Option<String>), CommandError> {
     let elements = CommandElements::read(bytes)?;
@@ -316,6 +452,29 @@ mod tests {
             response_status(&rsp).unwrap(),
             (status::OUT_OF_RESOURCES, Some("disk full".to_string()))
         );
+    }
+
+    #[test]
+    fn query_requests_and_responses_round_trip() {
+        let rq = query_request(
+            field::C_MOVE_RQ,
+            9,
+            "1.2.840.10008.5.1.4.1.2.2.2",
+            Some("NODE"),
+        )
+        .unwrap();
+        let cmd = Command::decode(&rq).unwrap();
+        assert_eq!(cmd.command_field, field::C_MOVE_RQ);
+        assert!(cmd.has_data_set);
+        assert_eq!(command_field(&rq).unwrap(), field::C_MOVE_RQ);
+        let rsp = response(&cmd, field::C_MOVE_RSP, status::PENDING, None).unwrap();
+        let r = Response::decode(&rsp).unwrap();
+        assert_eq!(r.message_id_being_responded_to, 9);
+        assert!(is_pending(r.status));
+        assert!(!r.has_data_set);
+        assert_eq!(r.completed, None);
+        let cancel = cancel_request(9).unwrap();
+        assert_eq!(command_field(&cancel).unwrap(), field::C_CANCEL_RQ);
     }
 
     #[test]

@@ -4,6 +4,15 @@
 /// Verification SOP Class (PS3.4 A.4).
 pub const VERIFICATION: &str = "1.2.840.10008.1.1";
 
+/// Study Root Query/Retrieve Information Model - FIND (PS3.4 C.6.2.1).
+pub const STUDY_ROOT_FIND: &str = "1.2.840.10008.5.1.4.1.2.2.1";
+/// Study Root Query/Retrieve Information Model - MOVE (PS3.4 C.6.2.2).
+pub const STUDY_ROOT_MOVE: &str = "1.2.840.10008.5.1.4.1.2.2.2";
+/// Study Root Query/Retrieve Information Model - GET (PS3.4 C.6.2.3).
+pub const STUDY_ROOT_GET: &str = "1.2.840.10008.5.1.4.1.2.2.3";
+/// Explicit VR Little Endian (PS3.5 A.2).
+pub const EXPLICIT_VR_LE: &str = "1.2.840.10008.1.2.1";
+
 /// Storage SOP classes accepted by default: breast imaging and the objects a
 /// PACS sends along with it (PS3.4 B.5, Table B.5-1).
 pub const STORAGE_SOP_CLASSES: &[(&str, &str)] = &[

@@ -179,3 +179,9 @@ pub fn client_tls(
         server_name,
     })
 }
+
+pub const SOURCE_KEYS: ClientTlsKeys = ClientTlsKeys {
+    ca: "sources.tls.ca",
+    certificate: "sources.tls.certificate",
+    private_key: "sources.tls.private_key",
+};

@@ -167,7 +167,10 @@ pub async fn case_detail(
         })
         .collect();
     Ok(Some(CaseDetail {
-        view: view_of(case, &members, rules),
+        view: CaseView {
+            fetching: super::fetching_reason(db, &case).await?,
+            ..view_of(case, &members, rules)
+        },
         members: by_modality,
         timeline,
         result,

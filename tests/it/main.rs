@@ -17,6 +17,7 @@ mod dicomweb;
 mod engine;
 mod evaluate;
 mod faults;
+mod fetch;
 mod https;
 mod imaging_real_files;
 mod imaging_resize;
