@@ -145,7 +145,7 @@ fn rebuild(shadow: &Path, ino: u64, out: &Path) {
 }
 
 /// The data set of a stored file, or a panic naming the cut and the file.
-fn stored_dataset(cut: usize, what: &str, p: &Path) -> Vec<u8> {
+fn stored_dataset(cut: impl std::fmt::Display, what: &str, p: &Path) -> Vec<u8> {
     let h = her2map::part10::Part10Header::read(p).unwrap_or_else(|e| {
         let len = std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
         panic!("cut {cut}: {what} {p:?} ({len} bytes) is not a whole instance: {e}")
@@ -188,7 +188,8 @@ async fn check_after_cut(
         .status()
         .unwrap();
     assert!(child.wait().unwrap().success(), "cut {cut}: clean stop");
-    let rows = check_spool(data, &rec.acked, sources, fresh, cut).await;
+    let url = format!("sqlite://{}", data.join("her2map.db").display());
+    let rows = check_spool(data, &url, &rec.acked, sources, fresh, &cut.to_string()).await;
     Found {
         cut,
         acked: rec.acked.len(),
@@ -204,12 +205,13 @@ async fn check_after_cut(
 /// Returns the number of indexed instances.
 async fn check_spool(
     data: &Path,
+    db_url: &str,
     acked: &[String],
     sources: &HashMap<String, PathBuf>,
     fresh: &Path,
-    cut: usize,
+    cut: &str,
 ) -> usize {
-    let db = Db::connect(&format!("sqlite://{}", data.join("her2map.db").display()))
+    let db = Db::connect(db_url)
         .await
         .unwrap_or_else(|e| panic!("cut {cut}: database does not open: {e}"));
     let spool = data.join("spool");
@@ -547,10 +549,37 @@ fn case_config(dir: &Path, dest: u16) -> PathBuf {
     conf
 }
 
-async fn sqlite_db(data: &Path, cut: usize) -> Db {
-    Db::connect(&format!("sqlite://{}", data.join("her2map.db").display()))
-        .await
-        .unwrap_or_else(|e| panic!("cut {cut}: database does not open: {e}"))
+/// The node's database in the case tests: SQLite inside the data folder
+/// (under the shim, rebuilt with it), or, with `HER2MAP_TEST_PG_URL`, a
+/// database of its own on that PostgreSQL server, outside the shim's root:
+/// PostgreSQL keeps what it committed, and the cut loses only the node's
+/// unsynced spool and output writes.
+#[derive(Clone)]
+struct NodeDb(Option<String>);
+
+impl NodeDb {
+    fn on_pg() -> bool {
+        std::env::var("HER2MAP_TEST_PG_URL").is_ok_and(|u| !u.is_empty())
+    }
+    fn for_dir(dir: &Path) -> Self {
+        let pg = Self::on_pg();
+        // The process id in the name: a kept folder (POWERCUT_KEEP) run
+        // again gets a fresh database.
+        NodeDb(pg.then(|| test_database_url(dir, &format!("powercut-{}", std::process::id()))))
+    }
+    fn url(&self, data: &Path) -> String {
+        self.0
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}", data.join("her2map.db").display()))
+    }
+    fn env(&self) -> Option<(&'static str, &str)> {
+        self.0.as_deref().map(|u| ("HER2MAP__DATABASE__URL", u))
+    }
+    async fn open(&self, data: &Path, cut: &str) -> Db {
+        Db::connect(&self.url(data))
+            .await
+            .unwrap_or_else(|e| panic!("cut {cut}: database does not open: {e}"))
+    }
 }
 
 /// Every case done and every delivery sent (`Ok`), a delivery dead or a
@@ -616,30 +645,95 @@ struct CaseRecorded {
     reached: bool,
 }
 
+/// Where a case run is cut.
+#[derive(Clone, Copy, Debug)]
+enum CutAt {
+    /// Not cut: SIGKILL once the case is delivered (a cut at the end).
+    End,
+    /// After the shim's Nth call once the ingest was acknowledged.
+    Call(usize),
+    /// SIGKILLed from the test once the database shows a case running, or
+    /// at least N outputs queued, or N marked sent: on PostgreSQL the node
+    /// makes no file calls between writing its outputs and the end, so
+    /// these moments are cut by the database's state (the rebuild still
+    /// keeps only what was fsync'd).
+    Running,
+    Queued(usize),
+    Sent(usize),
+    /// SIGKILLed once the destination has received at least N copies: in
+    /// the middle of the delivery's association, where the node makes no
+    /// durable call at all.
+    Received(usize),
+}
+
+impl std::fmt::Display for CutAt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CutAt::End => write!(f, "end"),
+            CutAt::Call(n) => write!(f, "call {n}"),
+            CutAt::Running => write!(f, "running"),
+            CutAt::Queued(n) => write!(f, "{n} queued"),
+            CutAt::Sent(n) => write!(f, "{n} sent"),
+            CutAt::Received(n) => write!(f, "{n} received"),
+        }
+    }
+}
+
+/// Whether the database (or the destination's folder `received`) shows
+/// the moment of `at` (a state cut).
+async fn reached_state(db: &Db, received: &Path, at: CutAt) -> bool {
+    let outbox = || async { db.outbox().await.unwrap_or_default() };
+    match at {
+        CutAt::Running => db
+            .all_cases()
+            .await
+            .unwrap_or_default()
+            .iter()
+            .any(|c| c.state == CaseState::Running),
+        CutAt::Queued(n) => outbox().await.len() >= n,
+        CutAt::Sent(n) => {
+            outbox()
+                .await
+                .iter()
+                .filter(|o| o.state == DeliveryState::Sent)
+                .count()
+                >= n
+        }
+        CutAt::Received(n) => std::fs::read_dir(received).map_or(0, |d| d.count()) >= n,
+        CutAt::End | CutAt::Call(_) => false,
+    }
+}
+
 /// One run under the shim: start, ingest the small patient, arm the cut,
-/// and either wait for the cut (`cut` > 0) or, with `cut` 0, for the case
-/// to be delivered, then SIGKILL the node (a cut at the end).
+/// and wait for it (the shim's, or the test's SIGKILL at a state), or for
+/// the case to be delivered and a little more, then SIGKILL the node.
 async fn record_case(
     shim: &Path,
     dir: &Path,
     conf: &Path,
     files: &[PathBuf],
-    cut: usize,
+    ndb: &NodeDb,
+    at: CutAt,
 ) -> CaseRecorded {
+    let cut = at.to_string();
     let (root, shadow) = (dir.join("data"), dir.join("shadow"));
     std::fs::create_dir_all(&root).unwrap();
     for d in ["files", "dirs"] {
         std::fs::create_dir_all(shadow.join(d)).unwrap();
     }
     let arm = shadow.join("armed");
-    let cut_s = cut.to_string();
-    let env = [
+    let cut_s = match at {
+        CutAt::Call(n) => n.to_string(),
+        _ => "0".into(),
+    };
+    let mut env = vec![
         ("LD_PRELOAD", shim.to_str().unwrap()),
         ("POWERCUT_ROOT", root.to_str().unwrap()),
         ("POWERCUT_SHADOW", shadow.to_str().unwrap()),
         ("POWERCUT_CUT", cut_s.as_str()),
         ("POWERCUT_ARM", arm.to_str().unwrap()),
     ];
+    env.extend(ndb.env());
     let args = ["--config".as_ref(), conf.as_os_str()];
     // The cut is armed only after the ingest: the node listens.
     let (mut child, port) = serve_binary(&root, &args, &env);
@@ -658,24 +752,37 @@ async fn record_case(
     );
     std::fs::write(&arm, b"").unwrap();
     let mut reached = false;
-    if cut == 0 {
-        let db = sqlite_db(&root, cut).await;
+    let db = ndb.open(&root, &cut).await;
+    if let CutAt::End = at {
         wait_delivered(&db, 120, "uncut run").await;
-        db.close().await;
     } else {
-        // Each call after arming comes within seconds (the case run, the
-        // delivery, then the assembler's lease renewals while idle).
+        // Until the shim cuts, the state is reached, or the case has been
+        // delivered and the node has had a moment more (on SQLite the
+        // assembler's lease renewals are calls too; on PostgreSQL a call
+        // cut past the last file call is never reached).
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        let mut done_at = None;
         while std::time::Instant::now() < deadline {
             if child.try_wait().unwrap().is_some() {
                 reached = true;
                 break;
             }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            if reached_state(&db, &dir.join("received"), at).await {
+                reached = true;
+                break;
+            }
+            if done_at.is_none() && matches!(delivered(&db).await, Some(Ok(()))) {
+                done_at = Some(std::time::Instant::now());
+            }
+            if done_at.is_some_and(|t| t.elapsed().as_secs() >= 3) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
     }
     let _ = child.kill();
     child.wait().unwrap();
+    db.close().await;
     let log = std::fs::read_to_string(shadow.join("log")).unwrap_or_default();
     CaseRecorded {
         acked,
@@ -687,7 +794,7 @@ async fn record_case(
 /// What one cut of a case run found, for the report.
 #[derive(Debug)]
 struct CaseFound {
-    cut: usize,
+    cut: String,
     phase: &'static str,
     /// The case's state in the rebuilt database, before the restart.
     state_at_cut: String,
@@ -706,15 +813,22 @@ struct CaseFound {
 
 /// Where in the run the cut came, from the calls made before it and what
 /// the destination had received.
-fn phase_of(calls: &[&str], received: usize, outputs: usize) -> &'static str {
-    let path = |l: &&str| l.split(' ').nth(2).unwrap_or("").to_string();
-    let last_output = calls.iter().rposition(|l| path(l).starts_with("/outputs"));
-    match last_output {
-        _ if received >= outputs => "delivered (sent marks, idle)",
-        _ if received > 0 => "delivering",
-        None => "case run, before outputs",
-        Some(i) if calls[i + 1..].iter().any(|l| path(l).contains(".db")) => "outputs queued",
-        Some(_) => "writing outputs",
+fn phase_of(calls: &[&str], recorded: usize, received: usize, outputs: usize) -> &'static str {
+    let touched = calls.iter().any(|l| {
+        l.split(' ')
+            .nth(2)
+            .is_some_and(|p| p.starts_with("/outputs"))
+    });
+    if received >= outputs {
+        "delivered (sent marks, idle)"
+    } else if received > 0 {
+        "delivering"
+    } else if recorded > 0 {
+        "outputs queued"
+    } else if touched {
+        "writing outputs"
+    } else {
+        "case run, before outputs"
     }
 }
 
@@ -731,8 +845,10 @@ async fn check_case_after_cut(
     scp: &StoreScp,
     sources: &HashMap<String, PathBuf>,
     base_outputs: usize,
-    cut: usize,
+    ndb: &NodeDb,
+    at: CutAt,
 ) -> CaseFound {
+    let cut = at.to_string();
     let root = dir.join("data");
     let rebuilt = dir.join("rebuilt");
     rebuild(
@@ -741,7 +857,7 @@ async fn check_case_after_cut(
         &rebuilt,
     );
     // What survived, before the node touches it.
-    let db = sqlite_db(&rebuilt, cut).await;
+    let db = ndb.open(&rebuilt, &cut).await;
     let state_at_cut = db
         .all_cases()
         .await
@@ -768,9 +884,10 @@ async fn check_case_after_cut(
     let before = scp.received();
 
     let args = ["--config".as_ref(), conf.as_os_str()];
-    let (mut child, port) = try_serve_binary(&rebuilt, &args, &[]);
+    let env: Vec<_> = ndb.env().into_iter().collect();
+    let (mut child, port) = try_serve_binary(&rebuilt, &args, &env);
     port.unwrap_or_else(|| panic!("cut {cut}: the node does not start again"));
-    let db = sqlite_db(&rebuilt, cut).await;
+    let db = ndb.open(&rebuilt, &cut).await;
     wait_delivered(&db, 120, &format!("cut {cut}: after the restart")).await;
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
@@ -830,10 +947,11 @@ async fn check_case_after_cut(
     // Nothing acknowledged was lost on the way.
     check_spool(
         &rebuilt,
+        &ndb.url(&rebuilt),
         &rec.acked,
         sources,
         Path::new("/nonexistent"),
-        cut,
+        &cut,
     )
     .await;
 
@@ -875,9 +993,8 @@ async fn check_case_after_cut(
     }
     let calls = armed_calls(&rec.log);
     CaseFound {
-        cut,
         phase: if rec.reached {
-            phase_of(&calls, before.values().sum(), base_outputs)
+            phase_of(&calls, marks.len(), before.values().sum(), base_outputs)
         } else {
             "not reached: killed at the end"
         },
@@ -891,6 +1008,7 @@ async fn check_case_after_cut(
         resent,
         extra_copies: after.values().map(|n| n - 1).sum(),
         part_files,
+        cut,
     }
 }
 
@@ -940,7 +1058,15 @@ fn a_power_cut_during_a_case_run_and_delivery_loses_no_output() {
     let base_dir = work.join("case-base");
     let scp = StoreScp::start(&base_dir.join("received"));
     let conf = case_config(&base_dir, scp.port);
-    let base = rt.block_on(record_case(&shim, &base_dir, &conf, &files, 0));
+    let ndb = NodeDb::for_dir(&base_dir);
+    let base = rt.block_on(record_case(
+        &shim,
+        &base_dir,
+        &conf,
+        &files,
+        &ndb,
+        CutAt::End,
+    ));
     let span = armed_calls(&base.log).len();
     let base_outputs = scp.received().len();
     assert!(base_outputs > 0, "the uncut run delivers");
@@ -954,16 +1080,38 @@ fn a_power_cut_during_a_case_run_and_delivery_loses_no_output() {
             .and_then(|v| v.parse().ok())
             .unwrap_or(d)
     };
-    let points = env_num("POWERCUT_CASE_POINTS", 24).max(1);
+    // On PostgreSQL the calls after the ingest are the outputs' files only
+    // (fewer points: the state cuts below cover the rest).
+    let pg = NodeDb::on_pg();
+    let points = env_num("POWERCUT_CASE_POINTS", if pg { 12 } else { 24 }).max(1);
     let jobs = env_num("POWERCUT_JOBS", 3).max(1);
     // Evenly over the span, and a little past it (idle).
-    let mut cuts: Vec<usize> = (1..=points)
+    let mut calls: Vec<usize> = (1..=points)
         .map(|i| (i * (span + 4)).div_ceil(points))
         .collect();
-    cuts.insert(0, 1);
-    cuts.sort();
-    cuts.dedup();
-    let queue = Arc::new(Mutex::new(cuts.clone()));
+    calls.insert(0, 1);
+    calls.sort();
+    calls.dedup();
+    let mut cuts: Vec<CutAt> = calls.into_iter().map(CutAt::Call).collect();
+    // Mid-association: no durable call marks it, on either database.
+    let n = base_outputs;
+    cuts.extend([CutAt::Received(1), CutAt::Received(n / 2)]);
+    if pg {
+        // On PostgreSQL the calls are the outputs' files only: the moments
+        // before and after them are cut by the database's state.
+        cuts.extend([
+            CutAt::Running,
+            CutAt::Queued(1),
+            CutAt::Queued(n / 2),
+            CutAt::Queued(n),
+            CutAt::Sent(1),
+            CutAt::Sent(n / 2),
+            CutAt::Sent(n),
+        ]);
+    }
+    let queue = Arc::new(Mutex::new(
+        cuts.iter().copied().enumerate().collect::<Vec<_>>(),
+    ));
     let found = Arc::new(Mutex::new(Vec::new()));
     let failures = Arc::new(Mutex::new(Vec::new()));
     let sources = Arc::new(sources);
@@ -981,15 +1129,16 @@ fn a_power_cut_during_a_case_run_and_delivery_loses_no_output() {
                     .build()
                     .unwrap();
                 loop {
-                    let Some(cut) = queue.lock().unwrap().pop() else {
+                    let Some((order, cut)) = queue.lock().unwrap().pop() else {
                         return;
                     };
-                    let dir = work.join(format!("case-cut{cut}"));
+                    let dir = work.join(format!("case-{}", cut.to_string().replace(' ', "-")));
                     let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                         let scp = StoreScp::start(&dir.join("received"));
                         let conf = case_config(&dir, scp.port);
+                        let ndb = NodeDb::for_dir(&dir);
                         rt.block_on(async {
-                            let rec = record_case(&shim, &dir, &conf, &files, cut).await;
+                            let rec = record_case(&shim, &dir, &conf, &files, &ndb, cut).await;
                             check_case_after_cut(
                                 &dir,
                                 &rec,
@@ -997,6 +1146,7 @@ fn a_power_cut_during_a_case_run_and_delivery_loses_no_output() {
                                 &scp,
                                 &sources,
                                 base_outputs,
+                                &ndb,
                                 cut,
                             )
                             .await
@@ -1004,7 +1154,7 @@ fn a_power_cut_during_a_case_run_and_delivery_loses_no_output() {
                     }));
                     match run {
                         Ok(f) => {
-                            found.lock().unwrap().push(f);
+                            found.lock().unwrap().push((order, f));
                             let _ = std::fs::remove_dir_all(&dir);
                         }
                         Err(e) => {
@@ -1024,10 +1174,11 @@ fn a_power_cut_during_a_case_run_and_delivery_loses_no_output() {
         w.join().unwrap();
     }
     let mut found = std::mem::take(&mut *found.lock().unwrap());
-    found.sort_by_key(|f| f.cut);
+    found.sort_by_key(|(order, _)| *order);
+    let found: Vec<CaseFound> = found.into_iter().map(|(_, f)| f).collect();
     for f in &found {
         eprintln!(
-            "cut {:>3} after the ingest: {:<28} case {:<8} {:>2} outputs recorded, {:>2} marked sent, \
+            "cut at {:<9}: {:<28} case {:<8} {:>2} outputs recorded, {:>2} marked sent, \
              {:>2} received before the restart, {} re-sent, {} extra copies, {} .part left",
             f.cut,
             f.phase,
@@ -1075,7 +1226,9 @@ async fn the_outputs_of_the_first_case_survive_a_power_cut() {
     let shim = build_shim(&work);
     let scp = StoreScp::start(&work.join("received"));
     let conf = case_config(&work, scp.port);
-    let rec = record_case(&shim, &work.join("run"), &conf, &small_patient(), 0).await;
+    let ndb = NodeDb::for_dir(&work);
+    let files = small_patient();
+    let rec = record_case(&shim, &work.join("run"), &conf, &files, &ndb, CutAt::End).await;
     assert_eq!(rec.acked.len(), 9);
     let rebuilt = work.join("rebuilt");
     rebuild(
@@ -1083,7 +1236,7 @@ async fn the_outputs_of_the_first_case_survive_a_power_cut() {
         std::fs::metadata(work.join("run/data")).unwrap().ino(),
         &rebuilt,
     );
-    let db = sqlite_db(&rebuilt, 0).await;
+    let db = ndb.open(&rebuilt, "end").await;
     let outbox = db.outbox().await.unwrap();
     db.close().await;
     assert!(!outbox.is_empty(), "the rows survive");
