@@ -639,6 +639,8 @@ fn armed_calls(log: &str) -> Vec<&str> {
 
 struct CaseRecorded {
     acked: Vec<String>,
+    /// The node's settings (the restart uses them too).
+    conf: PathBuf,
     /// The shim's log (call number, call, path).
     log: String,
     /// The cut was reached (the shim killed the node).
@@ -786,6 +788,7 @@ async fn record_case(
     let log = std::fs::read_to_string(shadow.join("log")).unwrap_or_default();
     CaseRecorded {
         acked,
+        conf: conf.to_path_buf(),
         log,
         reached,
     }
@@ -841,7 +844,6 @@ fn phase_of(calls: &[&str], recorded: usize, received: usize, outputs: usize) ->
 async fn check_case_after_cut(
     dir: &Path,
     rec: &CaseRecorded,
-    conf: &Path,
     scp: &StoreScp,
     sources: &HashMap<String, PathBuf>,
     base_outputs: usize,
@@ -883,7 +885,7 @@ async fn check_case_after_cut(
     std::thread::sleep(std::time::Duration::from_millis(300));
     let before = scp.received();
 
-    let args = ["--config".as_ref(), conf.as_os_str()];
+    let args = ["--config".as_ref(), rec.conf.as_os_str()];
     let env: Vec<_> = ndb.env().into_iter().collect();
     let (mut child, port) = try_serve_binary(&rebuilt, &args, &env);
     port.unwrap_or_else(|| panic!("cut {cut}: the node does not start again"));
@@ -1142,7 +1144,6 @@ fn a_power_cut_during_a_case_run_and_delivery_loses_no_output() {
                             check_case_after_cut(
                                 &dir,
                                 &rec,
-                                &conf,
                                 &scp,
                                 &sources,
                                 base_outputs,
