@@ -32,6 +32,30 @@ fn scu() -> ClientOptions {
     }
 }
 
+/// A node's process, SIGKILLed when dropped: a check that fails never
+/// leaves a node running.
+struct Node(std::process::Child);
+
+impl std::ops::Deref for Node {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Node {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Compile the shim into `dir` (a missing C compiler fails the test).
 fn build_shim(dir: &Path) -> PathBuf {
     let out = dir.join("shim.so");
@@ -87,7 +111,8 @@ async fn record(shim: &Path, root: &Path, shadow: &Path, ndb: &NodeDb, cut: usiz
         ("POWERCUT_CUT", cut_s.as_str()),
     ];
     env.extend(ndb.env());
-    let (mut child, port) = try_serve_binary(root, &[], &env);
+    let (child, port) = try_serve_binary(root, &[], &env);
+    let mut child = Node(child);
     let acked = Arc::new(Mutex::new(Vec::new()));
     if let Some(port) = port {
         let addr = format!("127.0.0.1:{port}");
@@ -179,7 +204,8 @@ async fn check_after_cut(
     cut: usize,
 ) -> Found {
     let env: Vec<_> = ndb.env().into_iter().collect();
-    let (mut child, port) = try_serve_binary(data, &[], &env);
+    let (child, port) = try_serve_binary(data, &[], &env);
+    let mut child = Node(child);
     let port = port.unwrap_or_else(|| panic!("cut {cut}: the node does not start again"));
     let r = send_files(
         &format!("127.0.0.1:{port}"),
@@ -399,7 +425,8 @@ async fn an_instance_in_a_folder_not_yet_durable_survives_a_power_cut() {
         ("POWERCUT_ROOT", root.to_str().unwrap()),
         ("POWERCUT_SHADOW", shadow.to_str().unwrap()),
     ];
-    let (mut child, port) = serve_binary(&root, &[], &env);
+    let (child, port) = serve_binary(&root, &[], &env);
+    let mut child = Node(child);
     let r = send_files(
         &format!("127.0.0.1:{port}"),
         &scu(),
@@ -444,7 +471,8 @@ async fn the_harness_catches_a_missing_fsync() {
             ("POWERCUT_SHADOW", shadow.to_str().unwrap()),
             ("POWERCUT_IGNORE", ignore),
         ];
-        let (mut child, port) = serve_binary(&root, &[], &env);
+        let (child, port) = serve_binary(&root, &[], &env);
+        let mut child = Node(child);
         let r = send_files(&format!("127.0.0.1:{port}"), &scu(), &files, |_| {})
             .await
             .unwrap();
@@ -761,7 +789,8 @@ async fn record_case(
     env.extend(ndb.env());
     let args = ["--config".as_ref(), conf.as_os_str()];
     // The cut is armed only after the ingest: the node listens.
-    let (mut child, port) = serve_binary(&root, &args, &env);
+    let (child, port) = serve_binary(&root, &args, &env);
+    let mut child = Node(child);
     let r = send_files(&format!("127.0.0.1:{port}"), &scu(), files, |_| {})
         .await
         .unwrap_or_else(|e| panic!("cut {cut}: ingest: {e}"));
@@ -910,7 +939,8 @@ async fn check_case_after_cut(
 
     let args = ["--config".as_ref(), rec.conf.as_os_str()];
     let env: Vec<_> = ndb.env().into_iter().collect();
-    let (mut child, port) = try_serve_binary(&rebuilt, &args, &env);
+    let (child, port) = try_serve_binary(&rebuilt, &args, &env);
+    let mut child = Node(child);
     port.unwrap_or_else(|| panic!("cut {cut}: the node does not start again"));
     let db = ndb.open(&rebuilt, &cut).await;
     wait_delivered(&db, 120, &format!("cut {cut}: after the restart")).await;
