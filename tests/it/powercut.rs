@@ -767,6 +767,7 @@ async fn record_case(
     files: &[PathBuf],
     ndb: &NodeDb,
     at: CutAt,
+    ignore: &str,
 ) -> CaseRecorded {
     let cut = at.to_string();
     let (root, shadow) = (dir.join("data"), dir.join("shadow"));
@@ -785,6 +786,7 @@ async fn record_case(
         ("POWERCUT_SHADOW", shadow.to_str().unwrap()),
         ("POWERCUT_CUT", cut_s.as_str()),
         ("POWERCUT_ARM", arm.to_str().unwrap()),
+        ("POWERCUT_IGNORE", ignore),
     ];
     env.extend(ndb.env());
     let args = ["--config".as_ref(), conf.as_os_str()];
@@ -1121,6 +1123,7 @@ fn a_power_cut_during_a_case_run_and_delivery_loses_no_output() {
         &files,
         &ndb,
         CutAt::End,
+        "",
     ));
     let span = armed_calls(&base.log).len();
     let base_outputs = scp.received().len();
@@ -1193,7 +1196,7 @@ fn a_power_cut_during_a_case_run_and_delivery_loses_no_output() {
                         let conf = case_config(&dir, scp.port);
                         let ndb = NodeDb::for_dir(&dir);
                         rt.block_on(async {
-                            let rec = record_case(&shim, &dir, &conf, &files, &ndb, cut).await;
+                            let rec = record_case(&shim, &dir, &conf, &files, &ndb, cut, "").await;
                             check_case_after_cut(
                                 &dir,
                                 &rec,
@@ -1282,7 +1285,16 @@ async fn the_outputs_of_the_first_case_survive_a_power_cut() {
     let conf = case_config(&work, scp.port);
     let ndb = NodeDb::for_dir(&work);
     let files = small_patient();
-    let rec = record_case(&shim, &work.join("run"), &conf, &files, &ndb, CutAt::End).await;
+    let rec = record_case(
+        &shim,
+        &work.join("run"),
+        &conf,
+        &files,
+        &ndb,
+        CutAt::End,
+        "",
+    )
+    .await;
     assert_eq!(rec.acked.len(), 9);
     let rebuilt = work.join("rebuilt");
     rebuild(
@@ -1302,4 +1314,36 @@ async fn the_outputs_of_the_first_case_survive_a_power_cut() {
             o.state
         );
     }
+}
+
+/// The case cuts can fail: with the fsyncs under `outputs/*/` (the
+/// outputs' files and their folders) left out of the record, as if
+/// `write_outputs` skipped them, the outputs of a delivered case are lost
+/// in the rebuilt folder while their rows survive.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_case_cuts_catch_a_missing_output_fsync() {
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path().canonicalize().unwrap();
+    let shim = build_shim(&work);
+    let scp = StoreScp::start(&work.join("received"));
+    let conf = case_config(&work, scp.port);
+    let ndb = NodeDb::for_dir(&work);
+    let files = small_patient();
+    let run = work.join("run");
+    record_case(&shim, &run, &conf, &files, &ndb, CutAt::End, "/outputs/").await;
+    let rebuilt = work.join("rebuilt");
+    rebuild(
+        &run.join("shadow"),
+        std::fs::metadata(run.join("data")).unwrap().ino(),
+        &rebuilt,
+    );
+    let db = ndb.open(&rebuilt, "end").await;
+    let outbox = db.outbox().await.unwrap();
+    db.close().await;
+    assert!(!outbox.is_empty(), "the rows survive");
+    let whole = outbox
+        .iter()
+        .filter(|o| dicom_object::open_file(rebuilt.join(&o.path)).is_ok())
+        .count();
+    assert_eq!(whole, 0, "without the outputs' fsyncs none may survive");
 }
