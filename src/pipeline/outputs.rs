@@ -53,7 +53,13 @@ pub(super) fn write_outputs(
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    // The folder, and the folders above it that this case may have created.
-    durable::sync_dir_and_parents(&dir, 2)?;
+    // The folder, and the folders above it that this case may have created:
+    // `r<revision>`, the case's folder, `outputs/` and the data folder that
+    // holds `outputs/`. The data folder too: `outputs/` is made by the first
+    // case run, after the spool fsync'd the data folder at start-up, so
+    // without this its entry (and with it every output) could be lost by a
+    // power cut while the rows naming the outputs survive, and the outbox
+    // dead-letters them as missing files (found by tests/it/powercut.rs).
+    durable::sync_dir_and_parents(&dir, 3)?;
     Ok(rows)
 }

@@ -13,6 +13,10 @@
  * the real fsync, so a write racing the fsync counts as lost (pessimistic).
  * POWERCUT_IGNORE=text leaves out of the record the fsyncs of paths that
  * contain it, so that the test can show the harness catches a missing one.
+ * POWERCUT_ARM=path: the cut counts only the calls made once that file
+ * exists (logged "ARMED"), so that a test can cut at the Nth call after a
+ * moment it chooses (e.g. once the ingest is acknowledged), whatever the
+ * number of calls before it.
  *
  * Build: cc -shared -fPIC -O1 -o shim.so shim.c -ldl
  */
@@ -41,6 +45,9 @@ static long cut_at;
 static char ignore[256]; /* POWERCUT_IGNORE: fsyncs of paths holding it are
                           * not recorded (the harness's own negative test) */
 static long count;
+static char arm[PATH_MAX]; /* POWERCUT_ARM: counting for the cut starts
+                            * once this file exists */
+static long armed_at = -1; /* calls made before it did */
 static int ready;
 
 static void init(void) {
@@ -55,6 +62,8 @@ static void init(void) {
     cut_at = c ? atol(c) : 0;
     const char *ig = getenv("POWERCUT_IGNORE");
     snprintf(ignore, sizeof ignore, "%s", ig ? ig : "");
+    const char *a = getenv("POWERCUT_ARM");
+    snprintf(arm, sizeof arm, "%s", a ? a : "");
     ready = 1;
 }
 
@@ -125,9 +134,13 @@ static void append_log(const char *what, const char *a, const char *b) {
 
 /* Count a call (the lock is held); cut the power after the chosen one. */
 static void counted(const char *what, const char *a, const char *b) {
+    if (armed_at < 0 && (!arm[0] || access(arm, F_OK) == 0)) {
+        armed_at = count;
+        if (arm[0]) append_log("ARMED", root, NULL);
+    }
     count++;
     append_log(what, a, b);
-    if (cut_at > 0 && count >= cut_at) {
+    if (cut_at > 0 && armed_at >= 0 && count - armed_at >= cut_at) {
         append_log("CUT", a, NULL);
         kill(getpid(), SIGKILL);
         for (;;) pause();

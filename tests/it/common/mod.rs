@@ -225,7 +225,12 @@ pub fn try_serve_binary(
     env: &[(&str, &str)],
 ) -> (std::process::Child, Option<u16>) {
     use std::io::{BufRead, BufReader};
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_her2map"));
+    // HER2MAP_TEST_BIN: a copy of the binary to run instead (several
+    // worktrees sharing one target folder rebuild it under a running test).
+    let bin = std::env::var_os("HER2MAP_TEST_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_her2map").into());
+    let mut cmd = Command::new(bin);
     for (k, _) in std::env::vars() {
         if k.starts_with("HER2MAP__") {
             cmd.env_remove(k);
