@@ -58,11 +58,15 @@ async fn chromium_signs_in_and_sees_the_case_result_and_heatmaps() {
     }
     let deadline = Instant::now() + Duration::from_secs(180);
     let case = loop {
+        // The assembler opens the case after ingest has answered: none yet
+        // is a moment to wait, more than one a failure.
         let cases = node.db.all_cases().await.unwrap();
-        assert_eq!(cases.len(), 1, "{cases:?}");
-        assert_ne!(cases[0].state, CaseState::Failed, "{:?}", cases[0]);
-        if cases[0].state == CaseState::Done {
-            break cases[0].clone();
+        assert!(cases.len() <= 1, "{cases:?}");
+        if let Some(case) = cases.first() {
+            assert_ne!(case.state, CaseState::Failed, "{case:?}");
+            if case.state == CaseState::Done {
+                break case.clone();
+            }
         }
         assert!(
             Instant::now() < deadline,
