@@ -13,14 +13,6 @@ use crate::dimse::command::status;
 use crate::dimse::server::{AssociationInfo, InstanceSink, StoreRequest, StoreService};
 use crate::part10::Part10Header;
 
-fn failed(reason: impl Into<String>) -> Outcome {
-    Outcome {
-        status: "failed",
-        reason: reason.into(),
-        ..Default::default()
-    }
-}
-
 /// The AE title recorded for instances from this source (the meta group's
 /// Source AE: at most 16 characters of the default repertoire).
 fn source_ae(name: &str) -> String {
@@ -32,11 +24,11 @@ fn source_ae(name: &str) -> String {
 
 pub(super) async fn attempt(f: &Fetcher, source: &Source, want: &Want) -> Outcome {
     let Some(endpoint) = &source.settings.dicomweb else {
-        return failed("not a DICOMweb source");
+        return Outcome::failed("not a DICOMweb source");
     };
     let client = match DicomWebClient::new(endpoint) {
         Ok(c) => c,
-        Err(e) => return failed(e.to_string()),
+        Err(e) => return Outcome::failed(e.to_string()),
     };
     // Study level: the patient's identifiers and the case window as
     // matching keys; Modalities in Study is returned and checked here
@@ -72,7 +64,7 @@ pub(super) async fn attempt(f: &Fetcher, source: &Source, want: &Want) -> Outcom
                 }),
             )
             .await;
-            return failed(e.to_string());
+            return Outcome::failed(e.to_string());
         }
     };
     let found = &found[..found.len().min(f.settings.max_matches)];
@@ -120,21 +112,16 @@ pub(super) async fn attempt(f: &Fetcher, source: &Source, want: &Want) -> Outcom
                 .await;
                 return Outcome {
                     matches,
-                    ..failed(e.to_string())
+                    ..Outcome::failed(e.to_string())
                 };
             }
         };
-        let mut accepted = 0;
-        let mut rejected = Vec::new();
-        for m in &found {
-            match select::validate_series(&Keys::from_json(m), &st.study_uid, &want.scope.patient) {
-                Ok(s) => {
-                    accepted += 1;
-                    series.push(s);
-                }
-                Err(why) => rejected.push(why),
-            }
-        }
+        let (accepted, rejected) = select::accept_series(
+            found.iter().map(Keys::from_json),
+            &st.study_uid,
+            &want.scope.patient,
+            &mut series,
+        );
         f.audit(
             want,
             fetch_event::FETCH_QUERY,
@@ -154,16 +141,7 @@ pub(super) async fn attempt(f: &Fetcher, source: &Source, want: &Want) -> Outcom
         &f.post_patterns,
     );
     if chosen.is_empty() {
-        return Outcome {
-            status: "nothing",
-            matches,
-            reason: format!(
-                "{} studies, {} series: none could complete the case",
-                studies.len(),
-                series.len()
-            ),
-            ..Default::default()
-        };
+        return Outcome::nothing(matches, studies.len(), series.len());
     }
 
     let info = AssociationInfo {
@@ -224,17 +202,7 @@ pub(super) async fn attempt(f: &Fetcher, source: &Source, want: &Want) -> Outcom
         };
         f.audit(want, fetch_event::FETCH_RETRIEVE, detail).await;
     }
-    Outcome {
-        status: match (problems.is_empty(), received) {
-            (true, _) => "ok",
-            (false, 0) => "failed",
-            (false, _) => "partial",
-        },
-        matches,
-        series_requested: chosen.len() as i64,
-        instances_received: received,
-        reason: problems.join("; "),
-    }
+    Outcome::retrieved(matches, chosen.len(), received, &problems)
 }
 
 /// One retrieved Part 10 instance into ingest, if it is the case's

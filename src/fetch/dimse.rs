@@ -109,14 +109,6 @@ fn retrieve_keys(series: &select::SeriesMatch) -> InMemDicomObject {
     ])
 }
 
-fn failed(reason: impl Into<String>) -> Outcome {
-    Outcome {
-        status: "failed",
-        reason: reason.into(),
-        ..Default::default()
-    }
-}
-
 /// One DIMSE source's attempt for the case.
 pub(super) async fn attempt(f: &Fetcher, source: &Source, want: &Want) -> Outcome {
     let s = &source.settings;
@@ -161,7 +153,7 @@ pub(super) async fn attempt(f: &Fetcher, source: &Source, want: &Want) -> Outcom
                 }),
             )
             .await;
-            return failed(format!("association: {e}"));
+            return Outcome::failed(format!("association: {e}"));
         }
     };
     let result = run(f, source, want, &mut assoc).await;
@@ -171,7 +163,7 @@ pub(super) async fn attempt(f: &Fetcher, source: &Source, want: &Want) -> Outcom
     }
     match result {
         Ok(o) => o,
-        Err(e) => failed(e.to_string()),
+        Err(e) => Outcome::failed(e.to_string()),
     }
 }
 
@@ -236,18 +228,12 @@ async fn run(
         let find = assoc
             .find(sop::STUDY_ROOT_FIND, &series_keys(&st.study_uid), max)
             .await?;
-        let mut accepted = 0;
-        let mut rejected = Vec::new();
-        for m in &find.matches {
-            match select::validate_series(&Keys::from_dicom(m), &st.study_uid, &want.scope.patient)
-            {
-                Ok(s) => {
-                    accepted += 1;
-                    series.push(s);
-                }
-                Err(why) => rejected.push(why),
-            }
-        }
+        let (accepted, rejected) = select::accept_series(
+            find.matches.iter().map(Keys::from_dicom),
+            &st.study_uid,
+            &want.scope.patient,
+            &mut series,
+        );
         f.audit(
             want,
             fetch_event::FETCH_QUERY,
@@ -267,16 +253,7 @@ async fn run(
         &f.post_patterns,
     );
     if chosen.is_empty() {
-        return Ok(Outcome {
-            status: "nothing",
-            matches,
-            reason: format!(
-                "{} studies, {} series: none could complete the case",
-                studies.len(),
-                series.len()
-            ),
-            ..Default::default()
-        });
+        return Ok(Outcome::nothing(matches, studies.len(), series.len()));
     }
 
     // Retrieve, one series per request.
@@ -336,17 +313,12 @@ async fn run(
             }
         }
     }
-    Ok(Outcome {
-        status: match (partial.is_empty(), received) {
-            (true, _) => "ok",
-            (false, 0) => "failed",
-            (false, _) => "partial",
-        },
+    Ok(Outcome::retrieved(
         matches,
-        series_requested: chosen.len() as i64,
-        instances_received: received,
-        reason: partial.join("; "),
-    })
+        chosen.len(),
+        received,
+        &partial,
+    ))
 }
 
 async fn retrieve(

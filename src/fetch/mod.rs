@@ -98,6 +98,42 @@ struct Outcome {
     reason: String,
 }
 
+impl Outcome {
+    fn failed(reason: impl Into<String>) -> Outcome {
+        Outcome {
+            status: "failed",
+            reason: reason.into(),
+            ..Default::default()
+        }
+    }
+
+    /// The series the source holds could not complete the case.
+    fn nothing(matches: i64, studies: usize, series: usize) -> Outcome {
+        Outcome {
+            status: "nothing",
+            matches,
+            reason: format!("{studies} studies, {series} series: none could complete the case"),
+            ..Default::default()
+        }
+    }
+
+    /// After the retrieves: ok when no series had a problem, else partial
+    /// or failed by whether anything arrived.
+    fn retrieved(matches: i64, requested: usize, received: i64, problems: &[String]) -> Outcome {
+        Outcome {
+            status: match (problems.is_empty(), received) {
+                (true, _) => "ok",
+                (false, 0) => "failed",
+                (false, _) => "partial",
+            },
+            matches,
+            series_requested: requested as i64,
+            instances_received: received,
+            reason: problems.join("; "),
+        }
+    }
+}
+
 /// The facts of the case a source attempt works from.
 pub(crate) struct Want {
     pub case_id: String,
@@ -319,11 +355,9 @@ impl Fetcher {
                 };
                 match tokio::time::timeout(limit, run).await {
                     Ok(o) => o,
-                    Err(_) => Outcome {
-                        status: "failed",
-                        reason: format!("source_timeout_secs ({}) passed", limit.as_secs()),
-                        ..Default::default()
-                    },
+                    Err(_) => {
+                        Outcome::failed(format!("source_timeout_secs ({}) passed", limit.as_secs()))
+                    }
                 }
             }
         };

@@ -185,6 +185,27 @@ pub fn study_may_help(study: &StudyMatch, missing: &[Modality]) -> bool {
             .any(|m| Modality::from_dicom(m).is_some_and(|m| missing.contains(&m)))
 }
 
+/// [`validate_series`] over one study's series matches: the accepted ones
+/// are appended to `into`; returns how many were, and why each other was not.
+pub fn accept_series(
+    matches: impl IntoIterator<Item = Keys>,
+    study_uid: &str,
+    patient: &Patient,
+    into: &mut Vec<SeriesMatch>,
+) -> (usize, Vec<String>) {
+    let (mut accepted, mut rejected) = (0, Vec::new());
+    for keys in matches {
+        match validate_series(&keys, study_uid, patient) {
+            Ok(s) => {
+                accepted += 1;
+                into.push(s);
+            }
+            Err(why) => rejected.push(why),
+        }
+    }
+    (accepted, rejected)
+}
+
 /// Check a series-level match: it must be of the study asked about (when
 /// the PACS says which) and name its series.
 pub fn validate_series(
