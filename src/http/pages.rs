@@ -403,7 +403,11 @@ async fn case(
         b,
         "<p>Present: {} · missing: {}</p>",
         c.present.join(", "),
-        esc(&c.missing.join("; "))
+        if c.missing.is_empty() {
+            "none".to_string()
+        } else {
+            esc(&c.missing.join("; "))
+        }
     );
     if user.may_act() {
         b += &format!(
@@ -477,11 +481,26 @@ fn result_html(result: Option<&serde_json::Value>) -> String {
             esc(side["lesion_side"].as_str().unwrap_or("unknown")),
             if positive { "Positive" } else { "Negative" },
             side["prob"].as_f64().unwrap_or(f64::NAN),
-            esc(&side["modalities_used"].to_string()),
-            esc(&side["modalities_missing"].to_string())
+            esc(&names(&side["modalities_used"])),
+            esc(&names(&side["modalities_missing"]))
         );
     }
     b + "</div>"
+}
+
+/// A JSON list of names as the page says it: "US, MR, MG", or "none".
+fn names(list: &serde_json::Value) -> String {
+    let names: Vec<&str> = list
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_str())
+        .collect();
+    if names.is_empty() {
+        "none".into()
+    } else {
+        names.join(", ")
+    }
 }
 
 #[derive(Deserialize)]
