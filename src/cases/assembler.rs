@@ -54,7 +54,8 @@ pub struct Assembler {
 /// When the assembler plans a fetch of what a case lacks (`[fetch]`): the
 /// fetch worker (`crate::fetch`) runs it, and the case waits for it,
 /// "fetching from SOURCE", before it runs or times out with a modality
-/// missing.
+/// missing, and until the fetch ends even once what it brought so far
+/// completes the case.
 #[derive(Debug, Clone, Copy)]
 pub struct FetchPlan {
     /// When the case opens (is first seen collecting) with one missing.
@@ -332,9 +333,18 @@ impl Assembler {
             let first = parse_time(&case.first_instance_at).unwrap_or(now);
             let last = parse_time(&case.last_instance_at).unwrap_or(now);
             let mut decision = rules::decide(&c, first, last, now, &self.rules);
-            if !c.missing.is_empty()
-                && let Some(sources) = self.fetching(&case, first, now, &mut next).await?
-            {
+            // A fetch still streaming holds the case even once nothing is
+            // missing: its series arrive one retrieve after another, and a
+            // gap longer than the stable age between them would otherwise
+            // run the case on half a volume.
+            let active = if !c.missing.is_empty() {
+                self.fetching(&case, first, now, &mut next).await?
+            } else if self.fetch.is_some() {
+                self.db.active_fetch(&case.id, Some(now)).await?
+            } else {
+                None
+            };
+            if let Some(sources) = active {
                 // What a source may still deliver is worth the wait: the
                 // fetch is bounded by its lease (`[fetch] source_timeout_secs`).
                 let what = if sources.is_empty() {
