@@ -8,7 +8,10 @@
 //! the analytic FLOP count per case and the achieved GFLOP/s.
 //!
 //! Run: `RAYON_NUM_THREADS=2 cargo bench --bench model` (BENCH_RUNS=N to
-//! change the number of timed runs, default 10). `HER2MAP_BENCH_SAVE=FILE`
+//! change the number of timed runs, default 10). `HER2MAP_BENCH_DEVICE`
+//! (`cpu`, `cuda:0`; default cpu) picks the device, `HER2MAP_BENCH_BATCHES`
+//! (e.g. `8,32`) adds throughput runs at those batch sizes (cases per
+//! second, all modalities in every sample). `HER2MAP_BENCH_SAVE=FILE`
 //! only writes the random weights to FILE; `HER2MAP_BENCH_WEIGHTS=FILE` then
 //! times that file directly (e.g. under `perf record`).
 
@@ -84,7 +87,16 @@ fn child(path: &Path) -> Result<(), Box<dyn std::error::Error>> {
     her2map::inference::tune_allocator();
     let rss0 = proc_status_kib("VmRSS");
     let t = Instant::now();
-    let model = MapModel::load(path, &Device::Cpu)?;
+    let dev = her2map::inference::parse_device(
+        &std::env::var("HER2MAP_BENCH_DEVICE").unwrap_or_else(|_| "cpu".into()),
+    )?;
+    her2map::inference::set_tf32(std::env::var_os("HER2MAP_BENCH_TF32").is_some());
+    println!(
+        "device: {} ({})",
+        her2map::inference::device_label(&dev),
+        her2map::inference::device_name(&dev)
+    );
+    let model = MapModel::load(path, &dev)?;
     let load_s = t.elapsed().as_secs_f64();
     let rss_loaded = proc_status_kib("VmRSS");
     let cfg = model.config().clone();
@@ -94,16 +106,7 @@ fn child(path: &Path) -> Result<(), Box<dyn std::error::Error>> {
         "config derived from full-size shapes"
     );
 
-    let dev = Device::Cpu;
-    let d = cfg.mri_input_side();
-    let s = cfg.us_input_side();
-    let inputs = MapInputs {
-        mri: Some(Tensor::rand(-1f32, 1f32, (1, 1, d, d, d), &dev)?),
-        us: Some(Tensor::rand(0f32, 1f32, (1, cfg.us.in_chans, s, s), &dev)?),
-        mg: Some(Tensor::rand(0f32, 1f32, (1, cfg.mg.in_chans, s, s), &dev)?),
-        clinical: Tensor::randn(0f32, 1f32, (1, cfg.clinical_dim), &dev)?,
-        flags: vec![[true; 3]],
-    };
+    let inputs = random_inputs(&cfg, 1, &dev)?;
     let t = Instant::now();
     let out = model.forward(&inputs)?;
     let prob = out.probs.to_vec1::<f32>()?[0];
@@ -176,7 +179,43 @@ fn child(path: &Path) -> Result<(), Box<dyn std::error::Error>> {
     );
     println!("peak RSS (VmHWM): {:.0} MiB", mib(hwm));
     println!("P(HER2+) on random input: {prob:.4}");
+
+    let batches = std::env::var("HER2MAP_BENCH_BATCHES").unwrap_or_default();
+    for b in batches
+        .split(',')
+        .filter_map(|b| b.trim().parse::<usize>().ok())
+    {
+        let inputs = random_inputs(&cfg, b, &dev)?;
+        // One untimed pass: a new batch size allocates anew.
+        let _ = model.forward(&inputs)?.probs.to_vec1::<f32>()?;
+        let mut times = Vec::with_capacity(runs);
+        for _ in 0..runs {
+            let t = Instant::now();
+            let _ = model.forward(&inputs)?.probs.to_vec1::<f32>()?;
+            times.push(t.elapsed().as_secs_f64());
+        }
+        times.sort_by(f64::total_cmp);
+        let median = times[times.len() / 2];
+        println!(
+            "forward batch {b}: median {median:.3} s, {:.3} s per case, {:.1} cases/s",
+            median / b as f64,
+            b as f64 / median
+        );
+    }
     Ok(())
+}
+
+/// Random inputs of `b` samples with every modality.
+fn random_inputs(cfg: &MapConfig, b: usize, dev: &Device) -> candle_core::Result<MapInputs> {
+    let d = cfg.mri_input_side();
+    let s = cfg.us_input_side();
+    Ok(MapInputs {
+        mri: Some(Tensor::rand(-1f32, 1f32, (b, 1, d, d, d), dev)?),
+        us: Some(Tensor::rand(0f32, 1f32, (b, cfg.us.in_chans, s, s), dev)?),
+        mg: Some(Tensor::rand(0f32, 1f32, (b, cfg.mg.in_chans, s, s), dev)?),
+        clinical: Tensor::randn(0f32, 1f32, (b, cfg.clinical_dim), dev)?,
+        flags: vec![[true; 3]; b],
+    })
 }
 
 /// utime + stime of this process (all threads), from /proc/self/stat.

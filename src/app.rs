@@ -15,7 +15,7 @@ use crate::cases::{Assembler, CaseJob, Clock};
 use crate::config::{Settings, resolve_host};
 use crate::db::{Db, InstanceWriter, NewEvent, event};
 use crate::dimse::server::{ConnectionLimits, Server, ServerConfig};
-use crate::inference::{Engine, EngineHandle};
+use crate::inference::{Engine, EngineHandle, EngineOptions};
 use crate::ingest::Ingest;
 use crate::outbox::Outbox;
 use crate::pipeline::{ModelIdentity, Pipeline};
@@ -234,18 +234,24 @@ async fn open_storage(settings: &Settings) -> anyhow::Result<(Spool, Db, Option<
 /// The model weights on the engine's own thread (loaded off the runtime).
 async fn load_model(settings: &Settings) -> anyhow::Result<EngineHandle> {
     let weights = settings.model.weights_path()?;
-    let (w, device, queue) = (
-        weights.clone(),
-        settings.model.device.clone(),
-        settings.model.queue,
-    );
-    let engine = tokio::task::spawn_blocking(move || Engine::start(&w, &device, queue))
+    let (w, device) = (weights.clone(), settings.model.device.clone());
+    let opts = EngineOptions {
+        queue: settings.model.queue,
+        max_batch: settings.model.max_batch,
+    };
+    crate::inference::set_tf32(settings.model.tf32);
+    let engine = tokio::task::spawn_blocking(move || Engine::start(&w, &device, opts))
         .await?
         .with_context(|| format!("loading the model weights {}", weights.display()))?;
+    let (device, device_name) = engine.device();
     info!(
         weights = %weights.display(),
         sha256 = %engine.weights_sha256(),
-        device = %settings.model.device,
+        device,
+        device_name,
+        configured = %settings.model.device,
+        max_batch = engine.max_batch(),
+        tf32 = settings.model.tf32,
         demo = settings.model.demo,
         "model loaded"
     );

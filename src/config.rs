@@ -145,6 +145,11 @@ pub struct ModelSettings {
     pub device: String,
     pub demo: bool,
     pub queue: usize,
+    /// Samples per forward pass at most; 0: by device (8 on a GPU, 1 on
+    /// the CPU).
+    pub max_batch: usize,
+    /// Let f32 matrix products use TF32 on the GPU (off: parity).
+    pub tf32: bool,
 }
 
 /// The demo weights: the reduced-size parity checkpoint with random weights

@@ -2,7 +2,10 @@
 //! its device and serves requests from a bounded queue; async callers get the
 //! result through a oneshot channel and never block a tokio worker. Requests
 //! and responses hold plain `Vec<f32>` data so callers need not know candle.
-//! Also the library side of `her2map infer` ([`infer_tensors_file`]).
+//! Requests queued together run as one batch (at most `[model] max_batch`
+//! samples, [`merge`] and [`split`]), which a GPU serves for little more than
+//! the cost of one. Also the library side of `her2map infer`
+//! ([`infer_tensors_file`]).
 
 use std::path::Path;
 use std::time::Instant;
@@ -100,13 +103,19 @@ pub struct InferResponse {
     pub samples: Vec<SampleResult>,
     /// `[US, MRI, MG]`, present when requested and the branch ran.
     pub cams: [Option<BranchCams>; 3],
-    /// Time spent in the model (tensor building, forward, read-back).
+    /// Time spent in the model (tensor building, forward, read-back) for
+    /// the whole batch this request ran in.
     pub compute_ms: f64,
+    /// Requests that shared this forward pass (1: it ran alone).
+    pub batch_requests: usize,
     /// Time from submission to the reply, including queueing.
     pub total_ms: f64,
     pub weights_sha256: String,
     /// The device that ran it (`device_label`).
     pub device: String,
+    /// Its name: the GPU's as the driver reports it ("NVIDIA H200"), the
+    /// CPU's model name (`device_name`).
+    pub device_name: String,
 }
 
 /// Parse `"auto"` (CUDA device 0 when this build has CUDA and a device is
@@ -144,6 +153,51 @@ pub fn device_label(device: &Device) -> String {
     }
 }
 
+/// The device's name for logs, events and the SR: the GPU's product name
+/// from the driver, or the CPU's model name (Linux), else "CPU".
+pub fn device_name(device: &Device) -> String {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => d
+            .cuda_stream()
+            .context()
+            .name()
+            .unwrap_or_else(|e| format!("unnamed GPU ({e})")),
+        _ if device.is_cpu() => cpu_model_name().unwrap_or_else(|| "CPU".into()),
+        _ => device_label(device),
+    }
+}
+
+fn cpu_model_name() -> Option<String> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("model name")?.split_once(':'))
+        .map(|(_, name)| name.trim().to_string())
+        .filter(|n| !n.is_empty())
+}
+
+/// `[model] max_batch`: 0 picks 8 samples on a GPU (batching costs it little)
+/// and 1 on the CPU, where a batch takes as long as its cases one by one and
+/// only raises peak memory.
+pub fn resolve_max_batch(max_batch: usize, device: &Device) -> usize {
+    match max_batch {
+        0 if device.is_cpu() => 1,
+        0 => 8,
+        n => n,
+    }
+}
+
+/// Whether f32 matrix products may use TF32 on the GPU (`[model] tf32`).
+/// Off by default (candle's default too): TF32 keeps 10 mantissa bits, which
+/// moves logits by about 1e-3 and would break parity. Process-wide; a no-op
+/// without CUDA.
+pub fn set_tf32(on: bool) {
+    #[cfg(feature = "cuda")]
+    candle_core::cuda_backend::set_gemm_reduced_precision_f32(on);
+    #[cfg(not(feature = "cuda"))]
+    let _ = on;
+}
+
 #[cfg(feature = "cuda")]
 fn cuda_device(ordinal: usize) -> Result<Device, ModelError> {
     Device::new_cuda(ordinal).map_err(|e| ModelError::Device(format!("cuda:{ordinal}: {e}")))
@@ -179,14 +233,37 @@ pub fn tune_allocator() {
     }
 }
 
+/// How the engine thread takes requests.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineOptions {
+    /// Requests waiting for the engine thread at most (`[model] queue`).
+    pub queue: usize,
+    /// Samples per forward pass at most (`[model] max_batch`; 0: by device,
+    /// [`resolve_max_batch`]).
+    pub max_batch: usize,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        Self {
+            queue: 1,
+            max_batch: 1,
+        }
+    }
+}
+
 /// Starts the engine thread.
 pub struct Engine;
 
 impl Engine {
     /// Load the weights on `device` synchronously (a load failure is returned,
     /// so the node can refuse to start), then serve requests on a dedicated
-    /// thread through a queue of `queue` pending requests.
-    pub fn start(weights: &Path, device: &str, queue: usize) -> Result<EngineHandle, ModelError> {
+    /// thread.
+    pub fn start(
+        weights: &Path,
+        device: &str,
+        opts: EngineOptions,
+    ) -> Result<EngineHandle, ModelError> {
         let device = parse_device(device)?;
         tune_allocator();
         let model = MapModel::load(weights, &device)?;
@@ -194,46 +271,226 @@ impl Engine {
             weights = %weights.display(),
             sha256 = model.weights_sha256(),
             device = %device_label(&device),
+            device_name = %device_name(&device),
+            max_batch = resolve_max_batch(opts.max_batch, &device),
             "HER2 MAP model loaded"
         );
-        Self::start_with_model(model, queue)
+        Self::start_with_model(model, opts)
     }
 
     /// Serve an already built model.
-    pub fn start_with_model(model: MapModel, queue: usize) -> Result<EngineHandle, ModelError> {
-        let (tx, mut rx) = mpsc::channel::<Job>(queue.max(1));
-        let config = model.config().clone();
-        let sha256 = model.weights_sha256().to_string();
+    pub fn start_with_model(
+        model: MapModel,
+        opts: EngineOptions,
+    ) -> Result<EngineHandle, ModelError> {
+        let (tx, mut rx) = mpsc::channel::<Job>(opts.queue.max(1));
+        let max_batch = resolve_max_batch(opts.max_batch, model.device());
+        let handle = EngineHandle {
+            tx,
+            config: model.config().clone(),
+            sha256: model.weights_sha256().to_string(),
+            device: device_label(model.device()),
+            device_name: device_name(model.device()),
+            max_batch,
+        };
+        let name = handle.device_name.clone();
         std::thread::Builder::new()
             .name("her2map-model".into())
             .spawn(move || {
+                // A request that would not fit the batch starts the next one.
+                let mut carried: Option<Job> = None;
                 // Ends when every EngineHandle has been dropped.
-                while let Some(job) = rx.blocking_recv() {
-                    // A panic inside candle on some odd input must fail that
-                    // request, not take the engine down for every later one.
-                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        run_request(&model, &job.req)
-                    }))
-                    .unwrap_or_else(|panic| {
-                        let msg = panic
-                            .downcast_ref::<String>()
-                            .map(String::as_str)
-                            .or_else(|| panic.downcast_ref::<&str>().copied())
-                            .unwrap_or("unknown panic");
-                        tracing::error!(%msg, "model panicked on a request");
-                        Err(ModelError::Engine(format!("model panicked: {msg}")))
-                    })
-                    .map(|mut r| {
-                        r.total_ms = job.submitted.elapsed().as_secs_f64() * 1e3;
-                        r
-                    });
-                    // The caller may have gone away; nothing to do then.
-                    let _ = job.reply.send(result);
+                while let Some(first) = carried.take().or_else(|| rx.blocking_recv()) {
+                    let mut samples = first.req.flags.len();
+                    let mut batch = vec![first];
+                    // Only what is queued already: a lone request never waits.
+                    while samples < max_batch {
+                        match rx.try_recv() {
+                            Ok(job)
+                                if samples + job.req.flags.len() <= max_batch
+                                    && job.req.want_cams == batch[0].req.want_cams =>
+                            {
+                                samples += job.req.flags.len();
+                                batch.push(job);
+                            }
+                            Ok(job) => {
+                                carried = Some(job);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    serve(&model, &name, batch);
                 }
             })
             .map_err(|e| ModelError::Engine(format!("cannot spawn model thread: {e}")))?;
-        Ok(EngineHandle { tx, config, sha256 })
+        Ok(handle)
     }
+}
+
+/// Run a batch of jobs and answer each. A merged batch that fails (one bad
+/// request) runs again request by request, so that only the bad one fails.
+fn serve(model: &MapModel, device_name: &str, batch: Vec<Job>) {
+    let results = if batch.len() > 1 {
+        let reqs: Vec<&InferRequest> = batch.iter().map(|j| &j.req).collect();
+        guarded(|| {
+            let (merged, ranges) = merge(&reqs)?;
+            let response = run_request(model, device_name, &merged)?;
+            Ok(split(response, &reqs, &ranges))
+        })
+        .ok()
+    } else {
+        None
+    };
+    let results = results.unwrap_or_else(|| {
+        batch
+            .iter()
+            .map(|j| guarded(|| run_request(model, device_name, &j.req)))
+            .collect()
+    });
+    for (job, result) in batch.into_iter().zip(results) {
+        let result = result.map(|mut r| {
+            r.total_ms = job.submitted.elapsed().as_secs_f64() * 1e3;
+            r
+        });
+        // The caller may have gone away; nothing to do then.
+        let _ = job.reply.send(result);
+    }
+}
+
+/// A panic inside candle on some odd input must fail that request, not take
+/// the engine down for every later one.
+fn guarded<T>(f: impl FnOnce() -> Result<T, ModelError>) -> Result<T, ModelError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        let msg = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("unknown panic");
+        tracing::error!(%msg, "model panicked on a request");
+        Err(ModelError::Engine(format!("model panicked: {msg}")))
+    })
+}
+
+/// Requests as one: their samples one after another (the rows of request
+/// `i` are `ranges[i]`). A branch some requests lack is zeros in their rows,
+/// with their flags 0, so the masked fusion leaves it out of their results,
+/// as when it is skipped; a branch no request has stays absent.
+pub fn merge(
+    reqs: &[&InferRequest],
+) -> Result<(InferRequest, Vec<std::ops::Range<usize>>), ModelError> {
+    let mut ranges = Vec::with_capacity(reqs.len());
+    let mut start = 0;
+    for r in reqs {
+        let n = r.flags.len();
+        if r.clinical.shape.first() != Some(&n) {
+            return Err(ModelError::Input(format!(
+                "clinical has shape {:?} for {n} flag rows",
+                r.clinical.shape
+            )));
+        }
+        // A flag without its tensor is the request's own error; batched, it
+        // would run on another request's zeros.
+        let sent = [r.us.is_some(), r.mri.is_some(), r.mg.is_some()];
+        if let Some(k) = (0..3).find(|&k| !sent[k] && r.flags.iter().any(|f| f[k])) {
+            return Err(ModelError::Input(format!(
+                "a {} flag is set without its tensor",
+                Modality::MODEL_ORDER[k].key()
+            )));
+        }
+        ranges.push(start..start + n);
+        start += n;
+    }
+    let rows: Vec<usize> = ranges.iter().map(|r| r.len()).collect();
+    let stack = |pick: &dyn Fn(&InferRequest) -> Option<&TensorData>| {
+        stack_rows(reqs.iter().map(|r| pick(r)).collect(), &rows)
+    };
+    let merged = InferRequest {
+        mri: stack(&|r| r.mri.as_ref())?,
+        us: stack(&|r| r.us.as_ref())?,
+        mg: stack(&|r| r.mg.as_ref())?,
+        clinical: stack(&|r| Some(&r.clinical))?
+            .ok_or_else(|| ModelError::Input("empty batch".into()))?,
+        flags: reqs.iter().flat_map(|r| r.flags.iter().copied()).collect(),
+        want_cams: reqs.iter().any(|r| r.want_cams),
+    };
+    Ok((merged, ranges))
+}
+
+/// Concatenate along the batch axis; `None` parts are `rows[i]` rows of
+/// zeros. All `None`: `None`.
+fn stack_rows(
+    parts: Vec<Option<&TensorData>>,
+    rows: &[usize],
+) -> Result<Option<TensorData>, ModelError> {
+    let Some(like) = parts.iter().flatten().next() else {
+        return Ok(None);
+    };
+    let inner = &like.shape[1..];
+    let row: usize = inner.iter().product();
+    let total: usize = rows.iter().sum();
+    let mut data = Vec::with_capacity(total * row);
+    for (part, &n) in parts.iter().zip(rows) {
+        match part {
+            Some(t)
+                if t.shape.len() == like.shape.len()
+                    && &t.shape[1..] == inner
+                    && t.shape[0] == n =>
+            {
+                data.extend_from_slice(&t.data)
+            }
+            Some(t) => {
+                return Err(ModelError::Input(format!(
+                    "cannot batch a {:?} tensor with a {:?} one for {n} rows",
+                    t.shape, like.shape
+                )));
+            }
+            None => data.resize(data.len() + n * row, 0.0),
+        }
+    }
+    let mut shape = like.shape.clone();
+    shape[0] = total;
+    Ok(Some(TensorData::new(shape, data)?))
+}
+
+/// The merged response as one response per request: its samples, and the
+/// CAMs of the branches it sent (when it asked for them).
+pub fn split(
+    response: InferResponse,
+    reqs: &[&InferRequest],
+    ranges: &[std::ops::Range<usize>],
+) -> Vec<Result<InferResponse, ModelError>> {
+    let rows = |t: &TensorData, r: &std::ops::Range<usize>| {
+        let row: usize = t.shape[1..].iter().product();
+        let mut shape = t.shape.clone();
+        shape[0] = r.len();
+        TensorData {
+            shape,
+            data: t.data[r.start * row..r.end * row].to_vec(),
+        }
+    };
+    reqs.iter()
+        .zip(ranges)
+        .map(|(req, r)| {
+            let sent = [req.us.is_some(), req.mri.is_some(), req.mg.is_some()];
+            let cams = std::array::from_fn(|k| {
+                response.cams[k]
+                    .as_ref()
+                    .filter(|_| req.want_cams && sent[k])
+                    .map(|c| BranchCams {
+                        grid: rows(&c.grid, r),
+                        raw: rows(&c.raw, r),
+                        input: rows(&c.input, r),
+                    })
+            });
+            Ok(InferResponse {
+                samples: response.samples[r.clone()].to_vec(),
+                cams,
+                batch_requests: reqs.len(),
+                ..response.clone_meta()
+            })
+        })
+        .collect()
 }
 
 /// Cheap to clone; the engine stops when the last handle is dropped.
@@ -242,9 +499,22 @@ pub struct EngineHandle {
     tx: mpsc::Sender<Job>,
     config: MapConfig,
     sha256: String,
+    device: String,
+    device_name: String,
+    max_batch: usize,
 }
 
 impl EngineHandle {
+    /// The device the model runs on (`device_label`) and its name.
+    pub fn device(&self) -> (&str, &str) {
+        (&self.device, &self.device_name)
+    }
+
+    /// Samples per forward pass at most, as resolved for the device.
+    pub fn max_batch(&self) -> usize {
+        self.max_batch
+    }
+
     pub fn config(&self) -> &MapConfig {
         &self.config
     }
@@ -296,7 +566,27 @@ impl EngineHandle {
     }
 }
 
-fn run_request(model: &MapModel, req: &InferRequest) -> Result<InferResponse, ModelError> {
+impl InferResponse {
+    /// Everything but the per-request parts (samples, CAMs).
+    fn clone_meta(&self) -> Self {
+        Self {
+            samples: Vec::new(),
+            cams: [None, None, None],
+            compute_ms: self.compute_ms,
+            total_ms: self.total_ms,
+            batch_requests: self.batch_requests,
+            weights_sha256: self.weights_sha256.clone(),
+            device: self.device.clone(),
+            device_name: self.device_name.clone(),
+        }
+    }
+}
+
+fn run_request(
+    model: &MapModel,
+    device_name: &str,
+    req: &InferRequest,
+) -> Result<InferResponse, ModelError> {
     let start = Instant::now();
     let dev = model.device();
     let opt = |t: &Option<TensorData>| t.as_ref().map(|t| t.to_tensor(dev)).transpose();
@@ -327,8 +617,10 @@ fn run_request(model: &MapModel, req: &InferRequest) -> Result<InferResponse, Mo
         cams,
         compute_ms: start.elapsed().as_secs_f64() * 1e3,
         total_ms: 0.0,
+        batch_requests: 1,
         weights_sha256: model.weights_sha256().to_string(),
         device: device_label(model.device()),
+        device_name: device_name.to_string(),
     })
 }
 

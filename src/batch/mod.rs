@@ -106,7 +106,7 @@ pub fn run_batch(opts: &BatchOptions, settings: &Settings) -> Result<BatchSummar
     }
     let scan_ms = t0.elapsed().as_secs_f64() * 1e3;
     let t_load = Instant::now();
-    let engine = crate::inference::Engine::start(&opts.weights, &opts.device, 1)?;
+    let engine = crate::inference::Engine::start(&opts.weights, &opts.device, Default::default())?;
     let load_ms = t_load.elapsed().as_secs_f64() * 1e3;
     let grid = pipeline::input_grid(engine.config());
     let ctx = Context {

@@ -21,7 +21,7 @@ pub fn infer_dicom_folder(
     imaging_settings: &ImagingSettings,
     dump: Option<&Path>,
 ) -> Result<serde_json::Value, PipelineError> {
-    let engine = crate::inference::Engine::start(weights, device, 1)?;
+    let engine = crate::inference::Engine::start(weights, device, Default::default())?;
     let grid = input_grid(engine.config());
     let files = crate::send::collect_files(&[dir.to_path_buf()]);
     let prepared = usable_sides(imaging::prepare_case_sides(&files, imaging_settings, grid));

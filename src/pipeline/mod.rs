@@ -1,8 +1,9 @@
 //! The node's main job for one ready case: stored instances → imaging →
-//! inference engine → SR + heatmaps → outbox. Runs off the network path, one
-//! case at a time (the engine serialises inference anyway); imaging runs on
-//! the blocking pool (rayon inside), inference on the engine's own thread.
-//! Every step is an audit event carrying the case id.
+//! inference engine → SR + heatmaps → outbox. Runs off the network path; the
+//! cases queued together (at most the engine's `max_batch`, 1 on the CPU)
+//! run at once, so that their requests can share a forward pass on a GPU.
+//! Imaging runs on the blocking pool (rayon inside), inference on the
+//! engine's own thread. Every step is an audit event carrying the case id.
 //!
 //! The stages, each a module: [`prepare`] (imaging, and its early run during
 //! the stable age), [`request`] (the batched model input), the engine
@@ -119,13 +120,25 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// Take cases from the queue (and preparation hints) until shutdown.
+    /// Take cases from the queue (and preparation hints) until shutdown: a
+    /// wave of the cases queued now, at most the engine's `max_batch`, runs
+    /// at once and ends before the next (or shutdown) is looked at.
     pub async fn run(mut self, mut jobs: mpsc::Receiver<CaseJob>, shutdown: CancellationToken) {
         let mut hints = self.prepare_hints.take();
+        let wave_max = self.engine.max_batch().max(1);
         loop {
             tokio::select! {
                 j = jobs.recv() => match j {
-                    Some(job) => self.process(&job).await,
+                    Some(first) => {
+                        let mut wave = vec![first];
+                        while wave.len() < wave_max {
+                            match jobs.try_recv() {
+                                Ok(job) => wave.push(job),
+                                Err(_) => break,
+                            }
+                        }
+                        futures_util::future::join_all(wave.iter().map(|j| self.process(j))).await;
+                    }
                     None => return,
                 },
                 Some(case_id) = async {
@@ -314,6 +327,8 @@ impl Pipeline {
                 "probs": response.samples.iter().map(|s| s.prob).collect::<Vec<_>>(),
                 "weights_sha256": response.weights_sha256,
                 "device": response.device,
+                "device_name": response.device_name,
+                "batch_requests": response.batch_requests,
             }),
         )
         .await;

@@ -75,7 +75,7 @@ impl ReportJob {
             model_name: self.identity.name.clone(),
             model_version: self.identity.version.clone(),
             weights_sha256: response.weights_sha256.clone(),
-            device: response.device.clone(),
+            device: format!("{} ({})", response.device, response.device_name),
             demo: self.identity.demo,
             prob: scores.prob,
             branch_probs: report::BranchScores {

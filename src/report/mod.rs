@@ -200,7 +200,8 @@ pub struct ModelResult {
     pub model_name: String,
     pub model_version: String,
     pub weights_sha256: String,
-    /// The device the model ran on ("cpu", "cuda:0"); empty when unknown.
+    /// The device the model ran on and its name ("cuda:0 (NVIDIA H200)",
+    /// "cpu (AMD EPYC 7B13)"); empty when unknown.
     pub device: String,
     /// Demo (non-clinical) weights.
     pub demo: bool,

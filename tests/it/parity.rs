@@ -2,6 +2,10 @@
 //! reduced-size fixtures in test-data/parity (see its README.md): outputs of
 //! all six availability cases, every stage and block intermediate on real and
 //! all-zero inputs, CAMs, loading from both the .pth and the .safetensors.
+//!
+//! The model runs on `HER2MAP_TEST_DEVICE` (default `cpu`; `cuda:0` in
+//! scripts/gpu-check.sh, with a `--features cuda` build), against the same
+//! fixtures and tolerances: every op's GPU path is held to the CPU's bounds.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -40,11 +44,34 @@ fn fx(name: &str) -> &'static Tensor {
         .unwrap_or_else(|| panic!("fixture tensor {name} missing"))
 }
 
+/// The device under test (`HER2MAP_TEST_DEVICE`, default the CPU).
+fn dev() -> &'static Device {
+    static DEV: OnceLock<Device> = OnceLock::new();
+    DEV.get_or_init(|| {
+        let spec = std::env::var("HER2MAP_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+        // TF32 matmuls (GPU only; off unless asked): to measure what they move.
+        her2map::inference::set_tf32(std::env::var_os("HER2MAP_TEST_TF32").is_some());
+        her2map::inference::parse_device(&spec).expect("HER2MAP_TEST_DEVICE")
+    })
+}
+
+/// Fixture inputs (on the CPU) on the device under test.
+fn on_dev(i: MapInputs) -> MapInputs {
+    let mv = |t: Tensor| t.to_device(dev()).unwrap();
+    MapInputs {
+        mri: i.mri.map(mv),
+        us: i.us.map(mv),
+        mg: i.mg.map(mv),
+        clinical: mv(i.clinical),
+        flags: i.flags,
+    }
+}
+
 fn model(ext: &'static str) -> &'static MapModel {
     static PTH: OnceLock<MapModel> = OnceLock::new();
     static ST: OnceLock<MapModel> = OnceLock::new();
     let cell = if ext == "pth" { &PTH } else { &ST };
-    cell.get_or_init(|| MapModel::load(&weights(ext), &Device::Cpu).expect("load weights"))
+    cell.get_or_init(|| MapModel::load(&weights(ext), dev()).expect("load weights"))
 }
 
 fn max_abs(t: &Tensor) -> f32 {
@@ -60,8 +87,13 @@ fn max_abs(t: &Tensor) -> f32 {
 
 fn max_diff(a: &Tensor, b: &Tensor, what: &str) -> f32 {
     assert_eq!(a.dims(), b.dims(), "{what}: shape");
-    let a = a.to_dtype(DType::F32).unwrap();
-    max_abs(&(a - b).unwrap())
+    let cpu = |t: &Tensor| {
+        t.to_device(&Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+    };
+    max_abs(&(cpu(a) - cpu(b)).unwrap())
 }
 
 fn flags_of(case: &str) -> Vec<[bool; 3]> {
@@ -89,13 +121,13 @@ fn case_inputs(case: &str) -> MapInputs {
         let m = Tensor::from_vec(mask, shape, &Device::Cpu).unwrap();
         Some(x.broadcast_mul(&m).unwrap())
     };
-    MapInputs {
+    on_dev(MapInputs {
         mri: pick(Modality::MR),
         us: pick(Modality::US),
         mg: pick(Modality::MG),
         clinical: fx("input.clinical").clone(),
         flags,
-    }
+    })
 }
 
 fn check_outputs(case: &str, out: &MapOutput, worst: &mut HashMap<&'static str, f32>) {
@@ -257,13 +289,13 @@ fn intermediates_match_reference_on_real_inputs() {
 #[test]
 fn intermediates_match_reference_on_zero_inputs() {
     let zeros = |name: &str| fx(name).zeros_like().unwrap();
-    let inputs = MapInputs {
+    let inputs = on_dev(MapInputs {
         mri: Some(zeros("input.mri")),
         us: Some(zeros("input.us")),
         mg: Some(zeros("input.mg")),
         clinical: fx("input.clinical").clone(),
         flags: vec![[true; 3]; 2],
-    };
+    });
     for ext in ["safetensors", "pth"] {
         check_intermediates(ext, "zero", &inputs);
     }
@@ -421,7 +453,7 @@ fn skipping_a_branch_equals_running_it_on_zeros_with_flag_0() {
         0,
     )
     .unwrap();
-    run.mri = Some(zero0);
+    run.mri = Some(zero0.to_device(dev()).unwrap());
     run.flags = vec![[true, false, true], [true, true, true]];
     let ran = m.forward(&run).unwrap();
     assert!(ran.embeddings[Modality::MR.branch()].is_some());
@@ -502,7 +534,7 @@ fn data_parallel_prefix_is_accepted() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("prefixed.safetensors");
     candle_core::safetensors::save(&ts, &path).unwrap();
-    let m = MapModel::load(&path, &Device::Cpu).unwrap();
+    let m = MapModel::load(&path, dev()).unwrap();
     assert_eq!(m.config(), model("safetensors").config());
     let out = m.forward(&case_inputs("no_mg")).unwrap();
     let d = max_diff(&out.logits, fx("case.no_mg.logits"), "logits");

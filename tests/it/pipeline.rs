@@ -107,7 +107,17 @@ async fn one_patient_in_pieces_across_restarts_gives_one_result() {
             .events(0, Some("case_inference_done"), 10)
             .await
             .unwrap();
-        assert_eq!(inferred[0].detail.as_ref().unwrap()["device"], "cpu");
+        let inferred = inferred[0].detail.as_ref().unwrap();
+        assert_eq!(inferred["device"], "cpu");
+        // The CPU's model name, as /proc/cpuinfo gives it.
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap();
+        let name = inferred["device_name"].as_str().unwrap();
+        assert!(
+            !name.is_empty() && cpuinfo.contains(name),
+            "{name} not in /proc/cpuinfo"
+        );
+        // The CPU default of `max_batch = 0` is 1: a case runs alone.
+        assert_eq!(inferred["batch_requests"], 1);
         let sides = &results[0].detail.as_ref().unwrap()["sides"];
         let prob = sides[0]["prob"].as_f64().unwrap();
         assert!((0.0..=1.0).contains(&prob));
