@@ -132,6 +132,11 @@ impl App {
         self.http.as_ref().map(|h| h.local_addr())
     }
 
+    /// The HTTP server's routes, to call in process (fuzz/fuzz_targets/http_api.rs).
+    pub fn http_router(&self) -> Option<axum::Router> {
+        self.http.as_ref().map(|h| h.router())
+    }
+
     pub fn db(&self) -> Db {
         self.db.clone()
     }

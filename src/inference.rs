@@ -189,8 +189,8 @@ pub fn resolve_max_batch(max_batch: usize, device: &Device) -> usize {
 
 /// Whether f32 matrix products may use TF32 on the GPU (`[model] tf32`).
 /// Off by default (candle's default too): TF32 keeps 10 mantissa bits, which
-/// moves logits by about 1e-3 and would break parity. Process-wide; a no-op
-/// without CUDA.
+/// is expected to move logits past the parity tolerance. Process-wide; a
+/// no-op without CUDA.
 pub fn set_tf32(on: bool) {
     #[cfg(feature = "cuda")]
     candle_core::cuda_backend::set_gemm_reduced_precision_f32(on);

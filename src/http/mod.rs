@@ -261,6 +261,12 @@ impl HttpServer {
         self.addr
     }
 
+    /// Every route with its state, for callers in this process that send
+    /// requests without a socket (the HTTP fuzz target).
+    pub fn router(&self) -> Router {
+        self.router.clone()
+    }
+
     /// Serve until `shutdown`; then finish in-flight requests (at most 5 s).
     pub async fn run(self, shutdown: CancellationToken) {
         let scheme = if self.tls.is_some() { "https" } else { "http" };
