@@ -383,9 +383,11 @@ impl Workers {
                 before_run: f.before_run.then(|| Duration::from_secs(f.before_run_secs)),
             })
         };
-        // Several nodes share the backlog: each claims one case ahead.
+        // Several nodes share the backlog: each claims ahead only what one
+        // wave of its pipeline takes (one case on the CPU, `max_batch` on a
+        // GPU), so that a backlog spreads and a GPU still gets full batches.
         let assembler = match db.backend() {
-            crate::db::Backend::Postgres => assembler.with_claim_ahead(1),
+            crate::db::Backend::Postgres => assembler.with_claim_ahead(engine.max_batch()),
             crate::db::Backend::Sqlite => assembler,
         };
         let (jobs_tx, jobs_rx) = mpsc::channel(settings.cases.queue);

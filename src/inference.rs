@@ -7,6 +7,7 @@
 //! the cost of one. Also the library side of `her2map infer`
 //! ([`infer_tensors_file`]).
 
+use std::collections::VecDeque;
 use std::path::Path;
 use std::time::Instant;
 
@@ -283,7 +284,7 @@ impl Engine {
         model: MapModel,
         opts: EngineOptions,
     ) -> Result<EngineHandle, ModelError> {
-        let (tx, mut rx) = mpsc::channel::<Job>(opts.queue.max(1));
+        let (tx, mut rx) = mpsc::channel::<Vec<Job>>(opts.queue.max(1));
         let max_batch = resolve_max_batch(opts.max_batch, model.device());
         let handle = EngineHandle {
             tx,
@@ -297,28 +298,35 @@ impl Engine {
         std::thread::Builder::new()
             .name("her2map-model".into())
             .spawn(move || {
-                // A request that would not fit the batch starts the next one.
-                let mut carried: Option<Job> = None;
-                // Ends when every EngineHandle has been dropped.
-                while let Some(first) = carried.take().or_else(|| rx.blocking_recv()) {
-                    let mut samples = first.req.flags.len();
-                    let mut batch = vec![first];
+                // Requests received and not yet run, in order: at most what
+                // one batch takes beyond the one being formed, so that the
+                // bounded queue still holds callers back.
+                let mut pending: VecDeque<Job> = VecDeque::new();
+                loop {
+                    if pending.is_empty() {
+                        // Ends when every EngineHandle has been dropped.
+                        match rx.blocking_recv() {
+                            Some(group) => pending.extend(group),
+                            None => break,
+                        }
+                    }
                     // Only what is queued already: a lone request never waits.
-                    while samples < max_batch {
+                    while samples(&pending) < max_batch {
                         match rx.try_recv() {
-                            Ok(job)
-                                if samples + job.req.flags.len() <= max_batch
-                                    && job.req.want_cams == batch[0].req.want_cams =>
-                            {
-                                samples += job.req.flags.len();
-                                batch.push(job);
-                            }
-                            Ok(job) => {
-                                carried = Some(job);
-                                break;
-                            }
+                            Ok(group) => pending.extend(group),
                             Err(_) => break,
                         }
+                    }
+                    let mut batch = vec![pending.pop_front().expect("not empty")];
+                    let mut n = batch[0].req.flags.len();
+                    while let Some(next) = pending.front() {
+                        let fits = n + next.req.flags.len() <= max_batch
+                            && next.req.want_cams == batch[0].req.want_cams;
+                        if !fits {
+                            break;
+                        }
+                        n += next.req.flags.len();
+                        batch.extend(pending.pop_front());
                     }
                     serve(&model, &name, batch);
                 }
@@ -326,6 +334,10 @@ impl Engine {
             .map_err(|e| ModelError::Engine(format!("cannot spawn model thread: {e}")))?;
         Ok(handle)
     }
+}
+
+fn samples(jobs: &VecDeque<Job>) -> usize {
+    jobs.iter().map(|j| j.req.flags.len()).sum()
 }
 
 /// Run a batch of jobs and answer each. A merged batch that fails (one bad
@@ -496,7 +508,7 @@ pub fn split(
 /// Cheap to clone; the engine stops when the last handle is dropped.
 #[derive(Clone)]
 pub struct EngineHandle {
-    tx: mpsc::Sender<Job>,
+    tx: mpsc::Sender<Vec<Job>>,
     config: MapConfig,
     sha256: String,
     device: String,
@@ -535,35 +547,67 @@ impl EngineHandle {
 
     /// Queue a request and wait for its result (waits for queue space too).
     pub async fn infer(&self, req: InferRequest) -> Result<InferResponse, ModelError> {
-        let (reply, rx) = oneshot::channel();
-        let job = Job {
-            req,
-            submitted: Instant::now(),
-            reply,
-        };
-        self.tx
-            .send(job)
-            .await
-            .map_err(|_| ModelError::Engine("model thread has stopped".into()))?;
-        rx.await
-            .map_err(|_| ModelError::Engine("model thread dropped the request".into()))?
+        let mut results = self.infer_many(vec![req]).await;
+        results.pop().expect("one result per request")
+    }
+
+    /// Queue requests together and wait for their results, in order: the
+    /// engine runs them in as few batches as `max_batch` allows (with any
+    /// others queued at the time), so cases that are ready together share
+    /// the forward pass.
+    pub async fn infer_many(
+        &self,
+        reqs: Vec<InferRequest>,
+    ) -> Vec<Result<InferResponse, ModelError>> {
+        if reqs.is_empty() {
+            return Vec::new();
+        }
+        let (group, replies) = jobs(reqs);
+        if self.tx.send(group).await.is_err() {
+            return replies.iter().map(|_| Err(stopped())).collect();
+        }
+        let mut results = Vec::with_capacity(replies.len());
+        for rx in replies {
+            results.push(rx.await.unwrap_or_else(|_| Err(dropped())));
+        }
+        results
     }
 
     /// Blocking variant for non-async callers (must not be called from
     /// inside a tokio runtime).
     pub fn infer_blocking(&self, req: InferRequest) -> Result<InferResponse, ModelError> {
-        let (reply, rx) = oneshot::channel();
-        let job = Job {
-            req,
-            submitted: Instant::now(),
-            reply,
-        };
-        self.tx
-            .blocking_send(job)
-            .map_err(|_| ModelError::Engine("model thread has stopped".into()))?;
-        rx.blocking_recv()
-            .map_err(|_| ModelError::Engine("model thread dropped the request".into()))?
+        let (group, mut replies) = jobs(vec![req]);
+        self.tx.blocking_send(group).map_err(|_| stopped())?;
+        let rx = replies.pop().expect("one reply per request");
+        rx.blocking_recv().unwrap_or_else(|_| Err(dropped()))
     }
+}
+
+type Reply = oneshot::Receiver<Result<InferResponse, ModelError>>;
+
+fn jobs(reqs: Vec<InferRequest>) -> (Vec<Job>, Vec<Reply>) {
+    let submitted = Instant::now();
+    reqs.into_iter()
+        .map(|req| {
+            let (reply, rx) = oneshot::channel();
+            (
+                Job {
+                    req,
+                    submitted,
+                    reply,
+                },
+                rx,
+            )
+        })
+        .unzip()
+}
+
+fn stopped() -> ModelError {
+    ModelError::Engine("model thread has stopped".into())
+}
+
+fn dropped() -> ModelError {
+    ModelError::Engine("model thread dropped the request".into())
 }
 
 impl InferResponse {

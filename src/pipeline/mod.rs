@@ -23,6 +23,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
+use futures_util::future::join_all;
+
 use serde::Serialize;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -56,6 +58,21 @@ pub struct ModelIdentity {
 }
 
 /// Milliseconds per stage of one case.
+/// How long the first case of a wave waits for others when batches can
+/// hold more than one: the cases of one assembler round are claimed one by
+/// one (a database write each). Small beside a case's imaging.
+pub const WAVE_GATHER: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// A case imaged and ready for the engine.
+struct Imaged {
+    case: CaseRow,
+    prepared: Vec<PreparedCase>,
+    errors: Vec<String>,
+    times: StageTimes,
+    digest: String,
+    request: crate::inference::InferRequest,
+}
+
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct StageTimes {
     pub imaging_ms: f64,
@@ -121,8 +138,10 @@ pub struct Pipeline {
 
 impl Pipeline {
     /// Take cases from the queue (and preparation hints) until shutdown: a
-    /// wave of the cases queued now, at most the engine's `max_batch`, runs
-    /// at once and ends before the next (or shutdown) is looked at.
+    /// wave of the cases queued now (and within [`WAVE_GATHER`] of the
+    /// first), at most the engine's `max_batch`, runs at once and ends
+    /// before the next (or shutdown) is looked at. With `max_batch = 1` (the
+    /// CPU) a wave is one case and nothing waits.
     pub async fn run(mut self, mut jobs: mpsc::Receiver<CaseJob>, shutdown: CancellationToken) {
         let mut hints = self.prepare_hints.take();
         let wave_max = self.engine.max_batch().max(1);
@@ -131,13 +150,16 @@ impl Pipeline {
                 j = jobs.recv() => match j {
                     Some(first) => {
                         let mut wave = vec![first];
+                        // The cases one assembler round readies arrive one
+                        // claim after another: wait a moment for them.
+                        let until = tokio::time::Instant::now() + WAVE_GATHER;
                         while wave.len() < wave_max {
-                            match jobs.try_recv() {
-                                Ok(job) => wave.push(job),
-                                Err(_) => break,
+                            match tokio::time::timeout_at(until, jobs.recv()).await {
+                                Ok(Some(job)) => wave.push(job),
+                                _ => break,
                             }
                         }
-                        futures_util::future::join_all(wave.iter().map(|j| self.process(j))).await;
+                        self.process(&wave).await;
                     }
                     None => return,
                 },
@@ -152,8 +174,45 @@ impl Pipeline {
         }
     }
 
-    /// Run one case; failures end the case in `failed` with the reason.
-    pub async fn process(&self, job: &CaseJob) {
+    /// Run a wave of cases: each starts and is imaged on its own, their
+    /// requests go to the engine together (so that they can share a
+    /// forward pass), and each is reported on its own. A failure ends that
+    /// case in `failed` with the reason; the others go on.
+    pub async fn process(&self, jobs: &[CaseJob]) {
+        let started = join_all(jobs.iter().map(|job| self.start(job))).await;
+        let ready: Vec<Imaged> = started.into_iter().flatten().collect();
+        if ready.is_empty() {
+            return;
+        }
+        let t = Instant::now();
+        let responses = self
+            .engine
+            .infer_many(ready.iter().map(|r| r.request.clone()).collect())
+            .await;
+        let inference_ms = t.elapsed().as_secs_f64() * 1e3;
+        join_all(
+            ready
+                .into_iter()
+                .zip(responses)
+                .map(|(mut case, response)| async move {
+                    case.times.inference_ms = inference_ms;
+                    let id = case.case.id.clone();
+                    let done = match response {
+                        Ok(r) => self.complete(case, r).await,
+                        Err(e) => Err(e.into()),
+                    };
+                    if let Err(e) = done {
+                        self.fail(&id, e).await;
+                    }
+                }),
+        )
+        .await;
+    }
+
+    /// Claim the queued case, image it and build its request; `None` when
+    /// it is not to run (held meanwhile, failed, or an amendment that
+    /// changes nothing).
+    async fn start(&self, job: &CaseJob) -> Option<Imaged> {
         let now = self.clock.now();
         match self
             .db
@@ -167,32 +226,41 @@ impl Pipeline {
             .await
         {
             Ok(true) => {}
-            Ok(false) => return, // held or changed by an operator meanwhile
+            Ok(false) => return None, // held or changed by an operator meanwhile
             Err(e) => {
                 error!(case = %job.case_id, error = %e, "case could not start");
-                return;
+                return None;
             }
         }
-        if let Err(e) = self.run_case(job).await {
-            warn!(case = %job.case_id, error = %e, "case failed");
-            let reason = e.to_string();
-            self.audit(
-                &job.case_id,
-                event::CASE_FAILED,
-                serde_json::json!({ "reason": reason }),
+        match self.image_case(job).await {
+            Ok(imaged) => imaged,
+            Err(e) => {
+                self.fail(&job.case_id, e).await;
+                None
+            }
+        }
+    }
+
+    /// End a running case in `failed`, with the reason as its event.
+    async fn fail(&self, case_id: &str, e: PipelineError) {
+        warn!(case = %case_id, error = %e, "case failed");
+        let reason = e.to_string();
+        self.audit(
+            case_id,
+            event::CASE_FAILED,
+            serde_json::json!({ "reason": reason }),
+        )
+        .await;
+        let _ = self
+            .db
+            .transition_case(
+                case_id,
+                CaseState::Running,
+                CaseState::Failed,
+                &reason,
+                self.clock.now(),
             )
             .await;
-            let _ = self
-                .db
-                .transition_case(
-                    &job.case_id,
-                    CaseState::Running,
-                    CaseState::Failed,
-                    &reason,
-                    self.clock.now(),
-                )
-                .await;
-        }
     }
 
     async fn audit(&self, case_id: &str, name: &str, detail: serde_json::Value) {
@@ -207,9 +275,10 @@ impl Pipeline {
         }
     }
 
-    /// One case, stage by stage: imaging, the amendment check, inference,
-    /// reporting, and the case's next state.
-    async fn run_case(&self, job: &CaseJob) -> Result<(), PipelineError> {
+    /// The stages before inference: imaging and the amendment check; the
+    /// case's request for the engine (every side, both when the side is
+    /// unknown, in one request).
+    async fn image_case(&self, job: &CaseJob) -> Result<Option<Imaged>, PipelineError> {
         let case = self
             .db
             .case(&job.case_id)
@@ -232,10 +301,44 @@ impl Pipeline {
                     self.clock.now(),
                 )
                 .await?;
-            return Ok(());
+            return Ok(None);
         }
+        let request = request::build_request(&prepared, self.grid())?;
+        Ok(Some(Imaged {
+            case,
+            prepared,
+            errors,
+            times,
+            digest,
+            request,
+        }))
+    }
 
-        let response = self.infer(&case, &prepared, &mut times).await?;
+    /// The stages after inference: its event, reporting, the result and the
+    /// case's next state.
+    async fn complete(&self, c: Imaged, response: InferResponse) -> Result<(), PipelineError> {
+        let Imaged {
+            case,
+            prepared,
+            errors,
+            mut times,
+            digest,
+            ..
+        } = c;
+        self.audit(
+            &case.id,
+            event::CASE_INFERENCE_DONE,
+            serde_json::json!({
+                "ms": times.inference_ms,
+                "compute_ms": response.compute_ms,
+                "probs": response.samples.iter().map(|s| s.prob).collect::<Vec<_>>(),
+                "weights_sha256": response.weights_sha256,
+                "device": response.device,
+                "device_name": response.device_name,
+                "batch_requests": response.batch_requests,
+            }),
+        )
+        .await;
         let t = Instant::now();
         let (results, rows) = self.report(&case, prepared, response).await?;
         times.reporting_ms = t.elapsed().as_secs_f64() * 1e3;
@@ -304,35 +407,6 @@ impl Pipeline {
             }));
         }
         Ok((prepared, errors))
-    }
-
-    /// Inference of every side (both, when the side is unknown) in one batch
-    /// on the engine's thread.
-    async fn infer(
-        &self,
-        case: &CaseRow,
-        prepared: &[PreparedCase],
-        times: &mut StageTimes,
-    ) -> Result<InferResponse, PipelineError> {
-        let request = request::build_request(prepared, self.grid())?;
-        let t = Instant::now();
-        let response = self.engine.infer(request).await?;
-        times.inference_ms = t.elapsed().as_secs_f64() * 1e3;
-        self.audit(
-            &case.id,
-            event::CASE_INFERENCE_DONE,
-            serde_json::json!({
-                "ms": times.inference_ms,
-                "compute_ms": response.compute_ms,
-                "probs": response.samples.iter().map(|s| s.prob).collect::<Vec<_>>(),
-                "weights_sha256": response.weights_sha256,
-                "device": response.device,
-                "device_name": response.device_name,
-                "batch_requests": response.batch_requests,
-            }),
-        )
-        .await;
-        Ok(response)
     }
 
     /// Reporting: SR + heatmaps per side (file reads and pixel work on the

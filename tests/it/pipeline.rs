@@ -231,3 +231,111 @@ async fn inputs_prepared_during_the_stable_age_follow_late_instances() {
     assert_eq!(detail["prepared_during_stable_age"], true, "{detail}");
     node.stop().await;
 }
+
+/// Three patients ready at once on a node with `max_batch = 8`: the
+/// pipeline takes them as one wave, their requests share one forward pass,
+/// and each gets its own result in its own studies. They are stored on a
+/// node whose stable age keeps them waiting, and become ready together on
+/// the restarted node. Their images are copies of one patient's, so their
+/// probabilities agree with each other and with the patient's alone.
+#[tokio::test(flavor = "multi_thread")]
+async fn three_patients_ready_at_once_share_a_forward_pass_with_their_own_results() {
+    let data = tempfile::tempdir().unwrap();
+    let copies = tempfile::tempdir().unwrap();
+    let settings = |stable_age: u64| {
+        let mut s = test_settings(data.path());
+        s.cases.stable_age_secs = stable_age;
+        // Room for all three: a case is one sample per side it reads.
+        s.model.max_batch = 8;
+        s
+    };
+    let files: Vec<PathBuf> = ["MG", "US", "MR"].iter().flat_map(|m| study(m)).collect();
+    let patients: Vec<Vec<PathBuf>> = (0..3)
+        .map(|i| {
+            let out = copies.path().join(i.to_string());
+            as_patient(&files, &out, &format!("WAVE{i}"), &format!("9{i}"))
+        })
+        .collect();
+    let node = spawn_app_with(settings(3600)).await;
+    let (addr, scu) = (node.address(), scu());
+    for p in &patients {
+        let results = send_files(&addr, &scu, p, |_| {}).await.unwrap();
+        assert!(results.iter().all(|r| r.ok()));
+    }
+    // Every instance assigned: the three cases wait for their stable age,
+    // which counts from the last assignment.
+    wait_until("three complete cases", 60, || async {
+        let cases = node.db.all_cases().await.unwrap();
+        cases.len() == 3 && cases.iter().all(|c| c.reason.contains("stable age"))
+    })
+    .await;
+    node.stop().await;
+    // Past the restarted node's stable age (1 s), so that its first round
+    // finds all three cases ready.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let node = spawn_app_with(settings(1)).await;
+    wait_until("three results", 240, || async {
+        let cases = node.db.all_cases().await.unwrap();
+        assert!(
+            cases.iter().all(|c| c.state != CaseState::Failed),
+            "{cases:?}"
+        );
+        cases.len() == 3 && cases.iter().all(|c| c.state == CaseState::Done)
+    })
+    .await;
+    let shared: Vec<u64> = node
+        .db
+        .events(0, Some("case_inference_done"), 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| {
+            e.detail.as_ref().unwrap()["batch_requests"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(shared, [3, 3, 3], "requests per forward pass");
+    let results = node.db.events(0, Some("case_result"), 10).await.unwrap();
+    assert_eq!(results.len(), 3);
+    let sides: usize = results
+        .iter()
+        .map(|r| {
+            r.detail.as_ref().unwrap()["sides"]
+                .as_array()
+                .unwrap()
+                .len()
+        })
+        .sum();
+    assert!(sides <= 8, "{sides} samples do not fit one batch");
+    let probs: Vec<f64> = results
+        .iter()
+        .map(|r| {
+            r.detail.as_ref().unwrap()["sides"][0]["prob"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect();
+    assert!(
+        probs.iter().all(|p| (p - probs[0]).abs() <= 1e-5),
+        "{probs:?}"
+    );
+    // Each case's outputs sit in that patient's studies only.
+    for case in node.db.all_cases().await.unwrap() {
+        let members = node.db.case_members(&case.id).await.unwrap();
+        let studies: std::collections::BTreeSet<String> = members
+            .iter()
+            .map(|m| m.study_instance_uid.clone())
+            .collect();
+        let outputs = node.db.case_outputs(&case.id).await.unwrap();
+        assert!(!outputs.is_empty());
+        for o in &outputs {
+            assert!(
+                studies.contains(&o.study_instance_uid),
+                "{o:?} outside {studies:?}"
+            );
+        }
+    }
+    node.stop().await;
+}

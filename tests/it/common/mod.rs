@@ -306,3 +306,37 @@ pub fn dciodvfy(path: &Path) -> (Vec<String>, Vec<String>, String) {
         .collect();
     (errors, warnings, text)
 }
+
+/// A copy of `files` as another patient's: Patient ID `patient_id`, fresh
+/// Study/Series/SOP Instance UIDs.
+pub fn as_patient(files: &[PathBuf], out: &Path, patient_id: &str, salt: &str) -> Vec<PathBuf> {
+    std::fs::create_dir_all(out).unwrap();
+    let fresh = |uid: &str| format!("{}.{salt}", uid.trim_end_matches(['\0', ' ']));
+    files
+        .iter()
+        .map(|f| {
+            let mut obj = dicom_object::open_file(f).unwrap();
+            let get = |o: &dicom_object::DefaultDicomObject, tag| {
+                o.element(tag).unwrap().to_str().unwrap().to_string()
+            };
+            let (st, se, sop) = (
+                fresh(&get(&obj, tags::STUDY_INSTANCE_UID)),
+                fresh(&get(&obj, tags::SERIES_INSTANCE_UID)),
+                fresh(&get(&obj, tags::SOP_INSTANCE_UID)),
+            );
+            for (tag, vr, v) in [
+                (tags::PATIENT_ID, VR::LO, patient_id.to_string()),
+                (tags::STUDY_INSTANCE_UID, VR::UI, st),
+                (tags::SERIES_INSTANCE_UID, VR::UI, se),
+                (tags::SOP_INSTANCE_UID, VR::UI, sop.clone()),
+            ] {
+                obj.put(DataElement::new(tag, vr, PrimitiveValue::from(v)));
+            }
+            obj.meta_mut().media_storage_sop_instance_uid = sop;
+            obj.meta_mut().update_information_group_length();
+            let path = out.join(f.file_name().unwrap());
+            obj.write_to_file(&path).unwrap();
+            path
+        })
+        .collect()
+}
