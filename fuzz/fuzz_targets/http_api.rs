@@ -11,9 +11,11 @@
 //! being unable is a 503).
 #![no_main]
 
+use std::net::SocketAddr;
 use std::sync::OnceLock;
 
 use axum::body::Body;
+use axum::extract::ConnectInfo;
 use axum::http::{Method, Request, StatusCode, Uri, header};
 use her2map::app::App;
 use her2map::config::{HttpRole, HttpUser, Settings};
@@ -122,9 +124,13 @@ fuzz_target!(|data: &[u8]| {
     if let Some(ct) = CONTENT_TYPES[*ctype as usize % CONTENT_TYPES.len()] {
         req = req.header(header::CONTENT_TYPE, ct);
     }
-    let Ok(req) = req.body(Body::from(body.to_vec())) else {
+    let Ok(mut req) = req.body(Body::from(body.to_vec())) else {
         return;
     };
+    // The peer's address, as the node's accept loop attaches it to every
+    // request (sign-in failures and STOW-RS audit it).
+    req.extensions_mut()
+        .insert(ConnectInfo(SocketAddr::from(([192, 0, 2, 1], 40000))));
     let router = n.router.clone();
     n.rt.block_on(async move {
         let resp = router.oneshot(req).await.unwrap();
