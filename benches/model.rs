@@ -202,6 +202,13 @@ fn child(path: &Path) -> Result<(), Box<dyn std::error::Error>> {
             b as f64 / median
         );
     }
+    if !batches.is_empty() {
+        // On the CPU; a GPU's own memory is sampled by scripts/gpu-check.sh.
+        println!(
+            "peak RSS after the batch runs (VmHWM): {:.0} MiB",
+            mib(proc_status_kib("VmHWM"))
+        );
+    }
     Ok(())
 }
 
