@@ -18,11 +18,19 @@
 #      event and the SR's algorithm parameters name the GPU.
 # Each step's exit status is recorded; the script fails if any did
 # (except the TF32 parity run, which documents a known difference).
+# HER2MAP_GPU_DEVICE (default cuda:0) names the device; `cpu` rehearses the
+# script's steps on a machine without a GPU (with a build without CUDA,
+# HER2MAP_GPU_PREBUILT=1 and HER2MAP_CUDA_TARGET_DIR at its target folder).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+DEV="${HER2MAP_GPU_DEVICE:-cuda:0}"
+if ! command -v nvidia-smi >/dev/null 2>&1; then
+    nvidia-smi() { echo "(no nvidia-smi)"; }
+fi
 OUT_FILE="${OUT_FILE:-${OUT:+$OUT/}gpu-check.txt}"
 export CARGO_TARGET_DIR="${HER2MAP_CUDA_TARGET_DIR:-/var/tmp/her2map-cuda-target}"
-CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -n1 | tr -d .)}"
+CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -n1 | tr -dc 0-9)}"
+CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
 export CUDA_COMPUTE_CAP
 failed=0
 log() { echo "$*" | tee -a "$OUT_FILE"; }
@@ -50,19 +58,19 @@ BIN="$CARGO_TARGET_DIR/release/her2map"
 BENCH="$(ls -t "$CARGO_TARGET_DIR"/release/deps/model-* | grep -v '\.d$' | head -n1)"
 
 FILTER='worst|intermediates compared|^  |test result|FAILED|panicked|max abs diff'
-HER2MAP_TEST_DEVICE=cuda:0 step parity "$IT" --nocapture --test-threads 1 parity:: engine:: || failed=1
-HER2MAP_TEST_DEVICE=cuda:0 HER2MAP_TEST_TF32=1 step parity-tf32 "$IT" --nocapture --test-threads 1 parity::cases_match parity::intermediates_match_reference_on_real || true
+HER2MAP_TEST_DEVICE="$DEV" step parity "$IT" --nocapture --test-threads 1 parity:: engine:: || failed=1
+HER2MAP_TEST_DEVICE="$DEV" HER2MAP_TEST_TF32=1 step parity-tf32 "$IT" --nocapture --test-threads 1 parity::cases_match parity::intermediates_match_reference_on_real || true
 
 FILTER='.'
 nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 >"$OUT_FILE.mem" 2>/dev/null &
 SMI=$!
-HER2MAP_BENCH_DEVICE=cuda:0 HER2MAP_BENCH_BATCHES=8,32 BENCH_RUNS=20 step bench "$BENCH" || failed=1
+HER2MAP_BENCH_DEVICE="$DEV" HER2MAP_BENCH_BATCHES="${HER2MAP_BENCH_BATCHES:-8,32}" BENCH_RUNS="${BENCH_RUNS:-20}" step bench "$BENCH" || failed=1
 kill "$SMI" 2>/dev/null
 log "peak GPU memory used during the benchmark (nvidia-smi, MiB): $(sort -n "$OUT_FILE.mem" | tail -n1)"
 
 DEMO="$(mktemp -d)"
 FILTER='.'
-HER2MAP__MODEL__DEVICE=cuda:0 step demo "$BIN" demo --out "$DEMO/out" || failed=1
+HER2MAP__MODEL__DEVICE="$DEV" step demo "$BIN" demo --out "$DEMO/out" || failed=1
 log "case_inference_done: $(grep -h case_inference_done "$DEMO/out/audit.jsonl" 2>/dev/null | head -n1)"
 sr="$(find "$DEMO/out/outputs" -iname 'sr-*.dcm' 2>/dev/null | head -n1)"
 [ -n "$sr" ] && log "SR device line: $(strings "$sr" | grep -m1 'device:')"

@@ -471,24 +471,45 @@ impl Assembler {
         }
         loop {
             let waiting = queue.max_capacity() - queue.capacity();
-            if self.claim_ahead.is_some_and(|ahead| waiting >= ahead) {
+            let room = match self.claim_ahead {
+                Some(ahead) if waiting >= ahead => return Ok(n),
+                Some(ahead) => (ahead - waiting).min(queue.capacity()),
+                None => queue.capacity(),
+            };
+            if room == 0 {
+                // Full: wait for a slot (with the assembler, never ingest).
+                tokio::select! {
+                    p = queue.reserve() => match p {
+                        Ok(p) => drop(p),
+                        Err(_) => return Ok(n),
+                    },
+                    _ = shutdown.cancelled() => return Ok(n),
+                }
+                continue;
+            }
+            // Claim what there is room for, then queue it all at once: the
+            // pipeline gathers the cases queued together into one wave
+            // (one batch on a GPU), and each claim is a database write that
+            // would spread them apart.
+            let mut claimed = Vec::with_capacity(room);
+            while claimed.len() < room {
+                let now = self.clock.now();
+                match self.db.claim_ready_case(now + self.case_lease, now).await? {
+                    Some((case_id, revision)) => claimed.push(CaseJob { case_id, revision }),
+                    None => break,
+                }
+            }
+            let last = claimed.len() < room;
+            for job in claimed {
+                // Room was counted and only this task sends: no wait.
+                if queue.send(job).await.is_err() {
+                    return Ok(n);
+                }
+                n += 1;
+            }
+            if last {
                 return Ok(n);
             }
-            let permit = tokio::select! {
-                p = queue.reserve() => match p {
-                    Ok(p) => p,
-                    Err(_) => return Ok(n),
-                },
-                _ = shutdown.cancelled() => return Ok(n),
-            };
-            let now = self.clock.now();
-            let Some((case_id, revision)) =
-                self.db.claim_ready_case(now + self.case_lease, now).await?
-            else {
-                return Ok(n);
-            };
-            permit.send(CaseJob { case_id, revision });
-            n += 1;
         }
     }
 

@@ -353,6 +353,18 @@ pub struct FindOutcome {
     pub unreadable: usize,
 }
 
+impl FindOutcome {
+    /// The query ended as it should: Success, or Cancel (FE00, "matching
+    /// terminated due to Cancel request", PS3.4 C.4.1.1.4) after the
+    /// C-CANCEL this side sent at `max_matches`. Which of the two comes is
+    /// a race the SCP decides: whether it saw the cancel before its last
+    /// match.
+    pub fn completed(&self) -> bool {
+        self.status.code == command::status::SUCCESS
+            || (self.truncated && self.status.code == command::status::CANCEL)
+    }
+}
+
 /// What a C-MOVE or C-GET did (PS3.4 C.4.2.1.5, C.4.3.1.5).
 #[derive(Debug, Clone, Default)]
 pub struct RetrieveOutcome {
@@ -998,5 +1010,34 @@ fn retrieve_outcome(g: Gathered) -> RetrieveOutcome {
         received: g.received,
         received_failed: g.received_failed,
         cancelled: g.cancelled,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcome(code: u16, truncated: bool) -> FindOutcome {
+        FindOutcome {
+            status: DimseStatus {
+                code,
+                comment: None,
+            },
+            matches: Vec::new(),
+            truncated,
+            unreadable: 0,
+        }
+    }
+
+    #[test]
+    fn a_cancel_answers_our_own_c_cancel_only() {
+        assert!(outcome(command::status::SUCCESS, false).completed());
+        assert!(outcome(command::status::SUCCESS, true).completed());
+        // The SCP saw our C-CANCEL before its last match.
+        assert!(outcome(command::status::CANCEL, true).completed());
+        // A cancel nobody asked for, and failures, are not completions.
+        assert!(!outcome(command::status::CANCEL, false).completed());
+        assert!(!outcome(0xA700, false).completed());
+        assert!(!outcome(0xC000, true).completed());
     }
 }

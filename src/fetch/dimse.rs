@@ -181,7 +181,7 @@ async fn run(
         .find(sop::STUDY_ROOT_FIND, &study_keys(want, true), max)
         .await?;
     let mut with_modalities = true;
-    if find.status.code == 0 && find.matches.is_empty() {
+    if find.completed() && find.matches.is_empty() {
         find = assoc
             .find(sop::STUDY_ROOT_FIND, &study_keys(want, false), max)
             .await?;
@@ -209,7 +209,7 @@ async fn run(
         }),
     )
     .await;
-    if find.status.code != 0 {
+    if !find.completed() {
         return Ok(Outcome {
             status: "failed",
             matches,

@@ -264,9 +264,14 @@ async fn three_patients_ready_at_once_share_a_forward_pass_with_their_own_result
     }
     // Every instance assigned: the three cases wait for their stable age,
     // which counts from the last assignment.
-    wait_until("three complete cases", 60, || async {
+    let sent = patients.iter().map(Vec::len).sum::<usize>();
+    wait_until("every instance in a case", 60, || async {
         let cases = node.db.all_cases().await.unwrap();
-        cases.len() == 3 && cases.iter().all(|c| c.reason.contains("stable age"))
+        let mut members = 0;
+        for c in &cases {
+            members += node.db.case_members(&c.id).await.unwrap().len();
+        }
+        cases.len() == 3 && members == sent
     })
     .await;
     node.stop().await;
