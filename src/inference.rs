@@ -268,15 +268,16 @@ impl Engine {
         let device = parse_device(device)?;
         tune_allocator();
         let model = MapModel::load(weights, &device)?;
+        let handle = Self::start_with_model(model, opts)?;
         tracing::info!(
             weights = %weights.display(),
-            sha256 = model.weights_sha256(),
-            device = %device_label(&device),
-            device_name = %device_name(&device),
-            max_batch = resolve_max_batch(opts.max_batch, &device),
+            sha256 = handle.weights_sha256(),
+            device = %handle.device,
+            device_name = %handle.device_name,
+            max_batch = handle.max_batch,
             "HER2 MAP model loaded"
         );
-        Self::start_with_model(model, opts)
+        Ok(handle)
     }
 
     /// Serve an already built model.
@@ -498,8 +499,12 @@ pub fn split(
             Ok(InferResponse {
                 samples: response.samples[r.clone()].to_vec(),
                 cams,
+                compute_ms: response.compute_ms,
+                total_ms: response.total_ms,
                 batch_requests: reqs.len(),
-                ..response.clone_meta()
+                weights_sha256: response.weights_sha256.clone(),
+                device: response.device.clone(),
+                device_name: response.device_name.clone(),
             })
         })
         .collect()
@@ -608,22 +613,6 @@ fn stopped() -> ModelError {
 
 fn dropped() -> ModelError {
     ModelError::Engine("model thread dropped the request".into())
-}
-
-impl InferResponse {
-    /// Everything but the per-request parts (samples, CAMs).
-    fn clone_meta(&self) -> Self {
-        Self {
-            samples: Vec::new(),
-            cams: [None, None, None],
-            compute_ms: self.compute_ms,
-            total_ms: self.total_ms,
-            batch_requests: self.batch_requests,
-            weights_sha256: self.weights_sha256.clone(),
-            device: self.device.clone(),
-            device_name: self.device_name.clone(),
-        }
-    }
 }
 
 fn run_request(

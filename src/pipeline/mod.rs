@@ -33,7 +33,7 @@ use tracing::{error, info, warn};
 use crate::cases::{CaseJob, CaseState};
 use crate::db::{CaseRow, Db, NewEvent, OutputRow};
 use crate::imaging::{ImagingSettings, InputGrid, PreparedCase};
-use crate::inference::{EngineHandle, InferResponse};
+use crate::inference::{EngineHandle, InferRequest, InferResponse};
 use crate::model::MapConfig;
 use crate::report::{self, OutputKind, ReportSettings};
 
@@ -70,7 +70,6 @@ struct Imaged {
     errors: Vec<String>,
     times: StageTimes,
     digest: String,
-    request: crate::inference::InferRequest,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -180,15 +179,12 @@ impl Pipeline {
     /// case in `failed` with the reason; the others go on.
     pub async fn process(&self, jobs: &[CaseJob]) {
         let started = join_all(jobs.iter().map(|job| self.start(job))).await;
-        let ready: Vec<Imaged> = started.into_iter().flatten().collect();
+        let (ready, requests): (Vec<Imaged>, Vec<_>) = started.into_iter().flatten().unzip();
         if ready.is_empty() {
             return;
         }
         let t = Instant::now();
-        let responses = self
-            .engine
-            .infer_many(ready.iter().map(|r| r.request.clone()).collect())
-            .await;
+        let responses = self.engine.infer_many(requests).await;
         let inference_ms = t.elapsed().as_secs_f64() * 1e3;
         join_all(
             ready
@@ -212,7 +208,7 @@ impl Pipeline {
     /// Claim the queued case, image it and build its request; `None` when
     /// it is not to run (held meanwhile, failed, or an amendment that
     /// changes nothing).
-    async fn start(&self, job: &CaseJob) -> Option<Imaged> {
+    async fn start(&self, job: &CaseJob) -> Option<(Imaged, InferRequest)> {
         let now = self.clock.now();
         match self
             .db
@@ -278,7 +274,10 @@ impl Pipeline {
     /// The stages before inference: imaging and the amendment check; the
     /// case's request for the engine (every side, both when the side is
     /// unknown, in one request).
-    async fn image_case(&self, job: &CaseJob) -> Result<Option<Imaged>, PipelineError> {
+    async fn image_case(
+        &self,
+        job: &CaseJob,
+    ) -> Result<Option<(Imaged, InferRequest)>, PipelineError> {
         let case = self
             .db
             .case(&job.case_id)
@@ -304,14 +303,14 @@ impl Pipeline {
             return Ok(None);
         }
         let request = request::build_request(&prepared, self.grid())?;
-        Ok(Some(Imaged {
+        let imaged = Imaged {
             case,
             prepared,
             errors,
             times,
             digest,
-            request,
-        }))
+        };
+        Ok(Some((imaged, request)))
     }
 
     /// The stages after inference: its event, reporting, the result and the
@@ -323,7 +322,6 @@ impl Pipeline {
             errors,
             mut times,
             digest,
-            ..
         } = c;
         self.audit(
             &case.id,
