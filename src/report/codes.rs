@@ -69,8 +69,12 @@ pub const HER2_INTERPRETATION: Code = c("48676-1", "LN", "HER2 [Interpretation] 
 pub const POSITIVE: Code = c("10828004", "SCT", "Positive");
 pub const NEGATIVE: Code = c("260385009", "SCT", "Negative");
 
-// Units
-pub const UCUM_NO_UNITS: Code = c("1", "UCUM", "no units");
+// Units. Probabilities are written in percent, not as a fraction with the
+// unit (1, UCUM, "no units"): viewers print a NUM as its value and the
+// unit's code value (OHIF 3.13: `toFixed(2)` + CodeValue), so a fraction
+// reads "0.73 1" and small probabilities vanish as "0.00 1", where percent
+// reads "73.00 %".
+pub const UCUM_PERCENT: Code = c("%", "UCUM", "percent");
 
 // TID 1602 Image Library Entry Descriptors
 pub const MODALITY: Code = c("121139", "DCM", "Modality");

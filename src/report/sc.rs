@@ -292,7 +292,7 @@ fn put_general_image(
 
 /// The Source Image Sequence item: the source instance (and frame), for
 /// processing.
-fn source_image_item(h: &Heatmap) -> Obj {
+pub(super) fn source_image_item(h: &Heatmap) -> Obj {
     let mut src = Obj::new_empty();
     ds::put_str(
         &mut src,

@@ -21,7 +21,7 @@
 //!    HAS CONCEPT MOD CODE Finding Site = Breast (+ HAS CONCEPT MOD Laterality)
 //!    HAS CONCEPT MOD TEXT Algorithm Name / Version / Parameters                   TID 4019
 //!    CONTAINS SCOORD Image Region, SELECTED FROM the source image
-//!    CONTAINS NUM P(HER2-positive), unit (1, UCUM, "no units")                   TID 300
+//!    CONTAINS NUM P(HER2-positive) in percent, unit (%, UCUM, "percent")         TID 300
 //!    CONTAINS NUM per-branch probabilities
 //!    CONTAINS CODE (48676-1, LN, "HER2 [Interpretation] in Tissue") = Positive | Negative
 //!    CONTAINS CODE modality used / missing, TEXT ROI method per modality
@@ -100,8 +100,13 @@ impl Item {
     pub(crate) fn code(rel: &'static str, name: Code, v: Code) -> Self {
         Item::new(rel, Some(name), Value::Code(v))
     }
-    pub(crate) fn num(name: Code, v: f64) -> Self {
-        Item::new(CONTAINS, Some(name), Value::Num(v, codes::UCUM_NO_UNITS))
+    /// A probability (0..=1) as a NUM in percent (see `codes::UCUM_PERCENT`).
+    pub(crate) fn percent(name: Code, probability: f64) -> Self {
+        Item::new(
+            CONTAINS,
+            Some(name),
+            Value::Num(probability * 100.0, codes::UCUM_PERCENT),
+        )
     }
     pub(crate) fn with(mut self, child: Item) -> Self {
         self.children.push(child);
@@ -174,9 +179,12 @@ impl Item {
 }
 
 /// DS value of at most 16 characters.
+/// A NUM value as DS: four decimals (the model's probabilities are f32, so
+/// a percentage has about five significant digits; more would print the
+/// f32 → f64 noise, "73.000002").
 fn format_ds(v: f64) -> String {
     let v = if v.is_finite() { v } else { 0.0 };
-    let s = format!("{v:.6}");
+    let s = format!("{v:.4}");
     if s.len() <= 16 { s } else { format!("{v:.6e}") }
 }
 
@@ -424,14 +432,14 @@ pub(crate) fn algorithm_identification(prep: &Prepared) -> Vec<Item> {
 
 /// TID 300 measurements: the fused P(HER2-positive), then each branch's.
 pub(crate) fn probabilities(r: &ModelResult) -> Vec<Item> {
-    let mut items = vec![Item::num(codes::P_HER2_PROBABILITY, r.prob as f64)];
+    let mut items = vec![Item::percent(codes::P_HER2_PROBABILITY, r.prob as f64)];
     for (code, p) in [
         (codes::P_HER2_PROBABILITY_MG, r.branch_probs.mg),
         (codes::P_HER2_PROBABILITY_US, r.branch_probs.us),
         (codes::P_HER2_PROBABILITY_MR, r.branch_probs.mri),
     ] {
         if let Some(p) = p {
-            items.push(Item::num(code, p as f64));
+            items.push(Item::percent(code, p as f64));
         }
     }
     items

@@ -51,11 +51,11 @@ fn code_value(item: &InMemDicomObject, seq: dicom_core::Tag) -> Option<String> {
     items.first().map(|i| text(i, tags::CODE_VALUE))
 }
 
-/// One measurement group of the SR: P(HER2-positive) as written (DS) and
-/// the HER2 status code.
+/// One measurement group of the SR: P(HER2-positive) (written in percent,
+/// read back as a fraction) and the HER2 status code.
 #[derive(Debug, Default)]
 struct Her2Group {
-    prob: Option<String>,
+    prob: Option<f64>,
     status: Option<String>,
 }
 
@@ -76,7 +76,14 @@ fn her2_groups(obj: &InMemDicomObject, out: &mut Vec<Her2Group>) {
                 let mv = item
                     .element(tags::MEASURED_VALUE_SEQUENCE)
                     .expect("NUM without Measured Value Sequence");
-                group.prob = Some(text(&mv.items().unwrap()[0], tags::NUMERIC_VALUE));
+                let mv = &mv.items().unwrap()[0];
+                assert_eq!(
+                    code_value(mv, tags::MEASUREMENT_UNITS_CODE_SEQUENCE).as_deref(),
+                    Some("%"),
+                    "P(HER2+) in percent"
+                );
+                let percent: f64 = text(mv, tags::NUMERIC_VALUE).parse().unwrap();
+                group.prob = Some(percent / 100.0);
             }
             Some("48676-1") => {
                 group.status = code_value(item, tags::CONCEPT_CODE_SEQUENCE);
@@ -297,7 +304,7 @@ async fn orthanc_routes_the_patient_to_the_node_and_stores_its_results() {
             // source image of that side, each with the side's P and status.
             assert!(groups.len() > sides.len(), "{groups:?} vs {sides:?}");
             for g in &groups {
-                let p: f64 = g.prob.as_deref().unwrap().trim().parse().unwrap();
+                let p = g.prob.unwrap();
                 assert!(
                     sides
                         .iter()
@@ -310,8 +317,8 @@ async fn orthanc_routes_the_patient_to_the_node_and_stores_its_results() {
                 let positive = side["positive"].as_bool().unwrap();
                 let want_code = if positive { "10828004" } else { "260385009" };
                 let found = groups.iter().any(|g| {
-                    let p: f64 = g.prob.as_deref().unwrap().trim().parse().unwrap();
-                    // The SR writes 6 decimals.
+                    let p = g.prob.unwrap();
+                    // The SR writes 4 decimals of the percentage.
                     (p - prob).abs() <= 1e-6 && g.status.as_deref() == Some(want_code)
                 });
                 assert!(

@@ -349,7 +349,10 @@ fn every_output_passes_dciodvfy_and_dsrdump() {
                 text.contains("(48676-1,LN,\"HER2 [Interpretation] in Tissue\")"),
                 "{text}"
             );
-            assert!(text.contains("0.730000"), "probability missing:\n{text}");
+            assert!(
+                text.contains("=\"73.0000\" (%,UCUM,\"percent\")"),
+                "probability (in percent) missing:\n{text}"
+            );
             assert!(text.contains("10828004"), "positive code missing:\n{text}");
             assert!(text.contains("NOT FOR DIAGNOSTIC USE"), "{text}");
             assert!(text.contains("UNVERIFIED WEIGHTS"), "{text}");

@@ -91,7 +91,8 @@ fn assert_image(v: &Value) {
 /// The SR's region drawn on the image (an SVG shape of the annotation
 /// layer, with a box inside the viewport) and the probability in its label:
 /// OHIF writes each NUM of the group as "meaning: value unit", the value
-/// with 2 decimals.
+/// with 2 decimals: the SR's percentages read "0.12 %", not the "0.00 1" a
+/// fraction with UCUM "1" gave.
 fn assert_region_and_probability(v: &Value, prob: f64) {
     assert_image(v);
     let svg = &v["svg"];
@@ -118,7 +119,7 @@ fn assert_region_and_probability(v: &Value, prob: f64) {
         text.push('\n');
         text.push_str(t.as_str().unwrap_or_default());
     }
-    let label = format!("Probability of HER2-positive status: {prob:.2}");
+    let label = format!("Probability of HER2-positive status: {:.2} %", prob * 100.0);
     assert!(
         text.contains(&label),
         "{}: \"{label}\" is not on the page; see {}:\n{text}",
