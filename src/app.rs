@@ -94,6 +94,7 @@ impl App {
                 clock: clock.clone(),
                 engine: workers.pipeline.engine.clone(),
                 dicom_addr: addr,
+                dicom_listening: server.listening(),
                 ingest,
             },
         )

@@ -242,6 +242,21 @@ impl Db {
         rows.iter().map(audit_event).collect()
     }
 
+    /// The newest `limit` events named `event`, newest first (the
+    /// dashboard's recent failures; `events_filtered` pages oldest first).
+    pub async fn recent_events(&self, event: &str, limit: i64) -> Result<Vec<AuditEvent>, DbError> {
+        let rows = sqlx::query(
+            "SELECT seq, time, event, association_id, sop_instance_uid, study_instance_uid, \
+             patient_key, status, detail, case_id, node FROM events \
+             WHERE event = $1 ORDER BY seq DESC LIMIT $2",
+        )
+        .bind(event)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(audit_event).collect()
+    }
+
     /// How many events of each name since `since` (the dashboard's 24 h).
     pub async fn event_counts_since(&self, since: &str) -> Result<Vec<(String, i64)>, DbError> {
         Ok(sqlx::query_as(

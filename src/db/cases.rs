@@ -47,6 +47,17 @@ pub enum Assignment {
     },
 }
 
+/// Which cases a page lists (the console's and the API's filters); times
+/// are the database's own format (`clock::format_time`).
+#[derive(Debug, Clone, Default)]
+pub struct CaseFilter {
+    pub state: Option<CaseState>,
+    /// Opened at or after.
+    pub opened_since: Option<String>,
+    /// Opened before.
+    pub opened_until: Option<String>,
+}
+
 /// One case row.
 #[derive(Debug, Clone, Default, Serialize, sqlx::FromRow)]
 pub struct CaseRow {
@@ -170,15 +181,18 @@ impl Db {
     /// One page of cases, newest first, optionally in one state.
     pub async fn cases_page(
         &self,
-        state: Option<CaseState>,
+        f: &CaseFilter,
         limit: i64,
         offset: i64,
     ) -> Result<Vec<CaseRow>, DbError> {
         let rows = sqlx::query_as(AssertSqlSafe(format!(
             "SELECT {CASE_COLUMNS} FROM cases WHERE ($1 IS NULL OR state = $1) \
-             ORDER BY opened_at DESC, id LIMIT $2 OFFSET $3"
+             AND ($2 IS NULL OR opened_at >= $2) AND ($3 IS NULL OR opened_at < $3) \
+             ORDER BY opened_at DESC, id LIMIT $4 OFFSET $5"
         )))
-        .bind(state.map(|s| s.as_str()))
+        .bind(f.state.map(|s| s.as_str()))
+        .bind(f.opened_since.as_deref())
+        .bind(f.opened_until.as_deref())
         .bind(limit)
         .bind(offset)
         .fetch_all(&self.pool)

@@ -45,7 +45,7 @@ mod outbox;
 mod state;
 
 pub use audit::{AssociationRow, AuditEvent, EventFilter, NewEvent, event};
-pub use cases::{Assignment, CaseMember, CaseRow, UnassignedInstance, case_event};
+pub use cases::{Assignment, CaseFilter, CaseMember, CaseRow, UnassignedInstance, case_event};
 pub use fetch::{FetchAttempt, FetchJob, fetch_event};
 pub use instances::{Inserted, InstanceQueue, InstanceRow, InstanceWriter};
 pub use leases::ASSEMBLER_ROLE;

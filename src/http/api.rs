@@ -10,11 +10,11 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::Shared;
 use super::auth::{Operator, Viewer};
-use crate::db::{CaseState, DeliveryState, EventFilter, format_time, parse_time};
+use crate::db::{CaseFilter, CaseState, DeliveryState, EventFilter, format_time, parse_time};
 use crate::ops::{self, CaseAction, OpsError};
 
 /// A 4xx/5xx answer with a JSON body naming the problem.
@@ -165,12 +165,54 @@ async fn associations(
     ))
 }
 
-#[derive(Debug, Deserialize)]
+/// The cases list's query: the console's cases page reads the same.
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-struct CasesQuery {
-    state: Option<String>,
-    limit: Option<i64>,
-    offset: Option<i64>,
+pub struct CasesQuery {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    /// Opened at or after (RFC 3339).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    /// Opened before (RFC 3339).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub until: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub offset: Option<i64>,
+}
+
+impl CasesQuery {
+    /// The database filter, or what is wrong with the query; empty values
+    /// (a page's form sends its empty fields) mean no filter.
+    pub fn filter(&self) -> Result<CaseFilter, ApiError> {
+        let state = self
+            .state
+            .as_deref()
+            .filter(|v| !v.is_empty())
+            .map(|v| v.parse::<CaseState>())
+            .transpose()
+            .map_err(|e| ApiError::bad(format!("state: {e}")))?;
+        Ok(CaseFilter {
+            state,
+            opened_since: time_param("since", &self.since)?,
+            opened_until: time_param("until", &self.until)?,
+        })
+    }
+}
+
+/// An optional RFC 3339 time parameter, in the database's format; empty
+/// is none.
+fn time_param(name: &str, v: &Option<String>) -> Result<Option<String>, ApiError> {
+    match v.as_deref().filter(|t| !t.is_empty()) {
+        None => Ok(None),
+        Some(t) => parse_time(t).map(|t| Some(format_time(t))).ok_or_else(|| {
+            ApiError::bad(format!(
+                "{name}: not an RFC 3339 time (2026-12-01T10:00:00Z)"
+            ))
+        }),
+    }
 }
 
 async fn cases(
@@ -180,13 +222,9 @@ async fn cases(
 ) -> Result<Json<ops::Page<ops::CaseView>>, ApiError> {
     let Query(q) = q.map_err(query_err)?;
     let (limit, offset) = paging(q.limit, q.offset)?;
-    let state = q
-        .state
-        .map(|v| v.parse::<CaseState>())
-        .transpose()
-        .map_err(|e| ApiError::bad(format!("state: {e}")))?;
+    let filter = q.filter()?;
     Ok(Json(
-        ops::list_cases(&s.db, &s.rules, state, limit, offset).await?,
+        ops::list_cases(&s.db, &s.rules, &filter, limit, offset).await?,
     ))
 }
 
@@ -273,32 +311,30 @@ async fn retry(
 }
 
 /// The audit filters of `/api/v1/audit` (and the audit page).
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuditQuery {
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub event: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub since: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub until: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub case_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub association_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub after_seq: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub limit: Option<i64>,
 }
 
 impl AuditQuery {
     /// The database filter, or what is wrong with the query.
     pub fn filter(&self) -> Result<EventFilter, ApiError> {
-        let time = |name: &str, v: &Option<String>| -> Result<Option<String>, ApiError> {
-            match v.as_deref().filter(|t| !t.is_empty()) {
-                None => Ok(None),
-                Some(t) => parse_time(t).map(|t| Some(format_time(t))).ok_or_else(|| {
-                    ApiError::bad(format!(
-                        "{name}: not an RFC 3339 time (2026-12-01T10:00:00Z)"
-                    ))
-                }),
-            }
-        };
         let (limit, _) = paging(self.limit, None)?;
         let after_seq = self.after_seq.unwrap_or(0);
         if after_seq < 0 {
@@ -307,8 +343,8 @@ impl AuditQuery {
         let some = |v: &Option<String>| v.clone().filter(|v| !v.is_empty());
         Ok(EventFilter {
             event: some(&self.event),
-            since: time("since", &self.since)?,
-            until: time("until", &self.until)?,
+            since: time_param("since", &self.since)?,
+            until: time_param("until", &self.until)?,
             case_id: some(&self.case_id),
             association_id: some(&self.association_id),
             node: some(&self.node),

@@ -72,6 +72,8 @@ pub async fn checks(s: &Console) -> Readiness {
     };
     let dicom = if s.shutdown.is_cancelled() {
         (false, "stopping".to_string())
+    } else if !s.dicom_listening.is_up() {
+        (false, format!("not accepting on {}", s.dicom_addr))
     } else {
         (true, format!("listening on {}", s.dicom_addr))
     };

@@ -47,6 +47,27 @@ async fn scraped(s: &Shared, out: &mut String) {
         "Build of the running node (always 1).",
         &[(&[("version", version)], 1.0)],
     );
+    // Readiness as the scrape sees it, so that an alert needs no probe of
+    // /ready beside the scrape (conf/prometheus/her2map-rules.yml).
+    let ready = super::health::checks(s).await;
+    gauge(
+        out,
+        "her2map_ready",
+        "1 when every readiness check of /ready passes, else 0.",
+        &[(&[], f64::from(u8::from(ready.ready)))],
+    );
+    let samples: Vec<([(&str, &str); 1], f64)> = ready
+        .checks
+        .iter()
+        .map(|c| ([("check", c.name)], f64::from(u8::from(c.ok))))
+        .collect();
+    let refs: Vec<(&[(&str, &str)], f64)> = samples.iter().map(|(l, v)| (&l[..], *v)).collect();
+    gauge(
+        out,
+        "her2map_ready_check",
+        "1 when the readiness check passes (database, spool, model, dicom), else 0.",
+        &refs,
+    );
     if let Ok(counts) = s.db.case_state_counts().await {
         let mut all: Vec<(String, f64)> = crate::db::CaseState::ALL
             .iter()

@@ -53,12 +53,14 @@ pub struct Console {
     pub spool_dir: PathBuf,
     pub min_free_bytes: u64,
     pub dicom_addr: SocketAddr,
+    /// Whether the DICOM listener accepts: the `dicom` readiness check.
+    pub dicom_listening: crate::dimse::server::Listening,
     pub ae_title: String,
     /// Where STOW-RS instances go: the same ingest as C-STORE.
     pub ingest: crate::ingest::Ingest,
     /// `[dicom] accept_any_storage`: STOW-RS takes the SCP's SOP classes.
     pub accept_any_storage: bool,
-    /// Cancelled when the node stops: readiness of the DICOM listener.
+    /// Cancelled when the node stops (the `dicom` check fails from then).
     pub shutdown: CancellationToken,
     /// The rate limit of the events a peer can cause at will (failed
     /// sign-ins, cut connections).
@@ -73,6 +75,7 @@ pub struct Parts {
     pub clock: Clock,
     pub engine: EngineHandle,
     pub dicom_addr: SocketAddr,
+    pub dicom_listening: crate::dimse::server::Listening,
     pub ingest: crate::ingest::Ingest,
 }
 
@@ -141,6 +144,7 @@ pub async fn bind(settings: &Settings, parts: Parts) -> anyhow::Result<Option<Ht
         spool_dir: settings.spool_dir(),
         min_free_bytes: settings.storage.min_free_mb << 20,
         dicom_addr: parts.dicom_addr,
+        dicom_listening: parts.dicom_listening,
         ae_title: settings.dicom.ae_title.trim().to_string(),
         ingest: parts.ingest,
         accept_any_storage: settings.dicom.accept_any_storage,
@@ -200,15 +204,22 @@ async fn count_and_harden(req: Request, next: Next) -> Response {
         .uri()
         .path_and_query()
         .is_some_and(|pq| pq.as_str().to_ascii_lowercase().contains("%00"));
+    let path = req.uri().path();
+    let json_errors = path.starts_with("/api/") || path.starts_with("/dicom-web/");
     let mut resp = if has_nul {
         let msg = "the URL contains a NUL character (%00)";
-        if req.uri().path().starts_with("/api/") {
+        if json_errors {
             api::ApiError::bad(msg).into_response()
         } else {
             (StatusCode::BAD_REQUEST, msg).into_response()
         }
     } else {
-        next.run(req).await
+        let resp = next.run(req).await;
+        if json_errors {
+            as_json_error(resp)
+        } else {
+            resp
+        }
     };
     let class = format!("{}xx", resp.status().as_u16() / 100);
     crate::metrics::METRICS.http_requests.inc(&[&class]);
@@ -222,6 +233,46 @@ async fn count_and_harden(req: Request, next: Next) -> Response {
         HeaderValue::from_static("nosniff"),
     );
     resp
+}
+
+/// An error answer the layers or the router made themselves (the body
+/// limit's 413, the timeout's 408, a wrong method's 405: plain text) as the
+/// API's JSON error, so an API client always gets `{"error", "message"}`.
+fn as_json_error(resp: Response) -> Response {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json") || v.contains("+json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let (code, message) = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => (
+            "payload_too_large",
+            "the request body is larger than the node accepts",
+        ),
+        StatusCode::REQUEST_TIMEOUT => (
+            "request_timeout",
+            "the request took longer than the node waits",
+        ),
+        StatusCode::METHOD_NOT_ALLOWED => ("method_not_allowed", "this method is not allowed here"),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => {
+            ("unsupported_media_type", "unsupported Content-Type")
+        }
+        StatusCode::NOT_FOUND => ("not_found", "not found"),
+        s if s.is_client_error() => ("bad_request", "the request was refused"),
+        _ => ("internal_error", "the node could not answer"),
+    };
+    let mut out = api::ApiError::new(status, code, message).into_response();
+    // Keep what the original answer said beyond its body (Allow on a 405).
+    for (name, value) in resp.headers() {
+        if name != axum::http::header::CONTENT_TYPE && name != axum::http::header::CONTENT_LENGTH {
+            out.headers_mut().entry(name).or_insert(value.clone());
+        }
+    }
+    out
 }
 
 /// Record an audit event; the audit log failing must not take a request

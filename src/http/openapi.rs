@@ -4,7 +4,12 @@
 use axum::Json;
 use serde_json::{Value, json};
 
-pub async fn document() -> Json<Value> {
+use super::auth::Viewer;
+
+/// The document, to signed-in users only, as every endpoint but health:
+/// it names the node's operations and, through the outputs' routes, what
+/// it holds.
+pub async fn document(_: Viewer) -> Json<Value> {
     Json(spec())
 }
 
@@ -97,6 +102,12 @@ pub fn spec() -> Value {
         .iter()
         .map(|s| s.as_str())
         .collect();
+    // An empty value means "no filter" (the pages' forms send their empty
+    // fields), so the schema admits it beside RFC 3339 times.
+    let time = json!({ "anyOf": [
+        { "type": "string", "format": "date-time" },
+        { "type": "string", "maxLength": 0 }
+    ] });
     let mut cases_params = paging();
     cases_params.push(param(
         "state",
@@ -104,6 +115,8 @@ pub fn spec() -> Value {
         json!({ "type": "string", "enum": case_states }),
         false,
     ));
+    cases_params.push(param("since", "query", time.clone(), false));
+    cases_params.push(param("until", "query", time.clone(), false));
     let mut outbox_params = paging();
     outbox_params.push(param(
         "state",
@@ -112,12 +125,6 @@ pub fn spec() -> Value {
         false,
     ));
     outbox_params.push(param("destination", "query", text(), false));
-    // An empty value means "no filter" (the audit page's form sends its
-    // empty fields), so the schema admits it beside RFC 3339 times.
-    let time = json!({ "anyOf": [
-        { "type": "string", "format": "date-time" },
-        { "type": "string", "maxLength": 0 }
-    ] });
     let audit_params = vec![
         param("event", "query", text(), false),
         param("since", "query", time.clone(), false),
@@ -149,7 +156,7 @@ pub fn spec() -> Value {
             "responses": errors(json!({ "200": ok(json!({ "type": "object", "required": ["version", "ready", "checks", "counts"] })) }), READ) } },
         "/api/v1/associations": { "get": { "summary": "Recent associations, newest first", "parameters": paging(),
             "responses": errors(json!({ "200": ok(page("Association")) }), READ) } },
-        "/api/v1/cases": { "get": { "summary": "Cases, newest first", "parameters": cases_params,
+        "/api/v1/cases": { "get": { "summary": "Cases, newest first (filters: state, opened since / until)", "parameters": cases_params,
             "responses": errors(json!({ "200": links(ok(page("Case")), json!({
                 "GetCase": { "operationId": "getCase", "parameters": { "id": "$response.body#/items/0/id" } },
                 "ActOnCase": { "operationId": "caseAction", "parameters": { "id": "$response.body#/items/0/id" } } })) }), READ) } },

@@ -16,9 +16,10 @@ use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 
-use super::api::{ApiError, AuditQuery};
+use super::api::{ApiError, AuditQuery, CasesQuery};
 use super::auth::{self, Identity};
 use super::{Console, Shared};
+use crate::db::CaseState;
 use crate::ops::{self, CaseAction};
 
 pub fn routes() -> Router<Shared> {
@@ -185,47 +186,60 @@ async fn dashboard_body(s: &Console) -> Result<String, ApiError> {
     b += &table("Cases by state", &counts.cases);
     b += &table("Outbox", &counts.outbox);
     b += &table("Last 24 hours (audit events)", &counts.last_24h);
-    let waiting = ops::list_cases(
-        &s.db,
-        &s.rules,
-        Some(crate::db::CaseState::Collecting),
-        20,
-        0,
-    )
-    .await?;
-    b += "<h2>Cases waiting</h2><table><tr><th>Case</th><th>Missing</th><th>Runs at</th></tr>";
-    for c in &waiting.items {
-        let _ = write!(
-            b,
-            "<tr><td><a href=\"/cases/{id}\">{id}</a></td><td>{}</td><td>{}</td></tr>",
-            esc(&c.missing.join("; ")),
-            esc(c
-                .ready_at
-                .as_deref()
-                .or(c.max_wait_at.as_deref())
-                .unwrap_or("")),
-            id = esc(&c.case.id)
-        );
-    }
-    b += "</table><h2>Recent failures</h2><ul>";
-    for name in ["instance_failed", "case_failed", "delivery_dead_letter"] {
-        let f = crate::db::EventFilter {
-            event: Some(name.into()),
-            limit: 5,
+    b += "<h2>Cases waiting</h2><table><tr><th>Case</th><th>State</th><th>Missing</th><th>Why</th><th>Runs at</th></tr>";
+    for state in [CaseState::Collecting, CaseState::Held] {
+        let filter = crate::db::CaseFilter {
+            state: Some(state),
             ..Default::default()
         };
-        for e in ops::audit_events(&s.db, &f).await? {
-            let _ = write!(b, "<li>{} {}</li>", esc(&e.time), esc(&e.event));
+        for c in &ops::list_cases(&s.db, &s.rules, &filter, 20, 0)
+            .await?
+            .items
+        {
+            let _ = write!(
+                b,
+                "<tr><td><a href=\"/cases/{id}\">{id}</a></td><td class=\"state\">{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                c.case.state,
+                esc(&c.missing.join("; ")),
+                esc(&waiting_reason(c)),
+                esc(c
+                    .ready_at
+                    .as_deref()
+                    .or(c.max_wait_at.as_deref())
+                    .unwrap_or("")),
+                id = esc(&c.case.id)
+            );
         }
     }
-    Ok(b + "</ul>")
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CasesQuery {
-    state: Option<String>,
-    offset: Option<i64>,
+    b += "</table><h2>Recent failures</h2><table><tr><th>Time</th><th>Event</th><th>Case</th><th>Reason</th></tr>";
+    let mut failures = Vec::new();
+    for name in ["instance_failed", "case_failed", "delivery_dead_letter"] {
+        failures.extend(ops::recent_events(&s.db, name, 5).await?);
+    }
+    // Newest first across the three kinds.
+    failures.sort_by_key(|e| std::cmp::Reverse(e.seq));
+    for e in failures.iter().take(10) {
+        let case = e.case_id.as_deref().unwrap_or("");
+        let reason = e
+            .detail
+            .as_ref()
+            .and_then(|d| d.get("reason"))
+            .and_then(|r| r.as_str())
+            .unwrap_or("");
+        let _ = write!(
+            b,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            esc(&e.time),
+            esc(&e.event),
+            if case.is_empty() {
+                String::new()
+            } else {
+                format!("<a href=\"/cases/{c}\">{c}</a>", c = esc(case))
+            },
+            esc(reason)
+        );
+    }
+    Ok(b + "</table>")
 }
 
 async fn cases(
@@ -239,19 +253,40 @@ async fn cases(
             ApiError::new(StatusCode::BAD_REQUEST, "bad_request", "bad query"),
         );
     };
-    let state = q
-        .state
-        .filter(|s| !s.is_empty())
-        .and_then(|v| v.parse().ok());
+    let filter = match q.filter() {
+        Ok(f) => f,
+        Err(e) => return error_page(&user, e),
+    };
     let offset = q.offset.unwrap_or(0).max(0);
-    let list = match ops::list_cases(&s.db, &s.rules, state, 100, offset).await {
+    let list = match ops::list_cases(&s.db, &s.rules, &filter, 100, offset).await {
         Ok(l) => l,
         Err(e) => return error_page(&user, e.into()),
     };
+    let v = |o: &Option<String>| esc(o.as_deref().unwrap_or(""));
     let mut b = String::from(
-        "<table><tr><th>Case</th><th>State</th><th>Present</th><th>Missing</th><th>Why</th>\
-         <th>Runs at</th><th>Instances</th></tr>",
+        "<form method=\"get\" action=\"/cases\">state <select name=\"state\"><option value=\"\">any</option>",
     );
+    for st in crate::db::CaseState::ALL {
+        let _ = write!(
+            b,
+            "<option{}>{}</option>",
+            if filter.state == Some(*st) {
+                " selected"
+            } else {
+                ""
+            },
+            st.as_str()
+        );
+    }
+    let _ = write!(
+        b,
+        "</select> opened since <input name=\"since\" value=\"{}\"> until <input name=\"until\" value=\"{}\"> \
+         <button>Filter</button></form>",
+        v(&q.since),
+        v(&q.until)
+    );
+    b += "<table><tr><th>Case</th><th>State</th><th>Present</th><th>Missing</th><th>Why</th>\
+         <th>Runs at</th><th>Instances</th></tr>";
     for c in &list.items {
         let _ = write!(
             b,
@@ -260,7 +295,7 @@ async fn cases(
             c.case.state,
             c.present.join(", "),
             esc(&c.missing.join("; ")),
-            esc(&c.case.reason),
+            esc(&waiting_reason(c)),
             esc(c
                 .ready_at
                 .as_deref()
@@ -272,13 +307,32 @@ async fn cases(
     }
     b += "</table>";
     if list.items.len() as i64 == list.limit {
+        let next = CasesQuery {
+            offset: Some(offset + list.limit),
+            limit: None,
+            ..q
+        };
         let _ = write!(
             b,
-            "<p><a href=\"/cases?offset={}\">Next page</a></p>",
-            offset + list.limit
+            "<p><a href=\"/cases?{}\">Next page</a></p>",
+            query_string(&next)
         );
     }
     page("Cases", Some(&user), &b).into_response()
+}
+
+/// Why a case waits: its reason, and the sources it is fetching from.
+fn waiting_reason(c: &ops::CaseView) -> String {
+    match &c.fetching {
+        Some(f) if c.case.reason.is_empty() => f.clone(),
+        Some(f) => format!("{}; {f}", c.case.reason),
+        None => c.case.reason.clone(),
+    }
+}
+
+/// A page's own query, for its next-page link (the filters kept).
+fn query_string<T: serde::Serialize>(q: &T) -> String {
+    esc(&serde_urlencoded::to_string(q).unwrap_or_default())
 }
 
 /// Patient name and ID of a case, read from its first member's header.
@@ -619,10 +673,14 @@ async fn audit(
     if let Some(last) = events.last()
         && events.len() as i64 == filter.limit
     {
+        let next = AuditQuery {
+            after_seq: Some(last.seq),
+            ..q
+        };
         let _ = write!(
             b,
-            "<p><a href=\"/audit?after_seq={}\">Next page</a></p>",
-            last.seq
+            "<p><a href=\"/audit?{}\">Next page</a></p>",
+            query_string(&next)
         );
     }
     page("Audit log", Some(&user), &b).into_response()

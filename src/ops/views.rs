@@ -11,7 +11,7 @@ use time::OffsetDateTime;
 use super::{CaseAction, CaseView, Moved, OpsError, describe_case, view_of};
 use crate::cases::CaseRules;
 use crate::db::{
-    AuditEvent, CaseState, Db, DbError, DeliveryState, EventFilter, NewEvent, OutboxRow, event,
+    AuditEvent, CaseFilter, Db, DbError, DeliveryState, EventFilter, NewEvent, OutboxRow, event,
     format_time,
 };
 
@@ -74,12 +74,12 @@ pub struct CaseDetail {
 pub async fn list_cases(
     db: &Db,
     rules: &CaseRules,
-    state: Option<CaseState>,
+    filter: &CaseFilter,
     limit: i64,
     offset: i64,
 ) -> Result<Page<CaseView>, DbError> {
     let mut items = Vec::new();
-    for case in db.cases_page(state, limit, offset).await? {
+    for case in db.cases_page(filter, limit, offset).await? {
         items.push(describe_case(db, rules, case).await?);
     }
     Ok(Page {
@@ -192,6 +192,11 @@ async fn case_events(db: &Db, id: &str) -> Result<Vec<AuditEvent>, DbError> {
 /// the same table through [`Db::events`]).
 pub async fn audit_events(db: &Db, filter: &EventFilter) -> Result<Vec<AuditEvent>, DbError> {
     db.events_filtered(filter).await
+}
+
+/// The newest `limit` events of one name, newest first.
+pub async fn recent_events(db: &Db, event: &str, limit: i64) -> Result<Vec<AuditEvent>, DbError> {
+    db.recent_events(event, limit).await
 }
 
 /// The outbox, filtered and paged.

@@ -41,8 +41,8 @@ pub(crate) fn annotation_text(prep: &Prepared) -> String {
         "negative"
     };
     let mut t = format!(
-        "HER2 MAP P(HER2+) {:.2} ({status}) - research, not for diagnostic use",
-        r.prob
+        "HER2 MAP P(HER2+) {} ({status}) - research, not for diagnostic use",
+        super::percent(r.prob)
     );
     if let Some(b) = prep.weights.banner() {
         t.push_str(" - ");

@@ -735,6 +735,12 @@ pub(crate) fn put_equipment(obj: &mut ds::Obj, settings: &ReportSettings, result
     ds::put_strs(obj, tags::SOFTWARE_VERSIONS, VR::LO, &[&node, model.trim()]);
 }
 
+/// A probability as the images print it, in percent like the SR's NUMs
+/// ("73.0 %"): one unit wherever the radiologist reads the result.
+pub(crate) fn percent(p: f32) -> String {
+    format!("{:.1} %", p * 100.0)
+}
+
 /// "HER2 MAP 1.0" style label of the model (name + version).
 pub(crate) fn model_label(result: &ModelResult) -> String {
     let name = if result.model_name.trim().is_empty() {

@@ -44,7 +44,7 @@ fn legend_lines(prep: &Prepared, h: &Heatmap) -> Vec<(String, [u8; 3])> {
         format!("{} CLASS-1 CAM (HER2+)", super::model_label(r)),
         WHITE,
     ));
-    lines.push((format!("P(HER2+) {:.2}", r.prob), WHITE));
+    lines.push((format!("P(HER2+) {}", super::percent(r.prob)), WHITE));
     let modality = codes::normalize_modality(&h.source.modality);
     let branch = match modality.as_str() {
         "MG" => r.branch_probs.mg,
@@ -57,7 +57,7 @@ fn legend_lines(prep: &Prepared, h: &Heatmap) -> Vec<(String, [u8; 3])> {
         l = modality.clone();
     }
     if let Some(b) = branch {
-        l = format!("{l} - {modality} SCORE {b:.2}");
+        l = format!("{l} - {modality} SCORE {}", super::percent(b));
     }
     lines.push((l, WHITE));
     // Bound the band height whatever the caller's strings are.

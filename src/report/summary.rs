@@ -100,9 +100,13 @@ fn lines(prep: &Prepared) -> (Vec<Line>, Vec<Line>) {
     top.push((
         3,
         WHITE,
-        format!("P(HER2+) {:.2} (THRESHOLD {:.2})", r.prob, s.threshold),
+        format!(
+            "P(HER2+) {} (THRESHOLD {})",
+            super::percent(r.prob),
+            super::percent(s.threshold)
+        ),
     ));
-    let score = |p: Option<f32>| p.map_or("-".to_string(), |p| format!("{p:.2}"));
+    let score = |p: Option<f32>| p.map_or("-".to_string(), super::percent);
     top.push((
         BODY,
         WHITE,

@@ -70,7 +70,7 @@ async fn json(n: &Node, path: &str, token: &str) -> Value {
     serde_json::from_str(&body).expect("json")
 }
 
-fn metric(text: &str, line_start: &str) -> f64 {
+pub(crate) fn metric(text: &str, line_start: &str) -> f64 {
     text.lines()
         .find(|l| l.starts_with(line_start))
         .and_then(|l| l.rsplit(' ').next())
@@ -78,7 +78,7 @@ fn metric(text: &str, line_start: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-fn promtool(text: &str) {
+pub(crate) fn promtool(text: &str) {
     use std::io::Write;
     let mut child = std::process::Command::new(tool("promtool"))
         .args(["check", "metrics"])
@@ -167,6 +167,8 @@ async fn console_auth_health_metrics_api_and_pages() {
             > metric(&before, "her2map_received_bytes_total")
     );
     assert!(after.contains("her2map_build_info{version="));
+    assert_eq!(metric(&after, "her2map_ready "), 1.0, "{after}");
+    assert_eq!(metric(&after, "her2map_ready_check{check=\"dicom\"}"), 1.0);
     assert!(after.contains("her2map_ingest_duration_seconds_bucket{le=\"+Inf\"}"));
 
     // The case appears; its detail has members by modality and a timeline.
@@ -275,11 +277,25 @@ async fn console_auth_health_metrics_api_and_pages() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let e: Value = r.json().await.expect("a JSON error for the body limit too");
+    assert_eq!(e["error"], "payload_too_large", "{e}");
+    // A method the route does not take: 405 with JSON and its Allow header.
+    let r = client()
+        .delete(format!("{}/api/v1/status", n.base))
+        .bearer_auth(&n.operator)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert!(r.headers().contains_key("allow"), "{:?}", r.headers());
+    let e: Value = r.json().await.expect("a JSON error for a wrong method");
+    assert_eq!(e["error"], "method_not_allowed", "{e}");
     for path in [
         "/api/v1/cases?limit=0",
         "/api/v1/cases?limit=abc",
         "/api/v1/cases?state=nonsense",
         "/api/v1/audit?since=yesterday",
+        "/api/v1/cases?since=yesterday",
         "/api/v1/cases?bogus=1",
     ] {
         let (code, body) = get(&n, path, Some(&n.viewer)).await;
@@ -298,6 +314,24 @@ async fn console_auth_health_metrics_api_and_pages() {
     let detail = json(&n, &format!("/api/v1/cases/{case_id}"), &n.viewer).await;
     assert_eq!(detail["state"], "held");
 
+    // The cases list filtered by when a case opened.
+    let all = json(&n, "/api/v1/cases?since=2000-01-01T00:00:00Z", &n.viewer).await;
+    assert!(
+        all["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["id"] == case_id.as_str()),
+        "{all}"
+    );
+    let none = json(&n, "/api/v1/cases?until=2000-01-01T00:00:00Z", &n.viewer).await;
+    assert_eq!(none["items"].as_array().unwrap().len(), 0, "{none}");
+    let held = json(&n, "/api/v1/cases?state=held&since=", &n.viewer).await;
+    assert_eq!(held["items"][0]["id"], case_id.as_str(), "{held}");
+
+    // The document needs a token like every endpoint but health.
+    let (code, _) = get(&n, "/api/v1/openapi.json", None).await;
+    assert_eq!(code, StatusCode::UNAUTHORIZED);
     let spec = json(&n, "/api/v1/openapi.json", &n.viewer).await;
     assert_eq!(spec["openapi"], "3.0.3");
     assert!(spec["paths"]["/api/v1/cases/{id}/actions"]["post"].is_object());

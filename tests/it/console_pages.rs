@@ -42,8 +42,36 @@ async fn chromium_signs_in_and_sees_the_case_result_and_heatmaps() {
     // The screenshot goes to docs/: no patient name in it.
     s.http.show_phi = false;
     s.cases.stable_age_secs = 2;
+    // Results go to a second node, so that delivery moves its metrics too.
+    let dest_dir = tempfile::tempdir().unwrap();
+    let destination = spawn_app(dest_dir.path()).await;
+    s.destinations = vec![her2map::config::DestinationSettings {
+        ae_title: "HER2MAP".into(),
+        host: "127.0.0.1".into(),
+        port: destination.port(),
+        dicomweb: None,
+        outputs: None,
+        tls: None,
+    }];
+    let dest_name = s.destinations[0].name();
     let node = spawn_app_with(s).await;
     let base = format!("http://{}", node.http_addr.expect("http enabled"));
+    let scrape = || async {
+        let text = reqwest::Client::new()
+            .get(format!("{base}/metrics"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        crate::console::promtool(&text);
+        text
+    };
+    // The metrics are the process's: other tests of this binary move them
+    // too, so every check is "at least what this case adds".
+    let before = scrape().await;
 
     let scu = ClientOptions {
         calling_ae: "PACS".into(),
@@ -74,6 +102,59 @@ async fn chromium_signs_in_and_sees_the_case_result_and_heatmaps() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
+    // Every output delivered, then the metrics of the whole run.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let rows = node.db.outbox().await.unwrap();
+        if !rows.is_empty()
+            && rows
+                .iter()
+                .all(|r| r.state == her2map::db::DeliveryState::Sent)
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not delivered: {rows:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let outputs = node.db.outbox().await.unwrap().len() as f64;
+    let after = scrape().await;
+    let m = crate::console::metric;
+    let grew = |name: &str, by: f64| {
+        assert!(
+            m(&after, name) >= m(&before, name) + by,
+            "{name}: {} then {}, expected at least +{by}",
+            m(&before, name),
+            m(&after, name)
+        );
+    };
+    for modality in ["MG", "US", "MR"] {
+        grew(
+            &format!(
+                "her2map_instances_received_total{{outcome=\"stored\",status=\"0x0000\",modality=\"{modality}\"}}"
+            ),
+            1.0,
+        );
+    }
+    for stage in ["imaging", "inference", "reporting"] {
+        grew(
+            &format!("her2map_case_stage_duration_seconds_count{{stage=\"{stage}\"}}"),
+            1.0,
+        );
+    }
+    grew("her2map_last_instance_to_delivery_seconds_count", outputs);
+    grew(
+        &format!("her2map_delivery_attempts_total{{destination=\"{dest_name}\",outcome=\"sent\"}}"),
+        outputs,
+    );
+    assert_eq!(m(&after, "her2map_cases{state=\"done\"}"), 1.0, "{after}");
+    assert_eq!(
+        m(
+            &after,
+            &format!("her2map_outbox_deliveries{{destination=\"{dest_name}\",state=\"sent\"}}")
+        ),
+        outputs
+    );
+
     let results = node.db.events(0, Some("case_result"), 10).await.unwrap();
     let side = results[0].detail.as_ref().unwrap()["sides"][0].clone();
     let prob = side["prob"].as_f64().unwrap();
@@ -157,4 +238,5 @@ async fn chromium_signs_in_and_sees_the_case_result_and_heatmaps() {
         .collect();
     assert!(failed.is_empty(), "failed requests: {failed:?}");
     node.stop().await;
+    destination.stop().await;
 }

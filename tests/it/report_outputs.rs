@@ -1143,7 +1143,7 @@ fn presentation_states_draw_the_roi_outline_with_dcmp2pgm() {
         // images here (it does not match Referenced Frame Number to --frame).
         if h.source.frame.is_none() {
             assert!(log.contains("type=polyline filled=no units=pixel"), "{log}");
-            assert!(log.contains("HER2 MAP P(HER2+) 0.73"), "{log}");
+            assert!(log.contains("HER2 MAP P(HER2+) 73.0 %"), "{log}");
         }
         let pgm = case_dir.join("ovl_0101.pgm");
         let (w, ht, px) = read_pgm(&pgm);

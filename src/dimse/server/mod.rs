@@ -135,8 +135,23 @@ pub trait InstanceSink: Send {
     fn abort(self) -> impl Future<Output = ()> + Send;
 }
 
+/// Whether the SCP's accept loops are running: set when [`Server::run`]
+/// starts accepting, cleared when it stops (a readiness check reads it).
+#[derive(Clone, Debug, Default)]
+pub struct Listening(Arc<std::sync::atomic::AtomicBool>);
+
+impl Listening {
+    pub fn is_up(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Acquire)
+    }
+    fn set(&self, up: bool) {
+        self.0.store(up, std::sync::atomic::Ordering::Release);
+    }
+}
+
 /// The bound SCP, ready to serve.
 pub struct Server<S: StoreService> {
+    listening: Listening,
     listener: TcpListener,
     /// The DICOM TLS listener and its rustls configuration, when enabled.
     tls: Option<(TcpListener, Arc<rustls::ServerConfig>)>,
@@ -180,6 +195,7 @@ impl<S: StoreService> Server<S> {
     pub async fn bind(addr: &str, config: ServerConfig, service: S) -> std::io::Result<Self> {
         let listener = TcpListener::bind(addr).await?;
         Ok(Server {
+            listening: Listening::default(),
             listener,
             tls: None,
             config,
@@ -208,6 +224,11 @@ impl<S: StoreService> Server<S> {
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// A handle that says whether this server is accepting.
+    pub fn listening(&self) -> Listening {
+        self.listening.clone()
     }
 
     /// The address of the DICOM TLS listener, when there is one.
@@ -240,6 +261,7 @@ impl<S: StoreService> Server<S> {
             &shutdown,
         );
         let summaries = audit_summaries(&shared, &shutdown);
+        self.listening.set(true);
         match &self.tls {
             Some((listener, tls)) => {
                 let transport = Transport::Tls(tls.clone());
@@ -250,6 +272,7 @@ impl<S: StoreService> Server<S> {
                 tokio::join!(plain, summaries);
             }
         }
+        self.listening.set(false);
         tracker.close();
         tracker.wait().await;
         shared.audit_cuts(shared.cuts.flush(true)).await;
