@@ -287,17 +287,16 @@ impl StoreService for Ingest {
         METRICS
             .associations_rejected
             .inc(&[&crate::metrics::reason_label(reason)]);
-        self.audit(NewEvent {
-            event: event::ASSOCIATION_REJECTED,
-            detail: Some(serde_json::json!({
-                "peer": peer.to_string(),
-                "calling_ae": calling_ae,
-                "called_ae": called_ae,
-                "reason": reason,
-            })),
-            ..Default::default()
-        })
-        .await;
+        let id = crate::dimse::server::new_association_id();
+        let peer = peer.to_string();
+        let now = self.clock.now();
+        if let Err(e) = self
+            .db
+            .association_rejected(&id, calling_ae, called_ae, &peer, reason, now)
+            .await
+        {
+            error!(error = %e, "rejected association could not be recorded");
+        }
     }
 
     async fn association_closed(

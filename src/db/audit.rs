@@ -165,6 +165,45 @@ impl Db {
         Ok(())
     }
 
+    /// A refused association (or a connection cut before it became one):
+    /// a closed row of the associations list, outcome "rejected: REASON",
+    /// and its `association_rejected` event, together.
+    pub async fn association_rejected(
+        &self,
+        id: &str,
+        calling_ae: &str,
+        called_ae: &str,
+        peer: &str,
+        reason: &str,
+        now: OffsetDateTime,
+    ) -> Result<(), DbError> {
+        let now = format_time(now);
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO associations (id, calling_ae, called_ae, peer, opened_at, closed_at, outcome) \
+             VALUES ($1, $2, $3, $4, $5, $5, $6)",
+        )
+        .bind(id)
+        .bind(calling_ae)
+        .bind(called_ae)
+        .bind(peer)
+        .bind(&now)
+        .bind(format!("rejected: {reason}"))
+        .execute(&mut *tx)
+        .await?;
+        let e = NewEvent {
+            event: event::ASSOCIATION_REJECTED,
+            association_id: Some(id),
+            detail: Some(serde_json::json!({
+                "peer": peer, "calling_ae": calling_ae, "called_ae": called_ae, "reason": reason,
+            })),
+            ..Default::default()
+        };
+        insert_event(&mut tx, &self.node, &e, &now).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     pub async fn association_closed(
         &self,
         id: &str,

@@ -220,6 +220,32 @@ async fn unknown_calling_ae_and_wrong_called_ae_are_rejected() {
         rejected[0].detail.as_ref().unwrap()["calling_ae"],
         "STRANGER"
     );
+    // The associations list (console, API) shows them, with their outcome,
+    // each tied to its event.
+    let listed = app.db.recent_associations(50, 0).await.unwrap();
+    let refused: Vec<_> = listed
+        .iter()
+        .filter(|a| {
+            a.outcome
+                .as_deref()
+                .is_some_and(|o| o.starts_with("rejected: "))
+        })
+        .collect();
+    assert_eq!(refused.len(), 3, "{listed:?}");
+    assert!(refused.iter().any(|a| {
+        a.calling_ae == "STRANGER"
+            && a.outcome
+                .as_deref()
+                .unwrap()
+                .contains("calling AE title not recognized")
+    }));
+    for e in &rejected {
+        let id = e
+            .association_id
+            .as_deref()
+            .expect("the event names its row");
+        assert!(refused.iter().any(|a| a.id == id), "{id} not listed");
+    }
     app.stop().await;
 }
 

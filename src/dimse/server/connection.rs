@@ -357,7 +357,8 @@ fn association_options<'a>(
     options
 }
 
-fn new_association_id() -> String {
+/// A new association's id (the audit's `association_id`).
+pub fn new_association_id() -> String {
     format!("{:016x}", rand::random::<u64>())
 }
 

@@ -34,6 +34,7 @@ mod connection;
 mod exchange;
 
 pub use admission::{ARTIM_TIMEOUT, CONNECTION_LIMIT, ConnectionLimits};
+pub use connection::new_association_id;
 
 /// How the SCP negotiates and whom it lets in.
 #[derive(Debug, Clone)]
