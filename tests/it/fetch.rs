@@ -657,3 +657,82 @@ async fn a_source_that_never_answers_times_out_while_the_case_shows_fetching() {
     node.stop().await;
     drop(silent);
 }
+
+/// A DIMSE source over DICOM TLS: Orthanc's DICOM port speaks TLS only
+/// (its own certificate, and it requires the node's), and the node
+/// queries and retrieves by C-GET on that one TLS association. A second
+/// source on the same Orthanc trusts another CA: its handshake fails, the
+/// attempt says so, and the case completes from the first.
+#[tokio::test(flavor = "multi_thread")]
+async fn orthanc_over_dicom_tls_completes_the_case_by_c_get() {
+    let pki = common::pki::make_pki();
+    let dir = tempfile::tempdir().unwrap();
+    orthanc_binary();
+    let (http, dicom) = (free_port(), free_port());
+    let tls = |ca: &Path| her2map::config::ClientTlsSettings {
+        ca: ca.to_path_buf(),
+        certificate: pki.client_cert.clone(),
+        private_key: pki.client_key.clone(),
+        server_name: String::new(),
+    };
+    let mut secure = source("orthanc-tls", ORTHANC_AET, dicom, RetrieveMethod::Get);
+    secure.tls = Some(tls(&pki.ca));
+    let mut untrusted = source("wrong-ca", ORTHANC_AET, dicom, RetrieveMethod::Get);
+    // The rogue client certificate is self-issued: as a CA it anchors
+    // nothing Orthanc's certificate chains to.
+    untrusted.tls = Some(tls(&pki.rogue_cert));
+    let node = spawn_app_with(node_settings(dir.path(), vec![untrusted, secure], 300)).await;
+    let extra = serde_json::json!({
+        "DicomModalities": { "her2map": [NODE_AET, "127.0.0.1", node.port()] },
+        "DicomTlsEnabled": true,
+        "DicomTlsCertificate": pki.server_cert,
+        "DicomTlsPrivateKey": pki.server_key,
+        "DicomTlsTrustedCertificates": pki.ca,
+        "DicomTlsRemoteCertificateRequired": true,
+    });
+    let pacs = tokio::task::block_in_place(|| Orthanc::start_with(dir.path(), http, dicom, extra));
+    // Orthanc's DICOM port now takes TLS only: the studies go in by REST.
+    let (mg, us, mr) = (study("MG"), study("US"), study("MR"));
+    tokio::task::block_in_place(|| {
+        for f in us.iter().chain(&mr) {
+            pacs.request("/instances", Some(&format!("@{}", f.display())))
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+    });
+    store(&node.address(), NODE_AET, &mg).await;
+
+    let used = wait_result(&node.db, 240).await;
+    assert_eq!(used, ["MG", "MR", "US"], "fetched over TLS: {:?}", pacs.log_text());
+    assert_eq!(
+        node.db.instance_count().await.unwrap() as usize,
+        mg.len() + us.len() + mr.len()
+    );
+    let attempts = events(&node.db, "fetch_attempt").await;
+    let of = |name: &str| -> Vec<&Value> {
+        attempts.iter().map(detail).filter(|d| d["source"] == name).collect()
+    };
+    let ok = of("orthanc-tls");
+    assert_eq!(ok.len(), 1, "{attempts:?}");
+    assert_eq!(ok[0]["status"], "ok", "{:?}", ok[0]);
+    assert_eq!(
+        ok[0]["instances_received"].as_u64().unwrap() as usize,
+        us.len() + mr.len()
+    );
+    let refused = of("wrong-ca");
+    assert_eq!(refused.len(), 1, "{attempts:?}");
+    assert_eq!(refused[0]["status"], "failed", "{:?}", refused[0]);
+    let reason = refused[0]["reason"].as_str().unwrap_or_default().to_ascii_lowercase();
+    assert!(
+        reason.contains("tls") || reason.contains("certificate") || reason.contains("handshake"),
+        "the failure names the TLS handshake: {:?}",
+        refused[0]
+    );
+    let retrieves = events(&node.db, "fetch_retrieve").await;
+    assert!(!retrieves.is_empty());
+    for r in &retrieves {
+        assert_eq!(detail(r)["method"], "C-GET", "{:?}", detail(r));
+        assert_eq!(detail(r)["status"], "0x0000", "{:?}", detail(r));
+    }
+    node.stop().await;
+    drop(pacs);
+}
