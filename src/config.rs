@@ -744,11 +744,13 @@ impl Settings {
                     || src.port != 0
                     || src.tls.is_some()
                     || src.retrieve != RetrieveMethod::Move
+                    || src.timeout_secs != 0
                 {
                     return Err((
                         "sources.dicomweb",
-                        "a DICOMweb source has no ae_title, host, port, tls or retrieve \
-                         (it retrieves by WADO-RS; its TLS is dicomweb.ca_certificate)"
+                        "a DICOMweb source has no ae_title, host, port, tls, retrieve or \
+                         timeout_secs (it retrieves by WADO-RS; its TLS is \
+                         dicomweb.ca_certificate, its time per request dicomweb.timeout_secs)"
                             .into(),
                     ));
                 }
@@ -890,6 +892,47 @@ pub fn resolve_host(host: &str) -> Vec<IpAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sources_are_checked_as_they_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        let load = |text: &str| {
+            std::fs::write(&file, text).unwrap();
+            Settings::load_with_env(Some(&file), false)
+        };
+        let s = load(
+            "[[sources]]\nname = \"pacs\"\nae_title = \"PACS\"\nhost = \"h\"\nport = 104\n\
+             retrieve = \"get\"\ntimeout_secs = 5\n\
+             [[sources]]\nname = \"web\"\n[sources.dicomweb]\nurl = \"https://pacs.example.org/dicom-web\"\n",
+        )
+        .unwrap();
+        assert_eq!(s.sources[0].retrieve, RetrieveMethod::Get);
+        assert_eq!(s.sources[0].timeout_secs, 5);
+        assert_eq!(s.sources[1].dicomweb.as_ref().unwrap().timeout_secs, 60);
+        for (text, names) in [
+            // A DICOMweb source's time per request is its dicomweb.timeout_secs.
+            (
+                "[[sources]]\nname = \"web\"\ntimeout_secs = 5\n[sources.dicomweb]\nurl = \"https://p/dicom-web\"\n",
+                "sources.dicomweb",
+            ),
+            (
+                "[[sources]]\nname = \"web\"\nport = 104\n[sources.dicomweb]\nurl = \"https://p/dicom-web\"\n",
+                "sources.dicomweb",
+            ),
+            (
+                "[[sources]]\nname = \"pacs\"\nae_title = \"PACS\"\nport = 104\n",
+                "sources",
+            ),
+            (
+                "[[sources]]\nname = \"pacs\"\nae_title = \"NOT A VALID AE TITLE!\"\nhost = \"h\"\nport = 104\n",
+                "sources.ae_title",
+            ),
+        ] {
+            let err = load(text).unwrap_err().to_string();
+            assert!(err.contains(names), "{text}: {err}");
+        }
+    }
 
     #[test]
     fn default_configuration_loads() {

@@ -836,6 +836,18 @@ async fn stow_rs_in_refuses_what_it_must_and_keeps_nothing_partial() {
         (StatusCode::OK, StatusCode::OK, StatusCode::OK)
     );
     assert_eq!(node.db.instance_count().await.unwrap(), 16);
+    // What STOW-RS stored makes a case like what C-STORE stores.
+    let first = uid(&mr[0]);
+    wait_until("a case holding the STOW-RS instances", 60, || async {
+        for c in node.db.all_cases().await.unwrap() {
+            let members = node.db.case_members(&c.id).await.unwrap();
+            if members.iter().any(|m| m.sop_instance_uid == first) {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
     node.stop().await;
 }
 

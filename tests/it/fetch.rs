@@ -702,14 +702,23 @@ async fn orthanc_over_dicom_tls_completes_the_case_by_c_get() {
     store(&node.address(), NODE_AET, &mg).await;
 
     let used = wait_result(&node.db, 240).await;
-    assert_eq!(used, ["MG", "MR", "US"], "fetched over TLS: {:?}", pacs.log_text());
+    assert_eq!(
+        used,
+        ["MG", "MR", "US"],
+        "fetched over TLS: {:?}",
+        pacs.log_text()
+    );
     assert_eq!(
         node.db.instance_count().await.unwrap() as usize,
         mg.len() + us.len() + mr.len()
     );
     let attempts = events(&node.db, "fetch_attempt").await;
     let of = |name: &str| -> Vec<&Value> {
-        attempts.iter().map(detail).filter(|d| d["source"] == name).collect()
+        attempts
+            .iter()
+            .map(detail)
+            .filter(|d| d["source"] == name)
+            .collect()
     };
     let ok = of("orthanc-tls");
     assert_eq!(ok.len(), 1, "{attempts:?}");
@@ -721,7 +730,10 @@ async fn orthanc_over_dicom_tls_completes_the_case_by_c_get() {
     let refused = of("wrong-ca");
     assert_eq!(refused.len(), 1, "{attempts:?}");
     assert_eq!(refused[0]["status"], "failed", "{:?}", refused[0]);
-    let reason = refused[0]["reason"].as_str().unwrap_or_default().to_ascii_lowercase();
+    let reason = refused[0]["reason"]
+        .as_str()
+        .unwrap_or_default()
+        .to_ascii_lowercase();
     assert!(
         reason.contains("tls") || reason.contains("certificate") || reason.contains("handshake"),
         "the failure names the TLS handshake: {:?}",
