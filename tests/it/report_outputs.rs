@@ -1259,3 +1259,61 @@ fn summary_card_and_small_heatmap_legend() {
     );
     her2map::report::sc::write_png(&sc.object, &dir.join("small-mr-heatmap.png")).unwrap();
 }
+
+/// `[report] outputs` makes only what it names, and an SR made without the
+/// heatmaps references none of them (no dangling "Illustration of ROI");
+/// the SR-only output still passes dciodvfy.
+#[test]
+fn report_outputs_makes_only_the_chosen_objects() {
+    use her2map::report::OutputChoice;
+    let kinds = |outs: &[OutputObject]| {
+        let mut k: Vec<OutputKind> = outs.iter().map(|o| o.kind).collect();
+        k.dedup();
+        k
+    };
+    let all = build(&result(0.73), &[], &settings());
+    assert_eq!(
+        kinds(&all),
+        [
+            OutputKind::Sr,
+            OutputKind::HeatmapSc,
+            OutputKind::SummarySc,
+            OutputKind::Gsps
+        ]
+    );
+    let heatmap_uids: Vec<&str> = all
+        .iter()
+        .filter(|o| o.kind == OutputKind::HeatmapSc)
+        .map(|o| o.sop_instance_uid.as_str())
+        .collect();
+    let sr_text = |outs: &[OutputObject], dir: &Path| -> String {
+        let sr = outs.iter().find(|o| o.kind == OutputKind::Sr).unwrap();
+        let p = dir.join("sr.dcm");
+        sr.object.write_to_file(&p).unwrap();
+        String::from_utf8_lossy(&std::fs::read(&p).unwrap()).into_owned()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let full = sr_text(&all, dir.path());
+    assert!(heatmap_uids.iter().all(|u| full.contains(u)), "the full SR references its heatmaps");
+
+    let only = |choices: &[OutputChoice]| ReportSettings {
+        outputs: choices.to_vec(),
+        ..settings()
+    };
+    let sr_only = build(&result(0.73), &[], &only(&[OutputChoice::Sr]));
+    assert_eq!(kinds(&sr_only), [OutputKind::Sr]);
+    let text = sr_text(&sr_only, dir.path());
+    assert!(
+        heatmap_uids.iter().all(|u| !text.contains(u)),
+        "an SR without heatmaps points at none"
+    );
+    let (errors, _, report) = dciodvfy(&dir.path().join("sr.dcm"));
+    assert!(errors.is_empty(), "{report}");
+
+    let two = build(
+        &result(0.73),
+        &[],
+        &only(&[OutputChoice::Summary, OutputChoice::Gsps]),
+    );
+    assert_eq!(kinds(&two), [OutputKind::SummarySc, OutputKind::Gsps]);
+}
