@@ -74,6 +74,16 @@ pub enum Kind {
     Other,
 }
 
+/// The modality the model reads of an instance known only by its SOP Class
+/// (a refused instance whose data set was not read): `classify` without a
+/// Modality to fall back on.
+pub fn image_modality_of_class(sop_class: &str) -> Option<Modality> {
+    match classify(sop_class, "") {
+        Kind::Image(m) => Some(m),
+        _ => None,
+    }
+}
+
 /// The kind of an instance: by SOP Class first, else by Modality.
 pub fn classify(sop_class: &str, modality: &str) -> Kind {
     match sop_class {

@@ -81,7 +81,9 @@ impl IngestCore {
             reason = status.comment.as_deref().unwrap_or(""),
             "instance refused"
         );
-        METRICS.instance("failed", status.code, "");
+        // The data set may not have been read: the modality by SOP Class.
+        let modality = crate::header::image_modality_of_class(&request.sop_class_uid);
+        METRICS.instance("failed", status.code, modality.map_or("", |m| m.as_str()));
         self.audit(NewEvent {
             event: event::INSTANCE_FAILED,
             association_id: Some(&info.id),

@@ -477,7 +477,8 @@ async fn audited(
     reason: u16,
     message: String,
 ) -> (u16, String) {
-    crate::metrics::METRICS.instance("failed", reason, "");
+    let modality = crate::header::image_modality_of_class(&known.class);
+    crate::metrics::METRICS.instance("failed", reason, modality.map_or("", |m| m.as_str()));
     let _ =
         s.db.record(
             NewEvent {

@@ -364,6 +364,21 @@ async fn every_bad_input_gets_its_answer_and_the_node_keeps_serving() {
         }
     }
 
+    // Refused instances are counted by the modality their SOP Class names
+    // (the data set of a refused one may never have been read).
+    let mut text = String::new();
+    her2map::metrics::METRICS.render(&mut text);
+    let failed_mr = text
+        .lines()
+        .filter(|l| l.starts_with("her2map_instances_received_total{outcome=\"failed\""))
+        .filter(|l| l.contains("modality=\"MR\""))
+        .count();
+    if failed_mr == 0 {
+        failures.push(format!(
+            "no failed MR instance counted by modality:\n{text}"
+        ));
+    }
+
     // Stored paths are sanitised UIDs inside the spool, whatever the UIDs held.
     for (uid, relative) in app.db.instance_paths().await.unwrap() {
         if !is_sanitised(&relative) {

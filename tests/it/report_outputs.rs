@@ -1294,7 +1294,10 @@ fn report_outputs_makes_only_the_chosen_objects() {
     };
     let dir = tempfile::tempdir().unwrap();
     let full = sr_text(&all, dir.path());
-    assert!(heatmap_uids.iter().all(|u| full.contains(u)), "the full SR references its heatmaps");
+    assert!(
+        heatmap_uids.iter().all(|u| full.contains(u)),
+        "the full SR references its heatmaps"
+    );
 
     let only = |choices: &[OutputChoice]| ReportSettings {
         outputs: choices.to_vec(),
