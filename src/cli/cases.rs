@@ -42,7 +42,7 @@ async fn act(db: Db, action: CasesAction) -> anyhow::Result<ExitCode> {
         CasesAction::Release { id } => (CaseAction::Release, id),
     };
     let now = her2map::clock::Clock::new().now();
-    match her2map::ops::case_action(&db, &id, action, now).await {
+    match her2map::ops::case_action_by(&db, &super::cli_user(), &id, action, now).await {
         Ok(moved) => {
             println!("{moved}");
             Ok(ExitCode::SUCCESS)

@@ -94,3 +94,21 @@ impl Command {
         }
     }
 }
+
+/// Who acts from the command line, for the `operator_action` event: the
+/// login name, as `cli:NAME` (the console's users are named by their token).
+fn cli_user() -> String {
+    let name = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_default();
+    let name: String = name
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || "._-".contains(*c))
+        .take(32)
+        .collect();
+    if name.is_empty() {
+        "cli".into()
+    } else {
+        format!("cli:{name}")
+    }
+}

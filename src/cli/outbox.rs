@@ -34,7 +34,7 @@ pub async fn run(args: OutboxArgs, settings: &Settings) -> anyhow::Result<ExitCo
     let db = her2map::app::open_database(settings).await?;
     if let Some(OutboxAction::Retry { id }) = args.action {
         let now = her2map::clock::Clock::new().now();
-        return match her2map::ops::retry_delivery(&db, id, now).await {
+        return match her2map::ops::retry_delivery_by(&db, &super::cli_user(), id, now).await {
             Ok(()) => {
                 println!("delivery {id} is due now");
                 Ok(ExitCode::SUCCESS)

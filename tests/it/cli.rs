@@ -7,7 +7,9 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{serve_binary, test_data};
+use common::{
+    mr_variants, serve_binary, spawn_app_with, test_data, test_database_url, test_settings,
+};
 
 fn her2map() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_her2map"));
@@ -380,4 +382,74 @@ fn infer_on_tensors_on_a_dicom_folder_and_the_replay_agree() {
         replay["samples"][0]["prob"].as_f64().unwrap(),
     );
     assert!((a - b).abs() < 1e-6, "DICOM run {a} vs replay {b}");
+}
+
+/// The CLI's case and outbox actions are audited like the console's: an
+/// `operator_action` event naming `cli:LOGIN`.
+#[tokio::test(flavor = "multi_thread")]
+async fn cli_actions_are_audited_with_the_login_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut s = test_settings(&data);
+    s.cases.stable_age_secs = 3600;
+    let app = spawn_app_with(s).await;
+    let files = mr_variants(dir.path(), 1, "cli-act");
+    let scu = her2map::dimse::client::ClientOptions {
+        calling_ae: "PACS".into(),
+        called_ae: "HER2MAP".into(),
+        ..Default::default()
+    };
+    let sent = her2map::send::send_files(&app.address(), &scu, &files, |_| {})
+        .await
+        .unwrap();
+    assert!(sent.iter().all(|r| r.ok()), "{sent:?}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let case = loop {
+        if let Some(c) = app.db.all_cases().await.unwrap().first() {
+            break c.id.clone();
+        }
+        assert!(std::time::Instant::now() < deadline, "no case opened");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    app.stop().await;
+
+    let out = tokio::task::block_in_place(|| {
+        her2map()
+            .args(["cases", "hold", &case])
+            .env("HER2MAP__STORAGE__DATA_DIR", &data)
+            .env("USER", "radadmin")
+            .output()
+            .unwrap()
+    });
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = tokio::task::block_in_place(|| {
+        her2map()
+            .args(["outbox", "retry", "999"])
+            .env("HER2MAP__STORAGE__DATA_DIR", &data)
+            .env("USER", "radadmin")
+            .output()
+            .unwrap()
+    });
+    assert!(!out.status.success(), "no delivery 999");
+
+    let db = her2map::db::Db::connect(&test_database_url(&data, "her2map.db"))
+        .await
+        .unwrap();
+    let actions = db.events(0, Some("operator_action"), 10).await.unwrap();
+    assert_eq!(actions.len(), 2, "{actions:?}");
+    let d = actions[0].detail.as_ref().unwrap();
+    assert_eq!(d["user"], "cli:radadmin", "{d}");
+    assert_eq!(d["action"], "hold");
+    assert_eq!(d["to"], "held", "{d}");
+    assert_eq!(actions[0].case_id.as_deref(), Some(case.as_str()));
+    let d = actions[1].detail.as_ref().unwrap();
+    assert_eq!(
+        (d["action"].as_str(), d["outbox_id"].as_i64()),
+        (Some("retry"), Some(999))
+    );
+    assert!(d["refused"].is_string(), "{d}");
 }
