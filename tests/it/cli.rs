@@ -190,8 +190,10 @@ fn serve_send_echo_audit_and_graceful_stop() {
     let _ = child.wait();
 }
 
-/// No PHI in logs: a patient with a distinctive name and ID goes through
-/// the whole node (debug logging on); neither appears in any log line.
+/// No PHI and no token in logs: a patient with a distinctive name and ID
+/// goes through the whole node (debug logging on) and a console user made
+/// by `her2map token` reads the case, with its token and with a wrong one;
+/// none of them appears in any log line.
 #[test]
 fn no_patient_name_or_id_in_the_logs() {
     let dir = tempfile::tempdir().unwrap();
@@ -213,9 +215,34 @@ fn no_patient_name_or_id_in_the_logs() {
         String::from_utf8_lossy(&out.stderr)
     );
 
+    // `her2map token`: the token once, and the table to paste.
+    let out = her2map()
+        .args(["token", "olga", "--role", "operator"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let token = text
+        .lines()
+        .nth(1)
+        .unwrap()
+        .trim_start_matches("# ")
+        .to_string();
+    assert!(token.len() >= 32, "{text}");
+    assert!(!text.contains(&format!("token_sha256 = \"{token}\"")));
+    let table: String = text
+        .lines()
+        .skip_while(|l| !l.starts_with("[[http.users]]"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert!(table.contains("role = \"operator\""), "{text}");
+    let conf = dir.path().join("node.toml");
+    std::fs::write(&conf, &table).unwrap();
+
     let data = dir.path().join("data");
     let mut child = her2map()
-        .arg("serve")
+        .args(["serve", "--config"])
+        .arg(&conf)
         .env("HER2MAP__DICOM__PORT", "0")
         .env("HER2MAP__DICOM__HOST", "127.0.0.1")
         .env("HER2MAP__STORAGE__DATA_DIR", &data)
@@ -234,16 +261,21 @@ fn no_patient_name_or_id_in_the_logs() {
         }
     });
     let mut log = Vec::new();
-    let port = loop {
+    let after = |line: &str, marker: &str| -> Option<String> {
+        let rest = line.split(marker).nth(1)?;
+        let addr: String = rest.chars().take_while(|c| !c.is_whitespace()).collect();
+        Some(addr.rsplit(':').next().unwrap().to_string())
+    };
+    let (mut port, mut http) = (None, None);
+    while port.is_none() || http.is_none() {
         let line = rx
             .recv_timeout(Duration::from_secs(30))
-            .expect("listening line");
-        log.push(line.clone());
-        if let Some(rest) = line.split("listening on ").nth(1) {
-            let addr: String = rest.chars().take_while(|c| !c.is_whitespace()).collect();
-            break addr.rsplit(':').next().unwrap().to_string();
-        }
-    };
+            .expect("listening lines");
+        port = port.or_else(|| after(&line, "SCP listening on "));
+        http = http.or_else(|| after(&line, "HTTP listening on http://"));
+        log.push(line);
+    }
+    let (port, http) = (port.unwrap(), http.unwrap());
     let out = her2map()
         .args([
             "send",
@@ -271,12 +303,41 @@ fn no_patient_name_or_id_in_the_logs() {
         }
         assert!(Instant::now() < deadline, "no case result in the log");
     }
+    // The console, with the token, a wrong token, and the case's page.
+    let curl = |path: &str, token: &str| -> String {
+        let out = Command::new("curl")
+            .args(["-sS", "-H", &format!("Authorization: Bearer {token}")])
+            .arg(format!("http://127.0.0.1:{http}{path}"))
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let cases: serde_json::Value = serde_json::from_str(&curl("/api/v1/cases", &token)).unwrap();
+    let id = cases["items"][0]["id"]
+        .as_str()
+        .expect("a case")
+        .to_string();
+    let page = curl(&format!("/cases/{id}"), &token);
+    assert!(
+        page.contains("Zyxwvut"),
+        "a signed-in user sees the patient (show_phi)"
+    );
+    let wrong = "wrong-token-5551212-abcdefghijklmnop";
+    let refused = curl("/api/v1/status", wrong);
+    assert!(
+        refused.contains("unauthorized") || refused.contains("error"),
+        "{refused}"
+    );
+
     let status = sigterm_and_wait(child);
     assert!(status.success());
     while let Ok(line) = rx.recv_timeout(Duration::from_millis(300)) {
         log.push(line);
     }
     let all = log.join("\n");
+    for secret in [token.as_str(), wrong] {
+        assert!(!all.contains(secret), "a bearer token is in the logs");
+    }
     assert!(
         all.lines().count() > 20,
         "debug logging produced too little to mean anything"
