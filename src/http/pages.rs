@@ -202,11 +202,7 @@ async fn dashboard_body(s: &Console) -> Result<String, ApiError> {
                 c.case.state,
                 esc(&c.missing.join("; ")),
                 esc(&waiting_reason(c)),
-                esc(c
-                    .ready_at
-                    .as_deref()
-                    .or(c.max_wait_at.as_deref())
-                    .unwrap_or("")),
+                esc(runs_at(c)),
                 id = esc(&c.case.id)
             );
         }
@@ -296,11 +292,7 @@ async fn cases(
             c.present.join(", "),
             esc(&c.missing.join("; ")),
             esc(&waiting_reason(c)),
-            esc(c
-                .ready_at
-                .as_deref()
-                .or(c.max_wait_at.as_deref())
-                .unwrap_or("")),
+            esc(runs_at(c)),
             c.instances,
             id = esc(&c.case.id)
         );
@@ -319,6 +311,14 @@ async fn cases(
         );
     }
     page("Cases", Some(&user), &b).into_response()
+}
+
+/// When a case runs: if nothing else arrives, else at its max wait.
+fn runs_at(c: &ops::CaseView) -> &str {
+    c.ready_at
+        .as_deref()
+        .or(c.max_wait_at.as_deref())
+        .unwrap_or("")
 }
 
 /// Why a case waits: its reason, and the sources it is fetching from.

@@ -45,14 +45,7 @@ async fn chromium_signs_in_and_sees_the_case_result_and_heatmaps() {
     // Results go to a second node, so that delivery moves its metrics too.
     let dest_dir = tempfile::tempdir().unwrap();
     let destination = spawn_app(dest_dir.path()).await;
-    s.destinations = vec![her2map::config::DestinationSettings {
-        ae_title: "HER2MAP".into(),
-        host: "127.0.0.1".into(),
-        port: destination.port(),
-        dicomweb: None,
-        outputs: None,
-        tls: None,
-    }];
+    s.destinations = vec![dimse_destination("HER2MAP", destination.port())];
     let dest_name = s.destinations[0].name();
     let node = spawn_app_with(s).await;
     let base = format!("http://{}", node.http_addr.expect("http enabled"));

@@ -132,6 +132,15 @@ fn detail(e: &AuditEvent) -> &Value {
     e.detail.as_ref().expect("event detail")
 }
 
+/// The details of the events of one source.
+fn of_source<'a>(events: &'a [AuditEvent], name: &str) -> Vec<&'a Value> {
+    events
+        .iter()
+        .map(detail)
+        .filter(|d| d["source"] == name)
+        .collect()
+}
+
 /// The one case's result: its modalities used (every side).
 async fn wait_result(db: &Db, secs: u64) -> Vec<String> {
     wait_until("the case's result", secs, || async {
@@ -199,13 +208,7 @@ async fn orthanc_fetch(via: Via) {
     );
 
     let attempts = events(&node.db, "fetch_attempt").await;
-    let of = |name: &str| -> Vec<&Value> {
-        attempts
-            .iter()
-            .map(detail)
-            .filter(|d| d["source"] == name)
-            .collect()
-    };
+    let of = |name: &str| of_source(&attempts, name);
     let ok = of("orthanc");
     assert_eq!(ok.len(), 1, "{attempts:?}");
     assert_eq!(ok[0]["status"], "ok", "{:?}", ok[0]);
@@ -713,13 +716,7 @@ async fn orthanc_over_dicom_tls_completes_the_case_by_c_get() {
         mg.len() + us.len() + mr.len()
     );
     let attempts = events(&node.db, "fetch_attempt").await;
-    let of = |name: &str| -> Vec<&Value> {
-        attempts
-            .iter()
-            .map(detail)
-            .filter(|d| d["source"] == name)
-            .collect()
-    };
+    let of = |name: &str| of_source(&attempts, name);
     let ok = of("orthanc-tls");
     assert_eq!(ok.len(), 1, "{attempts:?}");
     assert_eq!(ok[0]["status"], "ok", "{:?}", ok[0]);

@@ -21,7 +21,6 @@ use common::*;
 use her2map::config::{HttpRole, HttpUser};
 use her2map::db::{CaseState, DeliveryState};
 use her2map::dimse::client::ClientOptions;
-use her2map::outbox::DestinationSettings;
 use her2map::send::{collect_files, send_files};
 
 fn schemathesis() -> PathBuf {
@@ -51,14 +50,7 @@ async fn schemathesis_finds_no_server_error_and_no_schema_break() {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let closed_port = closed.local_addr().unwrap().port();
     drop(closed);
-    s.destinations = vec![DestinationSettings {
-        ae_title: "NOWHERE".into(),
-        host: "127.0.0.1".into(),
-        port: closed_port,
-        dicomweb: None,
-        outputs: None,
-        tls: None,
-    }];
+    s.destinations = vec![dimse_destination("NOWHERE", closed_port)];
     s.outbox.max_attempts = 1;
     let node = spawn_app_with(s).await;
     let base = format!("http://{}", node.http_addr.expect("http enabled"));

@@ -22,7 +22,6 @@ use dicom_object::InMemDicomObject;
 use her2map::config::PeerSettings;
 use her2map::db::{CaseState, DeliveryState};
 use her2map::dimse::client::ClientOptions;
-use her2map::outbox::DestinationSettings;
 use her2map::report::OutputKind;
 use her2map::send::{collect_files, send_files};
 
@@ -126,14 +125,7 @@ async fn orthanc_routes_the_patient_to_the_node_and_stores_its_results() {
         ae_title: ORTHANC_AET.into(),
         host: Some("127.0.0.1".into()),
     }];
-    settings.destinations = vec![DestinationSettings {
-        ae_title: ORTHANC_AET.into(),
-        host: "127.0.0.1".into(),
-        port: orthanc_dicom,
-        dicomweb: None,
-        outputs: None,
-        tls: None,
-    }];
+    settings.destinations = vec![dimse_destination(ORTHANC_AET, orthanc_dicom)];
     let node = spawn_app_with(settings).await;
     let orthanc = tokio::task::block_in_place(|| {
         Orthanc::start(dir.path(), orthanc_http, orthanc_dicom, node.port())

@@ -32,14 +32,7 @@ fn free_port() -> u16 {
 }
 
 fn dest(ae: &str, port: u16) -> DestinationSettings {
-    DestinationSettings {
-        ae_title: ae.into(),
-        host: "127.0.0.1".into(),
-        port,
-        dicomweb: None,
-        outputs: None,
-        tls: None,
-    }
+    dimse_destination(ae, port)
 }
 
 /// A node database with `n` outputs (MR_small variants standing in for

@@ -10,7 +10,6 @@ use std::time::Duration;
 use common::*;
 use her2map::db::{CaseState, DeliveryState};
 use her2map::dimse::client::ClientOptions;
-use her2map::outbox::DestinationSettings;
 use her2map::report::OutputKind;
 use her2map::send::{collect_files, send_files};
 
@@ -55,14 +54,7 @@ async fn one_patient_in_pieces_across_restarts_gives_one_result() {
     let settings = || {
         let mut s = test_settings(data.path());
         s.cases.stable_age_secs = 2;
-        s.destinations = vec![DestinationSettings {
-            ae_title: "HER2MAP".into(),
-            host: "127.0.0.1".into(),
-            port: destination.port(),
-            dicomweb: None,
-            outputs: None,
-            tls: None,
-        }];
+        s.destinations = vec![dimse_destination("HER2MAP", destination.port())];
         s
     };
     for (i, piece) in ["MG", "US", "MR"].iter().enumerate() {

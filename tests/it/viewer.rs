@@ -20,7 +20,6 @@ use common::orthanc::*;
 use common::*;
 use her2map::db::{CaseState, DeliveryState, OutputRow};
 use her2map::dimse::client::ClientOptions;
-use her2map::outbox::DestinationSettings;
 use her2map::report::OutputKind;
 use her2map::send::{collect_files, send_files};
 use serde_json::{Value, json};
@@ -153,14 +152,7 @@ async fn ohif_shows_the_sr_region_probability_and_summary() {
     });
     let mut settings = test_settings(&dir.path().join("node"));
     settings.cases.stable_age_secs = 2;
-    settings.destinations = vec![DestinationSettings {
-        ae_title: ORTHANC_AET.into(),
-        host: "127.0.0.1".into(),
-        port: orthanc.dicom,
-        dicomweb: None,
-        outputs: None,
-        tls: None,
-    }];
+    settings.destinations = vec![dimse_destination(ORTHANC_AET, orthanc.dicom)];
     let node = spawn_app_with(settings).await;
 
     // The modality sends the studies to the PACS and to the node.

@@ -129,6 +129,18 @@ pub async fn spawn_app_with(settings: Settings) -> TestApp {
     }
 }
 
+/// A DIMSE destination on loopback: every output, no TLS.
+pub fn dimse_destination(ae_title: &str, port: u16) -> her2map::config::DestinationSettings {
+    her2map::config::DestinationSettings {
+        ae_title: ae_title.into(),
+        host: "127.0.0.1".into(),
+        port,
+        dicomweb: None,
+        outputs: None,
+        tls: None,
+    }
+}
+
 pub async fn spawn_app(data_dir: &Path) -> TestApp {
     spawn_app_with(test_settings(data_dir)).await
 }
