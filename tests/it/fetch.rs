@@ -661,6 +661,35 @@ async fn a_source_that_never_answers_times_out_while_the_case_shows_fetching() {
     drop(silent);
 }
 
+/// Orthanc with a TLS-only DICOM port (`cert`, requiring a peer
+/// certificate from `ca`), knowing the node as `node_entry`, holding
+/// `studies` (stored by REST: its DICOM port takes TLS only).
+fn tls_orthanc(
+    dir: &Path,
+    (http, dicom): (u16, u16),
+    node_entry: Value,
+    (cert, key): (&Path, &Path),
+    ca: &Path,
+    studies: &[&Vec<PathBuf>],
+) -> Orthanc {
+    let extra = serde_json::json!({
+        "DicomModalities": { "her2map": node_entry },
+        "DicomTlsEnabled": true,
+        "DicomTlsCertificate": cert,
+        "DicomTlsPrivateKey": key,
+        "DicomTlsTrustedCertificates": ca,
+        "DicomTlsRemoteCertificateRequired": true,
+    });
+    tokio::task::block_in_place(|| {
+        let pacs = Orthanc::start_with(dir, http, dicom, extra);
+        for f in studies.iter().flat_map(|s| s.iter()) {
+            pacs.request("/instances", Some(&format!("@{}", f.display())))
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        pacs
+    })
+}
+
 /// A DIMSE source over DICOM TLS: Orthanc's DICOM port speaks TLS only
 /// (its own certificate, and it requires the node's), and the node
 /// queries and retrieves by C-GET on that one TLS association. A second
@@ -685,23 +714,16 @@ async fn orthanc_over_dicom_tls_completes_the_case_by_c_get() {
     // nothing Orthanc's certificate chains to.
     untrusted.tls = Some(tls(&pki.rogue_cert));
     let node = spawn_app_with(node_settings(dir.path(), vec![untrusted, secure], 300)).await;
-    let extra = serde_json::json!({
-        "DicomModalities": { "her2map": [NODE_AET, "127.0.0.1", node.port()] },
-        "DicomTlsEnabled": true,
-        "DicomTlsCertificate": pki.server_cert,
-        "DicomTlsPrivateKey": pki.server_key,
-        "DicomTlsTrustedCertificates": pki.ca,
-        "DicomTlsRemoteCertificateRequired": true,
-    });
-    let pacs = tokio::task::block_in_place(|| Orthanc::start_with(dir.path(), http, dicom, extra));
-    // Orthanc's DICOM port now takes TLS only: the studies go in by REST.
+    let node_entry = serde_json::json!([NODE_AET, "127.0.0.1", node.port()]);
     let (mg, us, mr) = (study("MG"), study("US"), study("MR"));
-    tokio::task::block_in_place(|| {
-        for f in us.iter().chain(&mr) {
-            pacs.request("/instances", Some(&format!("@{}", f.display())))
-                .unwrap_or_else(|e| panic!("{e}"));
-        }
-    });
+    let pacs = tls_orthanc(
+        dir.path(),
+        (http, dicom),
+        node_entry,
+        (&pki.server_cert, &pki.server_key),
+        &pki.ca,
+        &[&us, &mr],
+    );
     store(&node.address(), NODE_AET, &mg).await;
 
     let used = wait_result(&node.db, 240).await;
@@ -742,6 +764,73 @@ async fn orthanc_over_dicom_tls_completes_the_case_by_c_get() {
         assert_eq!(detail(r)["method"], "C-GET", "{:?}", detail(r));
         assert_eq!(detail(r)["status"], "0x0000", "{:?}", detail(r));
     }
+    node.stop().await;
+    drop(pacs);
+}
+
+/// C-MOVE with DICOM TLS both ways: the node queries Orthanc's TLS-only
+/// port, and Orthanc's C-STOREs of the move come back to the node's DICOM
+/// TLS listener (the only port of the node Orthanc knows, `UseDicomTls`),
+/// each side requiring the other's certificate.
+#[tokio::test(flavor = "multi_thread")]
+async fn orthanc_c_move_over_dicom_tls_both_ways_completes_the_case() {
+    let pki = common::pki::make_pki();
+    let dir = tempfile::tempdir().unwrap();
+    orthanc_binary();
+    let (http, dicom) = (free_port(), free_port());
+    let mut secure = source("orthanc-tls", ORTHANC_AET, dicom, RetrieveMethod::Move);
+    secure.tls = Some(her2map::config::ClientTlsSettings {
+        ca: pki.ca.clone(),
+        certificate: pki.client_cert.clone(),
+        private_key: pki.client_key.clone(),
+        server_name: String::new(),
+    });
+    let mut settings = node_settings(dir.path(), vec![secure], 300);
+    settings.dicom.tls.enabled = true;
+    settings.dicom.tls.port = 0;
+    settings.dicom.tls.certificate = pki.server_cert.clone();
+    settings.dicom.tls.private_key = pki.server_key.clone();
+    settings.dicom.tls.client_ca = pki.ca.clone();
+    let node = spawn_app_with(settings).await;
+    let tls_port = node.tls_addr.expect("the node's TLS listener").port();
+    let node_entry = serde_json::json!({
+        "AET": NODE_AET, "Host": "127.0.0.1", "Port": tls_port, "UseDicomTls": true
+    });
+    let (mg, us, mr) = (study("MG"), study("US"), study("MR"));
+    let pacs = tls_orthanc(
+        dir.path(),
+        (http, dicom),
+        node_entry,
+        (&pki.pacs_cert, &pki.pacs_key),
+        &pki.ca,
+        &[&us, &mr],
+    );
+    store(&node.address(), NODE_AET, &mg).await;
+
+    let used = wait_result(&node.db, 240).await;
+    assert_eq!(used, ["MG", "MR", "US"], "{}", pacs.log_text());
+    assert_eq!(
+        node.db.instance_count().await.unwrap() as usize,
+        mg.len() + us.len() + mr.len()
+    );
+    let attempts = events(&node.db, "fetch_attempt").await;
+    let ok = of_source(&attempts, "orthanc-tls");
+    assert_eq!(ok.len(), 1, "{attempts:?}");
+    assert_eq!(ok[0]["status"], "ok", "{:?}", ok[0]);
+    let retrieves = events(&node.db, "fetch_retrieve").await;
+    assert!(!retrieves.is_empty());
+    for r in &retrieves {
+        assert_eq!(detail(r)["method"], "C-MOVE", "{:?}", detail(r));
+        assert_eq!(detail(r)["status"], "0x0000", "{:?}", detail(r));
+    }
+    // Orthanc's associations reached the node on its TLS port only.
+    let opened = events(&node.db, "association_opened").await;
+    assert!(
+        opened
+            .iter()
+            .any(|e| detail(e)["calling_ae"] == ORTHANC_AET),
+        "no association from Orthanc: {opened:?}"
+    );
     node.stop().await;
     drop(pacs);
 }

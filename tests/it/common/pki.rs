@@ -9,8 +9,10 @@ use rcgen::{
 };
 
 /// PEM files of a test PKI: one CA, a server certificate for
-/// 127.0.0.1/localhost, a client certificate, and a client certificate from
-/// another CA that the node does not trust.
+/// 127.0.0.1/localhost, a client certificate, a PACS certificate for both
+/// directions (a PACS that is TLS server to the node's queries and TLS
+/// client of its C-MOVE's C-STOREs uses one), and a client certificate
+/// from another CA that the node does not trust.
 pub struct Pki {
     _dir: tempfile::TempDir,
     pub ca: PathBuf,
@@ -18,6 +20,8 @@ pub struct Pki {
     pub server_key: PathBuf,
     pub client_cert: PathBuf,
     pub client_key: PathBuf,
+    pub pacs_cert: PathBuf,
+    pub pacs_key: PathBuf,
     pub rogue_cert: PathBuf,
     pub rogue_key: PathBuf,
 }
@@ -41,7 +45,7 @@ fn leaf(
     issuer: &Issuer<'_, KeyPair>,
     name: &str,
     sans: &[&str],
-    usage: ExtendedKeyUsagePurpose,
+    usage: &[ExtendedKeyUsagePurpose],
 ) -> (String, String) {
     let key = KeyPair::generate().unwrap();
     let mut params =
@@ -51,7 +55,7 @@ fn leaf(
         KeyUsagePurpose::DigitalSignature,
         KeyUsagePurpose::KeyAgreement,
     ];
-    params.extended_key_usages = vec![usage];
+    params.extended_key_usages = usage.to_vec();
     let cert = params.signed_by(&key, issuer).unwrap();
     (cert.pem(), key.serialize_pem())
 }
@@ -69,16 +73,26 @@ pub fn make_pki() -> Pki {
         &issuer,
         "HER2MAP",
         &["127.0.0.1", "localhost"],
-        ExtendedKeyUsagePurpose::ServerAuth,
+        &[ExtendedKeyUsagePurpose::ServerAuth],
     );
-    let (client_cert, client_key) = leaf(&issuer, "PACS", &[], ExtendedKeyUsagePurpose::ClientAuth);
+    let (client_cert, client_key) =
+        leaf(&issuer, "PACS", &[], &[ExtendedKeyUsagePurpose::ClientAuth]);
+    let (pacs_cert, pacs_key) = leaf(
+        &issuer,
+        "ORTHANC",
+        &["127.0.0.1", "localhost"],
+        &[
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ],
+    );
     let (rogue_params, rogue_key, _) = ca("someone else's CA");
     let rogue_issuer = Issuer::new(rogue_params, rogue_key);
     let (rogue_cert, rogue_key) = leaf(
         &rogue_issuer,
         "ROGUE",
         &[],
-        ExtendedKeyUsagePurpose::ClientAuth,
+        &[ExtendedKeyUsagePurpose::ClientAuth],
     );
     Pki {
         ca: write("ca.pem", &ca_pem),
@@ -86,6 +100,8 @@ pub fn make_pki() -> Pki {
         server_key: write("server.key", &server_key),
         client_cert: write("client.pem", &client_cert),
         client_key: write("client.key", &client_key),
+        pacs_cert: write("pacs.pem", &pacs_cert),
+        pacs_key: write("pacs.key", &pacs_key),
         rogue_cert: write("rogue.pem", &rogue_cert),
         rogue_key: write("rogue.key", &rogue_key),
         _dir: dir,
