@@ -55,13 +55,10 @@ pub(crate) async fn fetching_reason(db: &Db, case: &CaseRow) -> Result<Option<St
     if case.state != CaseState::Collecting {
         return Ok(None);
     }
-    Ok(db.active_fetch(&case.id, None).await?.map(|sources| {
-        if sources.is_empty() {
-            "fetch from the sources queued".to_string()
-        } else {
-            format!("fetching from {sources}")
-        }
-    }))
+    Ok(db
+        .active_fetch(&case.id, None)
+        .await?
+        .map(|sources| rules::fetch_reason(&sources)))
 }
 
 fn view_of(case: CaseRow, members: &[CaseMember], rules: &CaseRules) -> CaseView {

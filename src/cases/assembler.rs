@@ -347,11 +347,7 @@ impl Assembler {
             if let Some(sources) = active {
                 // What a source may still deliver is worth the wait: the
                 // fetch is bounded by its lease (`[fetch] source_timeout_secs`).
-                let what = if sources.is_empty() {
-                    "fetch from the sources queued".to_string()
-                } else {
-                    format!("fetching from {sources}")
-                };
+                let what = rules::fetch_reason(&sources);
                 decision = match decision {
                     Decision::Wait { until, reason } => Decision::Wait {
                         until: until.min(now + POLL),

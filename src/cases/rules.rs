@@ -174,6 +174,17 @@ fn missing_text(c: &Completeness) -> String {
         .join(", ")
 }
 
+/// The waiting reason of a case whose missing modalities are being
+/// fetched from `sources` (comma-separated names; empty while queued): the
+/// assembler writes it, the operator views show it.
+pub fn fetch_reason(sources: &str) -> String {
+    if sources.is_empty() {
+        "fetch from the sources queued".to_string()
+    } else {
+        format!("fetching from {sources}")
+    }
+}
+
 /// Decide for a collecting case. `first`/`last` are when its first and its
 /// latest instance arrived (for a reopened case, `first` restarts at the
 /// reopening).

@@ -201,7 +201,7 @@ async fn dashboard_body(s: &Console) -> Result<String, ApiError> {
                 "<tr><td><a href=\"/cases/{id}\">{id}</a></td><td class=\"state\">{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
                 c.case.state,
                 esc(&c.missing.join("; ")),
-                esc(&waiting_reason(c)),
+                esc(&c.case.reason),
                 esc(runs_at(c)),
                 id = esc(&c.case.id)
             );
@@ -262,7 +262,7 @@ async fn cases(
     let mut b = String::from(
         "<form method=\"get\" action=\"/cases\">state <select name=\"state\"><option value=\"\">any</option>",
     );
-    for st in crate::db::CaseState::ALL {
+    for st in CaseState::ALL {
         let _ = write!(
             b,
             "<option{}>{}</option>",
@@ -291,7 +291,7 @@ async fn cases(
             c.case.state,
             c.present.join(", "),
             esc(&c.missing.join("; ")),
-            esc(&waiting_reason(c)),
+            esc(&c.case.reason),
             esc(runs_at(c)),
             c.instances,
             id = esc(&c.case.id)
@@ -319,15 +319,6 @@ fn runs_at(c: &ops::CaseView) -> &str {
         .as_deref()
         .or(c.max_wait_at.as_deref())
         .unwrap_or("")
-}
-
-/// Why a case waits: its reason, and the sources it is fetching from.
-fn waiting_reason(c: &ops::CaseView) -> String {
-    match &c.fetching {
-        Some(f) if c.case.reason.is_empty() => f.clone(),
-        Some(f) => format!("{}; {f}", c.case.reason),
-        None => c.case.reason.clone(),
-    }
 }
 
 /// A page's own query, for its next-page link (the filters kept).
